@@ -1,0 +1,18 @@
+"""The polykv codec (torch only): keys int8 or rotated Lloyd-Max, values rotated Lloyd-Max.
+
+Contract and byte layout: ``docs/FORMAT.md``. Importing this package imports only torch.
+"""
+
+from polykv_vllm.core.codec import MIN_HEAD_DIM, KVCodec, LayerSpec, PackedKV
+from polykv_vllm.core.presets import DEFAULT_PRESET, PRESETS, CodecConfig, get_preset
+
+__all__ = [
+    "DEFAULT_PRESET",
+    "MIN_HEAD_DIM",
+    "PRESETS",
+    "CodecConfig",
+    "KVCodec",
+    "LayerSpec",
+    "PackedKV",
+    "get_preset",
+]
