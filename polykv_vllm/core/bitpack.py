@@ -33,11 +33,11 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     _check_bits(bits)
     lead, n = codes.shape[:-1], codes.shape[-1]
     groups = -(-n // 8)
-    if bits == 8:
-        return codes.to(torch.uint8).reshape(*lead, n).clone()
     c = codes.to(torch.int64) & ((1 << bits) - 1)
     if groups * 8 != n:
         c = torch.nn.functional.pad(c, (0, groups * 8 - n))
+    if bits == 8:
+        return c.to(torch.uint8)
     c = c.reshape(*lead, groups, 8)
     shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * bits
     # At most 7 * 8 = 56 bits per group: fits an int64 word without touching the sign bit.
@@ -58,7 +58,7 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
             f"expected ceil(n/8)*bits = {groups * bits} bytes."
         )
     if bits == 8:
-        return packed.to(torch.uint8).clone()
+        return packed.to(torch.uint8)[..., :n].contiguous()
     p = packed.to(torch.int64).reshape(*lead, groups, bits)
     byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
     word = (p << byte_shifts).sum(dim=-1, keepdim=True)
