@@ -1,0 +1,385 @@
+"""Benchmark of the paged kernels on a GPU: decompress a document into vLLM's paged cache, and
+compress it back, against a measured device-to-device copy roofline.
+
+Default shape: a 4096-token Llama-3-8B document (32 layers, 8 KV heads, head dim 128), bf16 cache
+with block size 16 (537 MB of bf16 K/V), preset ``polykv`` (K8 int8, V3).
+
+    python3 benchmarks/kernel_bench.py --out OUT_DIR [--sweep]
+
+Writes ``OUT_DIR/kernels.json`` (resolved config, every timing, the device) and
+``OUT_DIR/kernels.csv`` (one row per timed variant), and prints a short table. Times are medians
+of ``triton.testing.do_bench`` (CUDA events) over inputs rotated between ``--docs`` documents, so
+repeated runs do not read the compressed bytes from L2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from polykv_vllm.core import KVCodec, LayerSpec, PackedKV
+from polykv_vllm.kernels import paged_ref, split_kv_cache
+
+logger = logging.getLogger("kernel_bench")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="output folder for JSON and CSV")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--heads", type=int, default=8, help="KV heads")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--layout", choices=("NHD", "HND"), default="NHD", help="vLLM cache layout")
+    p.add_argument("--preset", default="polykv")
+    p.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
+    p.add_argument("--docs", type=int, default=2, help="documents to rotate between")
+    p.add_argument("--rep-ms", type=int, default=300, help="do_bench repetition time (ms)")
+    p.add_argument("--sweep", action="store_true", help="also time several KernelConfigs")
+    p.add_argument("--skip-torch", action="store_true", help="do not time the torch reference")
+    return p.parse_args(argv)
+
+
+def bench(fn: Callable[[], object], rep_ms: int) -> float:
+    """Median milliseconds of ``fn`` (CUDA events), after warm-up."""
+    import triton
+
+    ms = triton.testing.do_bench(fn, warmup=50, rep=rep_ms, return_mode="median")
+    return float(ms)
+
+
+def make_caches(
+    args: argparse.Namespace, num_blocks: int, dtype: torch.dtype
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-layer vLLM FlashAttention caches (logical [B, H, N, 2D]) and their K/V views."""
+    h, d, bs = args.heads, args.head_dim, args.block_size
+    keys, values = [], []
+    for _ in range(args.layers):
+        if args.layout == "NHD":
+            phys = torch.empty(num_blocks, bs, h, 2 * d, dtype=dtype, device="cuda")
+            logical = phys.transpose(1, 2)
+        else:
+            logical = torch.empty(num_blocks, h, bs, 2 * d, dtype=dtype, device="cuda")
+        logical.normal_()
+        k, v = split_kv_cache(logical, d)
+        keys.append(k)
+        values.append(v)
+    return keys, values
+
+
+def make_docs(
+    args: argparse.Namespace, codec: KVCodec, specs: list[LayerSpec]
+) -> list[list[PackedKV]]:
+    docs = []
+    t, h, d = args.tokens, args.heads, args.head_dim
+    for _ in range(args.docs):
+        layers = []
+        for layer in range(args.layers):
+            k = torch.randn(t, h, d, device="cuda") * (1.0 + torch.rand(1, 1, d, device="cuda"))
+            v = torch.randn(t, h, d, device="cuda")
+            layers.append(codec.encode(k, v, layer))
+        docs.append(layers)
+    return docs
+
+
+def with_tensors(p: PackedKV, tensors: list[torch.Tensor]) -> PackedKV:
+    """``p``'s metadata with other tensors (e.g. pinned host copies)."""
+    k_codes, k_scale, v_codes, v_norm = tensors
+    return PackedKV(
+        k_codes=k_codes,
+        k_scale=k_scale,
+        v_codes=v_codes,
+        v_norm=v_norm,
+        tokens=p.tokens,
+        kv_heads=p.kv_heads,
+        head_dim=p.head_dim,
+        key_bits=p.key_bits,
+        value_bits=p.value_bits,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        logger.error("kernel_bench needs a CUDA GPU")
+        return 2
+    from polykv_vllm.kernels import paged_triton
+    from polykv_vllm.kernels.paged_triton import KernelConfig
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    dev = torch.cuda.get_device_properties(0)
+    codec = KVCodec(args.preset, num_layers=args.layers)
+    specs = [codec.layer_spec(i, args.head_dim) for i in range(args.layers)]
+    needed = -(-args.tokens // args.block_size)
+    num_blocks = 2 * needed + 7
+    keys, values = make_caches(args, num_blocks, dtype)
+    block_ids = torch.randperm(num_blocks, device="cuda")[:needed].to(torch.int32)
+    docs = make_docs(args, codec, specs)
+    compressed_bytes = sum(p.nbytes for p in docs[0])
+    elem = torch.empty((), dtype=dtype).element_size()
+    dense_bytes = 2 * args.layers * args.tokens * args.heads * args.head_dim * elem
+    moved = compressed_bytes + dense_bytes
+    rows: list[dict[str, Any]] = []
+    result: dict[str, Any] = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "device": dev.name,
+        "sms": dev.multi_processor_count,
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "compressed_bytes": compressed_bytes,
+        "dense_bytes": dense_bytes,
+        "ratio": dense_bytes / compressed_bytes,
+        "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+    }
+
+    def record(name: str, ms: float, nbytes: int, note: str = "") -> None:
+        row = {"name": name, "ms": ms, "bytes": nbytes, "GBps": nbytes / ms / 1e6, "note": note}
+        rows.append(row)
+        logger.info("%-44s %9.4f ms %9.1f GB/s %s", name, ms, row["GBps"], note)
+
+    # --- copy roofline: one device-to-device copy of the dense bytes (read + write counted) ---
+    src = torch.empty(dense_bytes // 2, dtype=torch.int16, device="cuda").random_()
+    dst = torch.empty_like(src)
+
+    def copy() -> None:
+        dst.copy_(src)
+
+    copy_ms = bench(copy, args.rep_ms)
+    record("copy_roofline_d2d", copy_ms, 2 * dense_bytes, "dst.copy_(src), read+write")
+    roofline = 2 * dense_bytes / copy_ms / 1e6
+
+    counter = [0]
+
+    def rotating(fn: Callable[[list[PackedKV]], object]) -> Callable[[], object]:
+        def run() -> object:
+            counter[0] += 1
+            return fn(docs[counter[0] % len(docs)])
+
+        return run
+
+    def decode_triton(config: KernelConfig) -> Callable[[list[PackedKV]], object]:
+        def run(doc: list[PackedKV]) -> None:
+            paged_triton.decompress_layers_into_paged(
+                doc, specs, keys, values, block_ids, config=config
+            )
+
+        return run
+
+    # --- parity spot check on this shape (layer 0 and the last layer) ---
+    decode_triton(KernelConfig())(docs[0])
+    torch.cuda.synchronize()
+    got_k = [keys[i][block_ids.long()].clone() for i in (0, args.layers - 1)]
+    got_v = [values[i][block_ids.long()].clone() for i in (0, args.layers - 1)]
+    parity = {}
+    for j, i in enumerate((0, args.layers - 1)):
+        paged_ref.decompress_into_paged(docs[0][i], specs[i], keys[i], values[i], block_ids)
+        ref_k = keys[i][block_ids.long()]
+        ref_v = values[i][block_ids.long()]
+        parity[f"layer{i}"] = {
+            "k_max_abs": (got_k[j].float() - ref_k.float()).abs().max().item(),
+            "v_max_abs": (got_v[j].float() - ref_v.float()).abs().max().item(),
+            "v_ref_max": ref_v.float().abs().max().item(),
+        }
+    result["parity_vs_torch_ref"] = parity
+    logger.info("parity vs torch reference: %s", parity)
+
+    # --- decompress ---
+    default = KernelConfig()
+    ms = bench(rotating(decode_triton(default)), args.rep_ms)
+    record("decompress_triton_default", ms, moved, f"{default}")
+    result["decompress_ms"] = ms
+    result["decompress_TBps"] = moved / ms / 1e9
+    result["decompress_fraction_of_copy_roofline"] = (moved / ms / 1e6) / roofline
+
+    # host-side cost of one call (Python + launches), measured with a host clock
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        decode_triton(default)(docs[0])
+    host_ms = (time.perf_counter() - t0) / 20 * 1e3
+    torch.cuda.synchronize()
+    result["decompress_host_call_ms"] = host_ms
+    logger.info("host time per decompress call (enqueue only): %.3f ms", host_ms)
+
+    # streams alone: keys only / values only (one launch each)
+    for stream in ("k", "v"):
+
+        def one_stream(doc: list[PackedKV], stream: str = stream) -> None:
+            caches = keys if stream == "k" else values
+            paged_triton._launch_decode(stream, doc, specs[0], caches, block_ids, default)
+
+        nbytes = sum(
+            (p.k_codes.nbytes + p.k_scale.nbytes)
+            if stream == "k"
+            else (p.v_codes.nbytes + p.v_norm.nbytes)
+            for p in docs[0]
+        )
+        ms = bench(rotating(one_stream), args.rep_ms)
+        record(f"decompress_triton_{stream}_only", ms, nbytes + dense_bytes // 2)
+
+    if args.sweep:
+        best = (math.inf, default)
+        for rows_ in (32, 64, 128):
+            for warps in (4, 8):
+                for pps in (2, 4, 8):
+                    cfg = KernelConfig(rows=rows_, num_warps=warps, programs_per_sm=pps)
+                    try:
+                        ms = bench(rotating(decode_triton(cfg)), max(100, args.rep_ms // 3))
+                    except Exception as exc:  # a config may not compile (registers); report it
+                        logger.info("config %s failed: %s", cfg, exc)
+                        continue
+                    record(f"sweep_decompress_r{rows_}_w{warps}_p{pps}", ms, moved, str(cfg))
+                    if ms < best[0]:
+                        best = (ms, cfg)
+        result["sweep_best_decompress"] = {"ms": best[0], "config": str(best[1])}
+
+    if not args.skip_torch:
+        ms = bench(
+            rotating(
+                lambda doc: paged_ref.decompress_layers_into_paged(
+                    doc, specs, keys, values, block_ids
+                )
+            ),
+            args.rep_ms,
+        )
+        record("decompress_torch_ref", ms, moved)
+
+    # --- pinned-CPU placement: H2D of the compressed bytes, then decompress ---
+    pinned = [
+        [with_tensors(p, [t.cpu().pin_memory() for t in p.tensors()]) for p in doc] for doc in docs
+    ]
+    staging = [[torch.empty_like(t) for t in p.tensors()] for p in docs[0]]
+    staged = [with_tensors(p, ts) for ts, p in zip(staging, docs[0], strict=True)]
+    pcount = [0]
+
+    def h2d() -> None:
+        pcount[0] += 1
+        doc = pinned[pcount[0] % len(pinned)]
+        for ts, p in zip(staging, doc, strict=True):
+            for dst_t, src_t in zip(ts, p.tensors(), strict=True):
+                dst_t.copy_(src_t, non_blocking=True)
+
+    ms = bench(h2d, args.rep_ms)
+    record("pinned_h2d_compressed", ms, compressed_bytes, "pinned host -> device")
+    result["pinned_h2d_ms"] = ms
+
+    def h2d_and_decode() -> None:
+        h2d()
+        paged_triton.decompress_layers_into_paged(
+            staged, specs, keys, values, block_ids, config=default
+        )
+
+    ms = bench(h2d_and_decode, args.rep_ms)
+    record("pinned_h2d_plus_decompress", ms, moved)
+    result["pinned_h2d_plus_decompress_ms"] = ms
+    dense_h2d_src = torch.empty(dense_bytes // 2, dtype=torch.int16).pin_memory()
+    dense_h2d_dst = torch.empty(dense_bytes // 2, dtype=torch.int16, device="cuda")
+
+    def dense_h2d() -> None:
+        dense_h2d_dst.copy_(dense_h2d_src, non_blocking=True)
+
+    ms = bench(dense_h2d, args.rep_ms)
+    record("pinned_h2d_dense_bf16_for_comparison", ms, dense_bytes, "native CPU offload cost")
+    result["pinned_h2d_dense_ms"] = ms
+
+    # --- compress ---
+    def encode_triton(config: KernelConfig) -> Callable[[], list[PackedKV]]:
+        def run() -> list[PackedKV]:
+            return paged_triton.compress_layers_from_paged(
+                specs, keys, values, block_ids, args.tokens, config=config
+            )
+
+        return run
+
+    enc = encode_triton(KernelConfig())
+    out = enc()
+    ref = paged_ref.compress_layers_from_paged(specs, keys, values, block_ids, args.tokens)
+    mism = {
+        "k_codes_equal": all(
+            torch.equal(a.k_codes, b.k_codes) for a, b in zip(out, ref, strict=True)
+        ),
+        "k_scale_equal": all(
+            torch.equal(a.k_scale, b.k_scale) for a, b in zip(out, ref, strict=True)
+        ),
+        "v_codes_byte_mismatch_fraction": sum(
+            (a.v_codes != b.v_codes).sum().item() for a, b in zip(out, ref, strict=True)
+        )
+        / sum(a.v_codes.numel() for a in out),
+        "v_norm_max_abs": max(
+            (a.v_norm.float() - b.v_norm.float()).abs().max().item()
+            for a, b in zip(out, ref, strict=True)
+        ),
+    }
+    result["encode_parity_vs_torch_ref"] = mism
+    logger.info("encode parity vs torch reference: %s", mism)
+    ms = bench(enc, args.rep_ms)
+    record("compress_triton_default", ms, moved)
+    result["compress_ms"] = ms
+    result["compress_fraction_of_copy_roofline"] = (moved / ms / 1e6) / roofline
+    result["prefill_reference_ms"] = 99.6
+    result["prefill_reference_note"] = (
+        "cold prefill of 4096 tokens, dummy Llama-3-8B, vLLM 0.26 on an H100, from "
+        "ARCHITECTURE.md: a reference figure, not measured by this benchmark"
+    )
+    result["compress_fraction_of_prefill_reference"] = ms / 99.6
+    if args.sweep:
+        best = (math.inf, KernelConfig())
+        for rows_ in (32, 64, 128):
+            for warps in (4, 8):
+                cfg = KernelConfig(rows=rows_, num_warps=warps)
+                try:
+                    ms = bench(encode_triton(cfg), max(100, args.rep_ms // 3))
+                except Exception as exc:
+                    logger.info("config %s failed: %s", cfg, exc)
+                    continue
+                record(f"sweep_compress_r{rows_}_w{warps}", ms, moved, str(cfg))
+                if ms < best[0]:
+                    best = (ms, cfg)
+        result["sweep_best_compress"] = {"ms": best[0], "config": str(best[1])}
+    if not args.skip_torch:
+        ms = bench(
+            lambda: paged_ref.compress_layers_from_paged(
+                specs, keys, values, block_ids, args.tokens
+            ),
+            args.rep_ms,
+        )
+        record("compress_torch_ref", ms, moved)
+
+    result["rows"] = rows
+    (args.out / "kernels.json").write_text(json.dumps(result, indent=2))
+    with open(args.out / "kernels.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["name", "ms", "bytes", "GBps", "note"])
+        w.writeheader()
+        w.writerows(rows)
+    logger.info(
+        "SUMMARY %s: decompress %.4f ms (%.2f TB/s, %.0f%% of copy roofline %.2f TB/s); "
+        "compress %.4f ms (%.2f%% of the 99.6 ms prefill reference); pinned h2d+decompress "
+        "%.4f ms",
+        dev.name,
+        result["decompress_ms"],
+        result["decompress_TBps"],
+        100 * result["decompress_fraction_of_copy_roofline"],
+        roofline / 1e3,
+        result["compress_ms"],
+        100 * result["compress_fraction_of_prefill_reference"],
+        result["pinned_h2d_plus_decompress_ms"],
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

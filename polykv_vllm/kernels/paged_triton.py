@@ -1,0 +1,675 @@
+"""Triton kernels: decode a stored document straight into vLLM's paged cache, and the inverse.
+
+Same signatures and semantics as :mod:`.paged_ref` (the torch reference); the tables come from
+the codec's :class:`~polykv_vllm.core.LayerSpec` (the ±1 Hadamard matrix is obtained by applying
+the codec's own ``fwht`` to the identity), so kernel and codec cannot drift apart.
+
+One launch handles one *stream* (keys or values) of every layer that shares a spec, a token
+count and cache strides: the per-layer tensors are reached through int64 address tables, and a
+persistent grid walks ``(layer, row tile)`` pairs. A row is one (token, kv head) pair; the stored
+tensors are ``[T, H, ...]`` contiguous, so row ``r = t * H + h``.
+
+Decode of a rotated stream, per row tile ``[ROWS, DP]`` (``DP`` = head dim rounded up to a power
+of two): unpack ``b``-bit codes (8 codes = ``b`` bytes) -> centroid lookup -> one
+``[ROWS, DP] x [DP, DP]`` fp16 matmul with the ±1 block-diagonal Hadamard matrix on the tensor
+cores (fp32 accumulate; the ±1 entries are exact, the only extra rounding is the centroid's fp16
+rounding, ~2^-12 relative) -> x (sign / sqrt(m * D)) per column -> x norm per row -> store in the
+cache dtype at ``block_ids[t // block_size]``, slot ``t % block_size``. Keys in int8 mode:
+``code * scale``.
+
+Encode mirrors it; the rotation uses a hi/lo fp16 split of the unit vector (two matmuls), which
+keeps ~22 significant bits, so the codes match the reference except where a rotated coordinate
+lies within ~1e-6 of a Lloyd-Max decision boundary. Division and square root use the IEEE
+round-to-nearest forms (``div_rn``, ``sqrt_rn``) like torch, and int8 rounding is half-to-even
+like ``torch.round``, so int8 key codes and scales are bit-exact.
+
+Bytes moved per (token, head), D = 128, K8/V3, bf16 cache: decode reads 128 + 2 (keys) + 48 + 2
+(values) = 180 B and writes 2 * 128 * 2 = 512 B; encode the reverse.
+
+On a CPU tensor the kernels run in Triton's interpreter (slow; for tests only).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from polykv_vllm.core import LayerSpec, PackedKV, lloyd_max
+from polykv_vllm.core.hadamard import fwht
+from polykv_vllm.kernels.layout import (
+    check_block_ids,
+    check_cache_pair,
+    check_out,
+    check_packed,
+)
+
+__all__ = [
+    "KernelConfig",
+    "compress_from_paged",
+    "compress_layers_from_paged",
+    "decompress_into_paged",
+    "decompress_layers_into_paged",
+]
+
+logger = logging.getLogger(__name__)
+
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch shape of the paged kernels.
+
+    - ``rows``: (token, head) rows per tile; a power of two >= 16 (``tl.dot`` needs M >= 16).
+    - ``num_warps``: warps per program.
+    - ``programs_per_sm``: persistent programs per multiprocessor (the grid is
+      ``min(tiles, programs_per_sm * SMs)``).
+
+    Defaults tuned on an NVIDIA H100 80GB HBM3 (``benchmarks/kernel_bench.py``, see
+    ``benchmarks/KERNELS.md``): Llama-3-8B shape, 4096 tokens, block size 16.
+    """
+
+    rows: int = 64
+    num_warps: int = 4
+    programs_per_sm: int = 4
+
+    def __post_init__(self) -> None:
+        if self.rows < 16 or self.rows & (self.rows - 1):
+            raise ValueError(
+                f"KernelConfig.rows={self.rows} is not allowed: use a power of two >= 16."
+            )
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(
+                f"KernelConfig.num_warps={self.num_warps} is not allowed: use 1, 2, 4, 8 or 16."
+            )
+        if self.programs_per_sm < 1:
+            raise ValueError(
+                f"KernelConfig.programs_per_sm={self.programs_per_sm} is not allowed: use >= 1."
+            )
+
+
+DEFAULT_DECODE_CONFIG = KernelConfig()
+DEFAULT_ENCODE_CONFIG = KernelConfig()
+
+
+@triton.jit
+def _decode_kernel(
+    codes_tab,  # int64 [L]: address of each layer's codes (int8 [T,H,D] or uint8 [T,H,row_bytes])
+    scale_tab,  # int64 [L]: address of each layer's fp16 [T,H] scale (int8) or norm (rotated)
+    cache_tab,  # int64 [L]: address of each layer's cache view [num_blocks, block_size, H, D]
+    block_ids_ptr,  # int [ceil(T / block_size)]
+    cent_ptr,  # fp32 [2**BITS] centroids (rotated)
+    colscale_ptr,  # fp32 [DP]: sign / sqrt(m * D), 0 beyond D (rotated)
+    had_ptr,  # fp16 [DP, DP]: ±1 block-diagonal Hadamard, 0 outside D x D (rotated)
+    num_rows,
+    tiles_per_layer,
+    total_tiles,
+    kv_heads,
+    head_dim,
+    block_size,
+    row_bytes,
+    s_b,
+    s_n,
+    s_h,
+    s_d,
+    INT8: tl.constexpr,
+    BITS: tl.constexpr,
+    NORM_CORR: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,
+    ROWS: tl.constexpr,
+    DP: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    cols = tl.arange(0, DP)
+    cmask = cols < head_dim
+    G: tl.constexpr = DP // 8
+    g = tl.arange(0, G)
+    k8 = tl.arange(0, 8)
+    if not INT8:
+        had = tl.load(had_ptr + cols[:, None] * DP + cols[None, :])
+        colscale = tl.load(colscale_ptr + cols)
+    for tile in range(pid, total_tiles, nprog):
+        layer = tile // tiles_per_layer
+        rows = (tile - layer * tiles_per_layer) * ROWS + tl.arange(0, ROWS)
+        rmask = rows < num_rows
+        omask = rmask[:, None] & cmask[None, :]
+        # Destination slot of each row: block_ids[t // block_size], slot t % block_size.
+        t = rows // kv_heads
+        h = rows - t * kv_heads
+        bidx = t // block_size
+        blk = tl.load(block_ids_ptr + bidx, mask=rmask, other=0).to(tl.int64)
+        dst_row = blk * s_b + (t - bidx * block_size) * s_n + h * s_h
+        scale = tl.load(scale_tab + layer).to(tl.pointer_type(tl.float16))
+        n = tl.load(scale + rows, mask=rmask, other=0.0).to(tl.float32)
+        if INT8:
+            codes = tl.load(codes_tab + layer).to(tl.pointer_type(tl.int8))
+            q = tl.load(codes + rows[:, None] * head_dim + cols[None, :], mask=omask, other=0)
+            out = q.to(tl.float32) * n[:, None]
+        else:
+            codes = tl.load(codes_tab + layer).to(tl.pointer_type(tl.uint8))
+            # 8 codes of BITS bits = BITS bytes, little-endian: assemble one word per group.
+            gmask = rmask[:, None] & (g[None, :] * 8 < head_dim)
+            gp = codes + rows[:, None] * row_bytes + g[None, :] * BITS
+            w = tl.zeros((ROWS, G), dtype=tl.int32)
+            for i in tl.static_range(BITS):
+                byte = tl.load(gp + i, mask=gmask, other=0).to(tl.int32)
+                w = w | (byte << (8 * i))
+            c = (w[:, :, None] >> (k8[None, None, :] * BITS)) & ((1 << BITS) - 1)
+            c = tl.reshape(c, (ROWS, DP))
+            a = tl.load(cent_ptr + c)
+            a = tl.where(cmask[None, :], a, 0.0)
+            if NORM_CORR:
+                # ||R^T y|| == ||y|| with y = centroid / sqrt(D): correct before rotating back.
+                length = tl.sqrt_rn(tl.sum(a * a, axis=1) / head_dim)
+                n = n / tl.where(length > 0, length, 1.0)
+            y = tl.dot(a.to(tl.float16), had)
+            out = y * colscale[None, :] * n[:, None]
+        cache = tl.load(cache_tab + layer).to(tl.pointer_type(OUT_DTYPE))
+        tl.store(cache + dst_row[:, None] + cols[None, :] * s_d, out.to(OUT_DTYPE), mask=omask)
+
+
+@triton.jit
+def _encode_kernel(
+    cache_tab,  # int64 [L]: address of each layer's cache view [num_blocks, block_size, H, D]
+    codes_tab,  # int64 [L]: output codes (int8 [T,H,D] or uint8 [T,H,row_bytes])
+    scale_tab,  # int64 [L]: output fp16 [T,H] scale (int8) or norm (rotated)
+    block_ids_ptr,
+    sign_ptr,  # fp32 [DP]: ±1, 0 beyond D (rotated)
+    colscale_ptr,  # fp32 [DP]: sqrt(D / m) (rotated)
+    bnd_ptr,  # fp32 [2**BITS - 1] ascending decision boundaries (rotated)
+    had_ptr,  # fp16 [DP, DP] ±1 block-diagonal Hadamard (rotated)
+    num_rows,
+    tiles_per_layer,
+    total_tiles,
+    kv_heads,
+    head_dim,
+    block_size,
+    row_bytes,
+    s_b,
+    s_n,
+    s_h,
+    s_d,
+    INT8: tl.constexpr,
+    BITS: tl.constexpr,
+    IN_DTYPE: tl.constexpr,
+    ROWS: tl.constexpr,
+    DP: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    cols = tl.arange(0, DP)
+    cmask = cols < head_dim
+    G: tl.constexpr = DP // 8
+    g = tl.arange(0, G)
+    k8 = tl.arange(0, 8)
+    if not INT8:
+        had = tl.load(had_ptr + cols[:, None] * DP + cols[None, :])
+        colscale = tl.load(colscale_ptr + cols)
+        sign = tl.load(sign_ptr + cols)
+    for tile in range(pid, total_tiles, nprog):
+        layer = tile // tiles_per_layer
+        rows = (tile - layer * tiles_per_layer) * ROWS + tl.arange(0, ROWS)
+        rmask = rows < num_rows
+        omask = rmask[:, None] & cmask[None, :]
+        t = rows // kv_heads
+        h = rows - t * kv_heads
+        bidx = t // block_size
+        blk = tl.load(block_ids_ptr + bidx, mask=rmask, other=0).to(tl.int64)
+        src_row = blk * s_b + (t - bidx * block_size) * s_n + h * s_h
+        cache = tl.load(cache_tab + layer).to(tl.pointer_type(IN_DTYPE))
+        x = tl.load(cache + src_row[:, None] + cols[None, :] * s_d, mask=omask, other=0.0)
+        x = x.to(tl.float32)
+        scale = tl.load(scale_tab + layer).to(tl.pointer_type(tl.float16))
+        if INT8:
+            s16 = tl.div_rn(tl.max(tl.abs(x), axis=1), 127.0).to(tl.float16)
+            s = s16.to(tl.float32)
+            q = tl.div_rn(x, tl.where(s > 0, s, 1.0)[:, None])
+            # round half to even, like torch.round
+            f = tl.floor(q + 0.5)
+            q = tl.where((f - q == 0.5) & ((f.to(tl.int32) & 1) == 1), f - 1.0, f)
+            q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+            q = tl.where(s[:, None] > 0, q, 0.0)
+            codes = tl.load(codes_tab + layer).to(tl.pointer_type(tl.int8))
+            tl.store(codes + rows[:, None] * head_dim + cols[None, :], q.to(tl.int8), mask=omask)
+            tl.store(scale + rows, s16, mask=rmask)
+        else:
+            norm = tl.sqrt_rn(tl.sum(x * x, axis=1))
+            u = tl.div_rn(x, tl.where(norm > 0, norm, 1.0)[:, None]) * sign[None, :]
+            hi = u.to(tl.float16)
+            lo = (u - hi.to(tl.float32)).to(tl.float16)
+            z = (tl.dot(hi, had) + tl.dot(lo, had)) * colscale[None, :]
+            # code = number of boundaries strictly below z (torch.bucketize, right=False)
+            c = tl.zeros((ROWS, DP), dtype=tl.int32)
+            for k in tl.static_range((1 << BITS) - 1):
+                c += (z > tl.load(bnd_ptr + k)).to(tl.int32)
+            c = tl.where(cmask[None, :], c, 0)
+            c3 = tl.reshape(c, (ROWS, G, 8))
+            w = tl.sum(c3 << (k8[None, None, :] * BITS), axis=2)
+            gmask = rmask[:, None] & (g[None, :] * 8 < head_dim)
+            codes = tl.load(codes_tab + layer).to(tl.pointer_type(tl.uint8))
+            gp = codes + rows[:, None] * row_bytes + g[None, :] * BITS
+            for i in tl.static_range(BITS):
+                tl.store(gp + i, ((w >> (8 * i)) & 255).to(tl.uint8), mask=gmask)
+            tl.store(scale + rows, norm.to(tl.float16), mask=rmask)
+
+
+# --- tables -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _StreamTables:
+    """Device tables of one rotated stream (keys or values) of one spec."""
+
+    centroids: torch.Tensor  # fp32 [2**bits]
+    boundaries: torch.Tensor  # fp32 [2**bits - 1]
+    signs: torch.Tensor  # fp32 [DP], 0 beyond D
+    dec_colscale: torch.Tensor  # fp32 [DP]: sign / sqrt(m * D)
+    enc_colscale: torch.Tensor  # fp32 [DP]: sqrt(D / m)
+    hadamard: torch.Tensor  # fp16 [DP, DP]: ±1 block diagonal
+
+
+def _pow2(n: int) -> int:
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def _spec_key(spec: LayerSpec) -> tuple[object, ...]:
+    """A hashable identity of everything in ``spec`` that the kernels read."""
+
+    def tab(t: torch.Tensor | None) -> tuple[float, ...] | None:
+        return None if t is None else tuple(t.detach().cpu().double().tolist())
+
+    return (
+        spec.head_dim,
+        spec.key_bits,
+        spec.value_bits,
+        spec.key_mode,
+        tab(spec.key_centroids),
+        tab(spec.key_signs),
+        tab(spec.value_centroids),
+        tab(spec.value_signs),
+        spec.blocks,
+        spec.norm_correction,
+    )
+
+
+@functools.cache
+def _hadamard_pm1(blocks: tuple[int, ...]) -> torch.Tensor:
+    """The codec's block-diagonal Hadamard as a ±1 matrix ``M`` (fp64 ``[D, D]``, exact), with
+    ``fwht(x) == (x @ M.T) * (1/sqrt(m) per output column)``."""
+    d = sum(blocks)
+    basis = fwht(torch.eye(d, dtype=torch.float64))  # row i = fwht(e_i) = column i of H
+    scale = torch.cat([torch.full((m,), math.sqrt(m), dtype=torch.float64) for m in blocks])
+    pm1 = torch.round(basis * scale[:, None])
+    if not torch.equal(pm1.abs(), (basis != 0).double()):
+        raise AssertionError("fwht of the identity is not a scaled ±1 block-diagonal matrix")
+    return pm1.T.contiguous()
+
+
+_TABLES: dict[tuple[object, ...], _StreamTables] = {}
+
+
+def _stream_tables(spec: LayerSpec, stream: str, device: torch.device) -> _StreamTables:
+    key = (_spec_key(spec), stream, str(device))
+    hit = _TABLES.get(key)
+    if hit is not None:
+        return hit
+    d = spec.head_dim
+    dp = _pow2(d)
+    if stream == "k":
+        assert spec.key_centroids is not None and spec.key_signs is not None
+        bits, cent, signs = spec.key_bits, spec.key_centroids, spec.key_signs
+    else:
+        bits, cent, signs = spec.value_bits, spec.value_centroids, spec.value_signs
+    m = torch.cat([torch.full((b,), float(b), dtype=torch.float64) for b in spec.blocks])
+    s = signs.to(torch.float64)
+    pad = dp - d
+    had = torch.zeros(dp, dp, dtype=torch.float64)
+    had[:d, :d] = _hadamard_pm1(tuple(spec.blocks))
+    tables = _StreamTables(
+        centroids=cent.to(torch.float32).to(device),
+        boundaries=lloyd_max.boundaries(bits).to(torch.float32).to(device),
+        signs=torch.nn.functional.pad(s, (0, pad)).to(torch.float32).to(device),
+        dec_colscale=torch.nn.functional.pad(s / torch.sqrt(m * d), (0, pad))
+        .to(torch.float32)
+        .to(device),
+        enc_colscale=torch.nn.functional.pad(torch.sqrt(d / m), (0, pad))
+        .to(torch.float32)
+        .to(device),
+        hadamard=had.to(torch.float16).to(device),
+    )
+    _TABLES[key] = tables
+    return tables
+
+
+# --- launchers --------------------------------------------------------------------------------
+
+
+def _grid(total_tiles: int, device: torch.device, config: KernelConfig) -> int:
+    if device.type != "cuda":
+        return max(1, min(total_tiles, 4))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(total_tiles, sms * config.programs_per_sm))
+
+
+def _kernel(fn: object, device: torch.device) -> triton.runtime.KernelInterface:
+    """The kernel to launch on ``device``: compiled on a GPU, Triton's interpreter on the CPU."""
+    if device.type == "cuda":
+        return fn  # type: ignore[return-value]
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(fn, InterpretedFunction):
+        raise ValueError(
+            f"the triton backend got {device.type} tensors: Triton runs on CUDA, or on the CPU "
+            "only under its interpreter, which must be enabled before triton is imported "
+            "(TRITON_INTERPRET=1). Use backend='torch' or 'auto' for CPU tensors."
+        )
+    return fn
+
+
+def _addresses(groups: Sequence[Sequence[torch.Tensor]], device: torch.device) -> torch.Tensor:
+    """int64 ``[len(groups), L]`` table of data pointers, on ``device``."""
+    table = torch.tensor([[t.data_ptr() for t in g] for g in groups], dtype=torch.int64)
+    return table.to(device, non_blocking=True) if device.type == "cuda" else table
+
+
+def _group_layers(
+    specs: Sequence[LayerSpec],
+    key_caches: Sequence[torch.Tensor],
+    value_caches: Sequence[torch.Tensor],
+    tokens: Sequence[int],
+) -> list[list[int]]:
+    """Layer indices grouped so that one launch covers layers with one spec, one token count
+    and identical cache shapes, strides and dtypes."""
+    groups: dict[tuple[object, ...], list[int]] = {}
+    for i, (spec, kc, vc, n) in enumerate(
+        zip(specs, key_caches, value_caches, tokens, strict=True)
+    ):
+        key = (
+            _spec_key(spec),
+            n,
+            kc.dtype,
+            tuple(kc.shape),
+            tuple(kc.stride()),
+            tuple(vc.stride()),
+        )
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def decompress_layers_into_paged(
+    packed: Sequence[PackedKV],
+    specs: Sequence[LayerSpec],
+    key_caches: Sequence[torch.Tensor],
+    value_caches: Sequence[torch.Tensor],
+    block_ids: torch.Tensor,
+    *,
+    config: KernelConfig = DEFAULT_DECODE_CONFIG,
+) -> None:
+    """Triton version of :func:`.paged_ref.decompress_layers_into_paged` (same arguments).
+
+    Two launches (keys, values) per group of layers sharing a spec and cache strides.
+    """
+    n = len(packed)
+    if not (len(specs) == len(key_caches) == len(value_caches) == n):
+        raise ValueError(
+            f"per-layer sequences have lengths "
+            f"{[n, len(specs), len(key_caches), len(value_caches)]}: pass one packed/spec/"
+            "key_cache/value_cache per layer."
+        )
+    if n == 0:
+        return
+    device = key_caches[0].device
+    for p, s, kc, vc in zip(packed, specs, key_caches, value_caches, strict=True):
+        _, block_size, kv_heads = check_cache_pair(kc, vc, s)
+        check_packed(p, s, kv_heads)
+        check_block_ids(block_ids, p.tokens, block_size)
+        if kc.device != device or p.device != device:
+            raise ValueError(
+                f"all caches and packed tensors must be on one device ({device}); got cache on "
+                f"{kc.device} and packed on {p.device}: move the packed document with .to()."
+            )
+    if block_ids.device != device:
+        block_ids = block_ids.to(device)
+    for layers in _group_layers(specs, key_caches, value_caches, [p.tokens for p in packed]):
+        for stream, caches in (("k", key_caches), ("v", value_caches)):
+            _launch_decode(
+                stream,
+                [packed[i] for i in layers],
+                specs[layers[0]],
+                [caches[i] for i in layers],
+                block_ids,
+                config,
+            )
+
+
+def _launch_decode(
+    stream: str,
+    packed: Sequence[PackedKV],
+    spec: LayerSpec,
+    caches: Sequence[torch.Tensor],
+    block_ids: torch.Tensor,
+    config: KernelConfig,
+) -> None:
+    device = caches[0].device
+    tokens = packed[0].tokens
+    if tokens == 0:
+        return
+    _, block_size, kv_heads, d = caches[0].shape
+    int8 = stream == "k" and spec.key_mode == "int8"
+    bits = spec.key_bits if stream == "k" else spec.value_bits
+    if stream == "k":
+        codes = [p.k_codes.contiguous() for p in packed]
+        scales = [p.k_scale.contiguous() for p in packed]
+    else:
+        codes = [p.v_codes.contiguous() for p in packed]
+        scales = [p.v_norm.contiguous() for p in packed]
+    tab = _addresses([codes, scales, caches], device)
+    num_rows = tokens * kv_heads
+    tiles = triton.cdiv(num_rows, config.rows)
+    total = tiles * len(packed)
+    if int8:
+        cent = colscale = had = codes[0]  # unused by the int8 branch
+    else:
+        tables = _stream_tables(spec, stream, device)
+        cent, colscale, had = tables.centroids, tables.dec_colscale, tables.hadamard
+    s_b, s_n, s_h, s_d = caches[0].stride()
+    _kernel(_decode_kernel, device)[(_grid(total, device, config),)](
+        tab[0],
+        tab[1],
+        tab[2],
+        block_ids,
+        cent,
+        colscale,
+        had,
+        num_rows,
+        tiles,
+        total,
+        kv_heads,
+        d,
+        block_size,
+        codes[0].shape[-1],
+        s_b,
+        s_n,
+        s_h,
+        s_d,
+        INT8=int8,
+        BITS=bits,
+        NORM_CORR=spec.norm_correction,
+        OUT_DTYPE=_TL_DTYPES[caches[0].dtype],
+        ROWS=config.rows,
+        DP=_pow2(d),
+        num_warps=config.num_warps,
+    )
+
+
+def compress_layers_from_paged(
+    specs: Sequence[LayerSpec],
+    key_caches: Sequence[torch.Tensor],
+    value_caches: Sequence[torch.Tensor],
+    block_ids: torch.Tensor,
+    num_tokens: int,
+    out: Sequence[PackedKV] | None = None,
+    *,
+    config: KernelConfig = DEFAULT_ENCODE_CONFIG,
+) -> list[PackedKV]:
+    """Triton version of :func:`.paged_ref.compress_layers_from_paged` (same arguments)."""
+    n = len(specs)
+    if not (len(key_caches) == len(value_caches) == n):
+        raise ValueError(
+            f"per-layer sequences have lengths {[n, len(key_caches), len(value_caches)]}: pass "
+            "one spec/key_cache/value_cache per layer."
+        )
+    if n == 0:
+        return []
+    device = key_caches[0].device
+    kv_heads = 0
+    for s, kc, vc in zip(specs, key_caches, value_caches, strict=True):
+        _, block_size, kv_heads = check_cache_pair(kc, vc, s)
+        check_block_ids(block_ids, num_tokens, block_size)
+        if kc.device != device:
+            raise ValueError(f"all caches must be on one device ({device}); got {kc.device}.")
+    if block_ids.device != device:
+        block_ids = block_ids.to(device)
+    results: list[PackedKV] = []
+    for s, kc in zip(specs, key_caches, strict=True):
+        h = kc.shape[2]
+        d = s.head_dim
+        kb, vb = s.key_bits, s.value_bits
+        k_codes = (
+            torch.empty(num_tokens, h, d, dtype=torch.int8, device=device)
+            if s.key_mode == "int8"
+            else torch.empty(num_tokens, h, -(-d // 8) * kb, dtype=torch.uint8, device=device)
+        )
+        results.append(
+            PackedKV(
+                k_codes=k_codes,
+                k_scale=torch.empty(num_tokens, h, dtype=torch.float16, device=device),
+                v_codes=torch.empty(
+                    num_tokens, h, -(-d // 8) * vb, dtype=torch.uint8, device=device
+                ),
+                v_norm=torch.empty(num_tokens, h, dtype=torch.float16, device=device),
+                tokens=num_tokens,
+                kv_heads=h,
+                head_dim=d,
+                key_bits=kb,
+                value_bits=vb,
+            )
+        )
+    if out is not None:
+        if len(out) != n:
+            raise ValueError(f"out holds {len(out)} PackedKV but there are {n} layers.")
+        for o, r in zip(out, results, strict=True):
+            check_out(o, r)
+        results = list(out)
+    if num_tokens == 0:
+        return results
+    for layers in _group_layers(specs, key_caches, value_caches, [num_tokens] * n):
+        for stream, caches in (("k", key_caches), ("v", value_caches)):
+            _launch_encode(
+                stream,
+                [results[i] for i in layers],
+                specs[layers[0]],
+                [caches[i] for i in layers],
+                block_ids,
+                config,
+            )
+    return results
+
+
+def _launch_encode(
+    stream: str,
+    packed: Sequence[PackedKV],
+    spec: LayerSpec,
+    caches: Sequence[torch.Tensor],
+    block_ids: torch.Tensor,
+    config: KernelConfig,
+) -> None:
+    device = caches[0].device
+    _, block_size, kv_heads, d = caches[0].shape
+    int8 = stream == "k" and spec.key_mode == "int8"
+    bits = spec.key_bits if stream == "k" else spec.value_bits
+    codes = [p.k_codes if stream == "k" else p.v_codes for p in packed]
+    scales = [p.k_scale if stream == "k" else p.v_norm for p in packed]
+    tab = _addresses([caches, codes, scales], device)
+    num_rows = packed[0].tokens * kv_heads
+    tiles = triton.cdiv(num_rows, config.rows)
+    total = tiles * len(packed)
+    if int8:
+        sign = colscale = bnd = had = codes[0]  # unused by the int8 branch
+    else:
+        tables = _stream_tables(spec, stream, device)
+        sign, colscale = tables.signs, tables.enc_colscale
+        bnd, had = tables.boundaries, tables.hadamard
+    s_b, s_n, s_h, s_d = caches[0].stride()
+    _kernel(_encode_kernel, device)[(_grid(total, device, config),)](
+        tab[0],
+        tab[1],
+        tab[2],
+        block_ids,
+        sign,
+        colscale,
+        bnd,
+        had,
+        num_rows,
+        tiles,
+        total,
+        kv_heads,
+        d,
+        block_size,
+        codes[0].shape[-1],
+        s_b,
+        s_n,
+        s_h,
+        s_d,
+        INT8=int8,
+        BITS=bits,
+        IN_DTYPE=_TL_DTYPES[caches[0].dtype],
+        ROWS=config.rows,
+        DP=_pow2(d),
+        num_warps=config.num_warps,
+    )
+
+
+def decompress_into_paged(
+    packed: PackedKV,
+    spec: LayerSpec,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_ids: torch.Tensor,
+    *,
+    config: KernelConfig = DEFAULT_DECODE_CONFIG,
+) -> None:
+    """Triton version of :func:`.paged_ref.decompress_into_paged` (same arguments)."""
+    decompress_layers_into_paged(
+        [packed], [spec], [key_cache], [value_cache], block_ids, config=config
+    )
+
+
+def compress_from_paged(
+    spec: LayerSpec,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_ids: torch.Tensor,
+    num_tokens: int,
+    out: PackedKV | None = None,
+    *,
+    config: KernelConfig = DEFAULT_ENCODE_CONFIG,
+) -> PackedKV:
+    """Triton version of :func:`.paged_ref.compress_from_paged` (same arguments)."""
+    return compress_layers_from_paged(
+        [spec],
+        [key_cache],
+        [value_cache],
+        block_ids,
+        num_tokens,
+        None if out is None else [out],
+        config=config,
+    )[0]
