@@ -1,0 +1,308 @@
+"""The shared compressed document: :func:`compress` builds a :class:`SharedPool`.
+
+The pool holds one :class:`~polykv_vllm.core.PackedKV` per layer (the compressed bytes) and the
+document's token ids, nothing in full precision. :meth:`SharedPool.memory_summary` puts its real
+bytes next to the baselines.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from polykv_vllm.core import CodecConfig, KVCodec, PackedKV, get_preset
+from polykv_vllm.hf.layout import ModelLayout, UnsupportedModelError
+from polykv_vllm.hf.prompt import PromptFormat
+
+__all__ = ["MemorySummary", "SharedPool", "compress"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _PeakRecord:
+    """The largest agent working memory seen so far (agents report after each generate)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    peak_bytes: int | None = None
+    working_dtype: torch.dtype | None = None
+
+    def record(self, peak_bytes: int, dtype: torch.dtype) -> None:
+        with self.lock:
+            if self.peak_bytes is None or peak_bytes > self.peak_bytes:
+                self.peak_bytes, self.working_dtype = peak_bytes, dtype
+
+
+@dataclass(frozen=True, eq=False)
+class SharedPool:
+    """A document's KV cache, compressed once, read by any number of agents.
+
+    - ``layers``: one :class:`PackedKV` per model layer, ``tokens = num_tokens``, on
+      ``layout.device``; the only KV bytes the pool holds.
+    - ``token_ids``: int64 ``[num_tokens]`` on the CPU, the exact prefix ids that were prefilled.
+    - ``bf16_bytes``: bytes of the document's K and V cast to bf16, measured from the tensors
+      at compress time one layer at a time (the size of one uncompressed copy).
+    """
+
+    layers: tuple[PackedKV, ...]
+    token_ids: torch.Tensor
+    codec: KVCodec
+    preset: str
+    layout: ModelLayout
+    prompt: PromptFormat
+    bf16_bytes: int
+    _peaks: _PeakRecord = field(default_factory=_PeakRecord, repr=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.numel())
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def nbytes(self) -> int:
+        """Compressed KV bytes: the sum of every layer's ``PackedKV.nbytes``."""
+        return sum(p.nbytes for p in self.layers)
+
+    def decode_layer(
+        self, layer: int, start: int, end: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of prefix tokens ``[start, end)`` of ``layer``: each ``dtype``
+        ``[end - start, kv_heads, head_dim]`` on ``device`` (new tensors; the pool is unchanged)."""
+        return self.codec.decode(self.layers[layer].slice(start, end), dtype=dtype, device=device)
+
+    def record_agent_peak(self, peak_bytes: int, dtype: torch.dtype) -> None:
+        """Called by agents after each generation with their measured peak working bytes."""
+        self._peaks.record(peak_bytes, dtype)
+
+    def memory_summary(self, n_agents: int) -> MemorySummary:
+        """Real bytes for ``n_agents`` agents on this document, see :class:`MemorySummary`.
+
+        The agent figure is the largest peak measured so far by any agent of this pool (None
+        until one has generated).
+        """
+        if not isinstance(n_agents, int) or isinstance(n_agents, bool) or n_agents < 1:
+            raise ValueError(f"n_agents={n_agents!r} is invalid: use an integer >= 1.")
+        with self._peaks.lock:
+            peak, dtype = self._peaks.peak_bytes, self._peaks.working_dtype
+        return MemorySummary(
+            n_agents=n_agents,
+            tokens=self.num_tokens,
+            num_layers=self.num_layers,
+            kv_heads=self.layout.kv_heads,
+            head_dim=self.layout.head_dim,
+            preset=self.preset,
+            private_bf16_bytes=n_agents * self.bf16_bytes,
+            shared_bf16_bytes=self.bf16_bytes,
+            pool_bytes=self.nbytes,
+            token_id_bytes=self.token_ids.numel() * self.token_ids.element_size(),
+            agent_peak_bytes=peak,
+            agent_working_dtype=str(dtype).removeprefix("torch.") if dtype else None,
+        )
+
+
+@dataclass(frozen=True)
+class MemorySummary:
+    """Bytes of a document's KV cache for ``n_agents`` agents, each figure from tensors.
+
+    - ``private_bf16_bytes``: ``n_agents`` private bf16 copies (what the PolyKV prototype
+      compared against): ``n_agents`` times the measured bf16 copy.
+    - ``shared_bf16_bytes``: one shared bf16 copy (what vLLM automatic prefix caching gives).
+    - ``pool_bytes``: the compressed pool, the sum of ``PackedKV.nbytes``.
+    - ``token_id_bytes``: the pool's token ids (int64).
+    - ``agent_peak_bytes``: the largest per-agent working memory measured during a generation
+      (suffix K/V of all layers + one layer's decoded buffer, in ``agent_working_dtype``), or
+      None before any agent generated.
+    """
+
+    n_agents: int
+    tokens: int
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    preset: str
+    private_bf16_bytes: int
+    shared_bf16_bytes: int
+    pool_bytes: int
+    token_id_bytes: int
+    agent_peak_bytes: int | None
+    agent_working_dtype: str | None
+
+    @property
+    def ratio_vs_shared_bf16(self) -> float:
+        """How many times smaller the pool is than one bf16 copy."""
+        return self.shared_bf16_bytes / self.pool_bytes
+
+    @property
+    def polykv_total_bytes(self) -> int | None:
+        """Pool + token ids + ``n_agents`` agents all at their measured peak at once."""
+        if self.agent_peak_bytes is None:
+            return None
+        return self.pool_bytes + self.token_id_bytes + self.n_agents * self.agent_peak_bytes
+
+    def __str__(self) -> str:
+        n = self.n_agents
+        rows = [
+            (f"{n} private bf16 copies (prototype baseline)", _mib(self.private_bf16_bytes), ""),
+            ("1 shared bf16 copy (vLLM prefix caching)", _mib(self.shared_bf16_bytes), ""),
+            (
+                f"compressed pool ({self.preset})",
+                _mib(self.pool_bytes),
+                f"{self.ratio_vs_shared_bf16:.2f}x smaller than 1 bf16 copy",
+            ),
+            ("pool token ids (int64)", _mib(self.token_id_bytes), ""),
+        ]
+        if self.agent_peak_bytes is None:
+            rows.append(("peak working memory per agent", "n/a", "no agent has generated yet"))
+        else:
+            total = self.polykv_total_bytes
+            assert total is not None
+            rows.append(
+                (
+                    "peak working memory per agent (measured)",
+                    _mib(self.agent_peak_bytes),
+                    f"suffix K/V + 1 decoded layer, {self.agent_working_dtype}",
+                )
+            )
+            rows.append(
+                (
+                    f"polykv total, pool + {n} agents at peak",
+                    _mib(total),
+                    f"{n} private copies are {self.private_bf16_bytes / total:.2f}x this",
+                )
+            )
+        width = max(len(r[0]) for r in rows)
+        head = (
+            f"KV memory of a {self.tokens}-token document ({self.num_layers} layers, "
+            f"{self.kv_heads} KV heads, head dim {self.head_dim}), {n} agents"
+        )
+        lines = [head] + [f"  {a:<{width}}  {b:>12}  {c}".rstrip() for a, b, c in rows]
+        return "\n".join(lines)
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.3f} MiB"
+
+
+def compress(
+    model: Any,
+    tokenizer: Any,
+    document: str,
+    preset: str = "polykv",
+    *,
+    config: CodecConfig | None = None,
+    chat_template: bool | None = None,
+) -> SharedPool:
+    """Prefill ``document`` once and compress its KV cache per layer into a :class:`SharedPool`.
+
+    ``preset`` names a codec preset (``polykv_vllm.core.PRESETS``); ``config`` overrides it with
+    an explicit :class:`CodecConfig`. ``chat_template=None`` wraps the document in the
+    tokenizer's chat template when it has one (the document opens the user turn, the query is
+    appended to it by :meth:`Agent.generate`); ``False`` uses the raw document.
+
+    The pool lives on the model's device (CPU, CUDA or MPS). The full-precision cache of the
+    prefill is encoded layer by layer and dropped; the pool keeps no full-precision copy.
+    Raises ``ValueError`` for an unknown preset, an empty document or one longer than the
+    model's ``max_position_embeddings``, and :class:`UnsupportedModelError` for cache layouts the
+    codec cannot hold.
+    """
+    if config is not None:
+        codec_config, preset_name = config, "custom"
+    else:
+        codec_config, preset_name = get_preset(preset), preset
+    if not isinstance(document, str):
+        raise TypeError(f"document must be a str, got {type(document).__name__}.")
+    if not document.strip():
+        raise ValueError(
+            f"document={document[:20]!r} is empty: pass the text the agents should share."
+        )
+    layout = ModelLayout.from_model(model)
+    codec = KVCodec(config=codec_config, num_layers=layout.num_layers, head_dim=layout.head_dim)
+    layout.check_codec(codec)
+    prompt = PromptFormat.build(tokenizer, document, chat_template)
+    ids = prompt.prefix_ids(tokenizer)
+    layout.check_positions(
+        len(ids) + 1,
+        f"a document of {len(ids)} tokens plus at least one query token",
+        "shorten the document.",
+    )
+    token_ids = torch.tensor(ids, dtype=torch.int64)
+    cache = _prefill(model, token_ids.to(layout.device))
+    layers, bf16_bytes = _encode_layers(cache, codec, layout, len(ids))
+    pool = SharedPool(
+        layers=tuple(layers),
+        token_ids=token_ids,
+        codec=codec,
+        preset=preset_name,
+        layout=layout,
+        prompt=prompt,
+        bf16_bytes=bf16_bytes,
+    )
+    logger.info(
+        "compressed %s tokens x %s layers into %s bytes (bf16 copy %s bytes, preset %s)",
+        pool.num_tokens,
+        pool.num_layers,
+        pool.nbytes,
+        bf16_bytes,
+        preset_name,
+    )
+    return pool
+
+
+def _prefill(model: Any, token_ids: torch.Tensor) -> DynamicCache:
+    kwargs: dict[str, Any] = {}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1  # the prefix's logits are not needed
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        out = model(
+            input_ids=token_ids.unsqueeze(0), past_key_values=cache, use_cache=True, **kwargs
+        )
+    del out
+    return cache
+
+
+def _encode_layers(
+    cache: DynamicCache, codec: KVCodec, layout: ModelLayout, tokens: int
+) -> tuple[list[PackedKV], int]:
+    if len(cache.layers) != layout.num_layers:
+        raise UnsupportedModelError(
+            f"model_type={layout.model_type!r} produced a cache of {len(cache.layers)} layers "
+            f"but its config says num_hidden_layers={layout.num_layers}: models that share or "
+            "skip KV layers are not supported."
+        )
+    expected = (1, layout.kv_heads, tokens, layout.head_dim)
+    packed: list[PackedKV] = []
+    bf16_bytes = 0
+    for i, layer in enumerate(cache.layers):
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if (
+            type(layer) is not DynamicLayer
+            or not isinstance(keys, torch.Tensor)
+            or not isinstance(values, torch.Tensor)
+            or tuple(keys.shape) != expected
+            or tuple(values.shape) != expected
+        ):
+            raise UnsupportedModelError(
+                f"model_type={layout.model_type!r} layer {i} caches {type(layer).__name__} with "
+                f"keys {_shape(keys)} / values {_shape(values)}: only full-attention "
+                f"DynamicLayer caches of [1, kv_heads, tokens, head_dim] = {list(expected)} are "
+                "supported."
+            )
+        k, v = keys[0].transpose(0, 1), values[0].transpose(0, 1)  # [T, H, D] views
+        packed.append(codec.encode(k, v, layer=i))
+        bf16_bytes += sum(t.to(torch.bfloat16).nbytes for t in (k, v))
+        layer.keys = layer.values = None  # drop the full-precision layer now
+    return packed, bf16_bytes
+
+
+def _shape(t: object) -> str:
+    return str(list(t.shape)) if isinstance(t, torch.Tensor) else repr(t)
