@@ -199,7 +199,19 @@ def test_slice_cat_pickle(preset: str) -> None:
     assert isinstance(back, PackedKV) and back.tokens == 37
     for a, b in zip(back.tensors(), whole.tensors(), strict=True):
         assert torch.equal(a, b)
-    assert whole.slice(30, 100).tokens == 7 and whole.slice(-5, None).tokens == 5  # type: ignore[arg-type]
+    assert whole.slice(30, 100).tokens == 7 and whole.slice(-5, None).tokens == 5
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_zero_tokens(preset: str) -> None:
+    codec = KVCodec(preset, num_layers=3)
+    packed = codec.encode(torch.zeros(0, 2, 64), torch.zeros(0, 2, 64), layer=1)
+    assert packed.tokens == 0 and packed.nbytes == 0
+    k2, v2 = codec.decode(packed)
+    assert k2.shape == v2.shape == (0, 2, 64)
+    k, v = _kv(3, 2, 64)
+    joined = PackedKV.cat([packed, codec.encode(k, v, layer=1)])
+    assert joined.tokens == 3
 
 
 def test_cat_rejects_mismatched_parts() -> None:

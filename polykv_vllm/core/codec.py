@@ -43,7 +43,8 @@ class LayerSpec:
     ``value_centroids`` / ``key_centroids``: fp32 ``[2**bits]`` ascending (``key_centroids`` is
     None for int8 keys); ``value_signs`` / ``key_signs``: fp32 ±1 ``[head_dim]`` (``key_signs``
     None for int8 keys); ``blocks``: the power-of-two Hadamard block sizes summing to
-    ``head_dim``. Tensors live on the CPU; callers move them.
+    ``head_dim``. Tensors live on the CPU, are cached and shared: treat them as read-only
+    (``.to(device)`` copies are fine, in-place ops are not).
     """
 
     head_dim: int
@@ -104,8 +105,8 @@ class PackedKV:
         moved = [t.to(dev, non_blocking=non_blocking) for t in self.tensors()]
         return self._with_tensors(moved, tokens=self.tokens)
 
-    def slice(self, start: int, end: int) -> PackedKV:
-        """Tokens ``[start, end)`` (views, like Python slicing of the token axis)."""
+    def slice(self, start: int | None, end: int | None) -> PackedKV:
+        """Tokens ``[start, end)`` (views; Python slice rules: negative, None, clamped)."""
         idx = range(self.tokens)[start:end]
         if idx.step != 1:  # pragma: no cover - range slicing with no step keeps step 1
             raise AssertionError("unexpected slice step")
