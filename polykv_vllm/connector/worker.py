@@ -62,6 +62,8 @@ class PolyKVWorker:
         self._report = WorkerReport()
         self._load_errors: set[int] = set()
         self.counters = WorkerCounters()
+        #: the same, never reset (for tests and benchmarks in the engine's process)
+        self.totals = WorkerCounters()
 
     def bind(self, io: PagedIO) -> None:
         self.io = io
@@ -120,6 +122,7 @@ class PolyKVWorker:
             self._report.failed_slots.add(bad)
             self._load_errors.update(job.block_ids[good:])
             self.counters.load_failures += 1
+            self.totals.load_failures += 1
         if good == 0:
             return
         start = time.perf_counter()
@@ -127,8 +130,10 @@ class PolyKVWorker:
         per_layer = [PackedKV.cat([p[layer] for p in parts]) for layer in range(self.num_layers)]
         self.io.load(per_layer, job.block_ids[:good])
         _sync(per_layer[0].device)
-        self.counters.load_seconds.append(time.perf_counter() - start)
-        self.counters.tokens_decompressed += good * self.block_size
+        seconds = time.perf_counter() - start
+        for c in (self.counters, self.totals):
+            c.load_seconds.append(seconds)
+            c.tokens_decompressed += good * self.block_size
 
     def _store(self, job: BlockJob) -> None:
         assert self.io is not None, "register_kv_caches must run before the first store"
@@ -140,8 +145,10 @@ class PolyKVWorker:
             self.store[slot] = parts
             self._report.stored[slot] = [sum(p.nbytes for p in parts), 1]
         _sync(per_layer[0].device)
-        self.counters.store_seconds.append(time.perf_counter() - start)
-        self.counters.tokens_compressed += len(job.slots) * bs
+        seconds = time.perf_counter() - start
+        for c in (self.counters, self.totals):
+            c.store_seconds.append(seconds)
+            c.tokens_compressed += len(job.slots) * bs
 
     def _valid(self, slot: int) -> bool:
         parts = self.store.get(slot)

@@ -1,0 +1,359 @@
+"""Pure-Python tests of the connector's scheduler-side index (no vLLM, no tensors)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from polykv_vllm.connector.metadata import StepPlan, WorkerReport
+from polykv_vllm.connector.scheduler import (
+    ScheduledReq,
+    StoreGeometry,
+    StoreIndex,
+    parse_doc_params,
+)
+
+BS = 16
+BLOCK_BYTES = 1000
+RAW_BYTES = 5000
+
+
+def chain(tokens: list[int], salt: str | None = None) -> list[bytes]:
+    """Chained block hashes of full blocks, like vLLM's (salt in the first block)."""
+    out: list[bytes] = []
+    prev = b""
+    for i in range(len(tokens) // BS):
+        extra = f"salt={salt}" if (i == 0 and salt) else ""
+        prev = hashlib.sha256(prev + repr((tokens[i * BS : (i + 1) * BS], extra)).encode()).digest()
+        out.append(prev)
+    return out
+
+
+@dataclass
+class FakeRequest:
+    request_id: str
+    prompt: list[int]
+    kv_transfer_params: dict[str, Any] | None = None
+    salt: str | None = None
+    block_hashes: list[bytes] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.block_hashes = chain(self.prompt, self.salt)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt)
+
+
+def doc(seed: int, blocks: float) -> list[int]:
+    n = int(blocks * BS)
+    return [(seed * 7919 + i * 31) % 50000 for i in range(n)]
+
+
+def make_index(budget_blocks: int = 100, world_size: int = 1, **kw: Any) -> StoreIndex:
+    geo = StoreGeometry(
+        block_size=BS, block_bytes=BLOCK_BYTES, block_raw_bytes=RAW_BYTES, world_size=world_size
+    )
+    kw.setdefault("store_all", True)
+    kw.setdefault("min_store_tokens", BS)
+    return StoreIndex(geo, budget_bytes=budget_blocks * BLOCK_BYTES, **kw)
+
+
+class Engine:
+    """Drives the index like vLLM's scheduler: admit, plan, run (the worker), report."""
+
+    def __init__(self, index: StoreIndex, world_size: int = 1) -> None:
+        self.index = index
+        self.world_size = world_size
+        self.next_block = 0
+        self.worker_slots: set[int] = set()
+        self.loaded_slots: list[int] = []
+
+    def admit(self, req: FakeRequest, local_hit: int = 0) -> int:
+        """Lookup + alloc; returns the external tokens granted."""
+        n = self.index.lookup(req, local_hit)
+        blocks = list(range(self.next_block, self.next_block + -(-req.num_tokens // BS)))
+        self.next_block += len(blocks)
+        self.index.on_alloc(req, blocks, n)
+        self._blocks = getattr(self, "_blocks", {})
+        self._blocks[req.request_id] = (blocks, local_hit + n)
+        return n
+
+    def step(self, reqs: list[FakeRequest], confirm: bool = True) -> StepPlan:
+        sched = []
+        for r in reqs:
+            blocks, computed = self._blocks[r.request_id]
+            sched.append(
+                ScheduledReq(r.request_id, tuple(blocks), replace=True, computed_after=r.num_tokens)
+            )
+        plan = self.index.plan_step(sched)
+        self.apply(plan, confirm)
+        return plan
+
+    def apply(self, plan: StepPlan, confirm: bool = True) -> None:
+        for job in plan.loads:
+            assert set(job.slots) <= self.worker_slots, "load from a slot the worker dropped"
+            self.loaded_slots.extend(job.slots)
+        self.worker_slots -= set(plan.evictions)
+        report = WorkerReport()
+        for job in plan.stores:
+            for slot in job.slots:
+                self.worker_slots.add(slot)
+                report.stored[slot] = [BLOCK_BYTES // self.world_size, 1]
+        if confirm:
+            merged = report
+            for _ in range(self.world_size - 1):
+                merged = merged.merge(report)
+            self.index.on_report(merged)
+
+    def run(self, req: FakeRequest, local_hit: int = 0) -> dict[str, Any]:
+        n = self.admit(req, local_hit)
+        self.step([req])
+        params = self.index.finish(req)
+        assert params["polykv"]["tokens_from_store"] == n
+        return params
+
+
+@pytest.mark.parametrize(
+    ("blocks", "expected_blocks"), [(4, 3), (4.5, 4), (1, 0), (1.0625, 1), (0.5, 0)]
+)
+def test_revisit_hits_whole_blocks_but_never_the_last_token(
+    blocks: float, expected_blocks: int
+) -> None:
+    eng = Engine(make_index())
+    prompt = doc(1, blocks)
+    eng.run(FakeRequest("a", prompt))
+    revisit = FakeRequest("b", prompt)
+    n = eng.admit(revisit)
+    assert n == expected_blocks * BS
+    assert n < revisit.num_tokens
+    plan = eng.step([revisit])
+    if expected_blocks:
+        (job,) = plan.loads
+        assert len(job.slots) == expected_blocks
+        assert job.block_ids == tuple(eng._blocks["b"][0][:expected_blocks])
+    else:
+        assert plan.loads == []
+
+
+def test_lookup_continues_the_local_hit_and_ignores_unaligned_hits() -> None:
+    eng = Engine(make_index())
+    prompt = doc(2, 6.5)
+    eng.run(FakeRequest("a", prompt))
+    req = FakeRequest("b", prompt)
+    assert eng.index.lookup(req, 2 * BS) == 4 * BS
+    assert eng.index.lookup(req, 2 * BS + 3) == 0
+    assert eng.index.lookup(req, 6 * BS) == 0
+
+
+def test_lookup_is_side_effect_free() -> None:
+    eng = Engine(make_index())
+    prompt = doc(3, 3.5)
+    eng.run(FakeRequest("a", prompt))
+    req = FakeRequest("b", prompt)
+    first = eng.index.lookup(req, 0)
+    assert [eng.index.lookup(req, 0) for _ in range(3)] == [first] * 3
+    assert eng.index.take_counters().hits == 0
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_entry_serves_only_after_every_rank_confirmed(world_size: int) -> None:
+    index = make_index(world_size=world_size)
+    eng = Engine(index, world_size=1)  # each report carries one rank's confirmation
+    prompt = doc(4, 3.5)
+    a = FakeRequest("a", prompt)
+    eng.admit(a)
+    plan = eng.step([a], confirm=False)
+    slots = plan.stores[0].slots
+    assert index.lookup(FakeRequest("x", prompt), 0) == 0, "pending entries must not serve"
+    for rank in range(world_size):
+        assert index.lookup(FakeRequest("x", prompt), 0) == 0
+        index.on_report(WorkerReport(stored={s: [BLOCK_BYTES // world_size, 1] for s in slots}))
+        del rank
+    assert index.lookup(FakeRequest("x", prompt), 0) == 3 * BS
+    assert index.real_bytes == 3 * BLOCK_BYTES
+
+
+def test_blocks_already_stored_are_not_stored_twice() -> None:
+    eng = Engine(make_index())
+    prompt = doc(5, 4)
+    eng.run(FakeRequest("a", prompt))
+    eng.admit(FakeRequest("b", prompt + [1, 2, 3] * BS))
+    plan = eng.step([FakeRequest("b", prompt + [1, 2, 3] * BS)])
+    (store,) = plan.stores
+    assert len(store.slots) == 3, "only the three new blocks of the longer prompt"
+    assert eng.index.num_entries == 7
+
+
+@pytest.mark.parametrize("budget_blocks", [3, 5, 8, 13])
+def test_churn_never_exceeds_the_budget_and_trims_documents_from_the_tail(
+    budget_blocks: int,
+) -> None:
+    index = make_index(budget_blocks=budget_blocks)
+    eng = Engine(index)
+    prompts = [doc(100 + i, 2 + i % 4) for i in range(20)]
+    for i, p in enumerate(prompts * 2):
+        eng.run(FakeRequest(f"r{i}", p))
+        assert index.used_bytes <= index.budget_bytes
+        assert eng.worker_slots == {e.slot for e in index._lru.values()}
+        for q in prompts:
+            present = [h in index._lru for h in chain(q)]
+            # what survives of a document is a prefix of it
+            assert present == sorted(present, reverse=True)
+    assert index.take_counters().blocks_evicted > 0
+
+
+def test_entries_being_loaded_are_not_evicted_in_the_same_step() -> None:
+    index = make_index(budget_blocks=4)
+    eng = Engine(index)
+    old = doc(6, 4.5)
+    eng.run(FakeRequest("a", old))  # fills the budget: 4 blocks
+    reader = FakeRequest("b", old)
+    newcomer = FakeRequest("c", doc(7, 2.5))
+    assert eng.admit(reader) == 4 * BS
+    eng.admit(newcomer)
+    plan = eng.step([reader, newcomer])
+    loaded = set(plan.loads[0].slots)
+    assert not loaded & set(plan.evictions)
+    assert plan.stores == [] or not plan.stores[0].slots
+    assert index.take_counters().store_rejected_blocks == 2
+
+
+def test_pinned_documents_survive_churn_until_unpinned() -> None:
+    index = make_index(budget_blocks=6)
+    eng = Engine(index)
+    pinned = doc(8, 3.5)
+    pin = {"polykv": {"doc_id": "contract", "pin": True}}
+    params = eng.run(FakeRequest("p", pinned, pin))
+    assert params["polykv"]["pinned"] is True
+    for i in range(10):
+        eng.run(FakeRequest(f"x{i}", doc(200 + i, 2.5)))
+        assert index.document("contract") == {"blocks": 3, "ready_blocks": 3, "pinned": True}
+        assert index.used_bytes <= index.budget_bytes
+    unpin = {"polykv": {"doc_id": "contract", "pin": False}}
+    params = eng.run(FakeRequest("u", pinned, unpin))
+    assert params["polykv"] == {
+        "doc_id": "contract",
+        "tokens_from_store": 3 * BS,
+        "tokens_stored": 0,
+        "pinned": False,
+    }
+    for i in range(10):
+        eng.run(FakeRequest(f"y{i}", doc(300 + i, 3.5)))
+    assert index.document("contract") is None
+
+
+def test_store_full_of_pins_rejects_new_documents_without_exceeding_the_budget() -> None:
+    index = make_index(budget_blocks=3)
+    eng = Engine(index)
+    eng.run(FakeRequest("p", doc(9, 3.5), {"polykv": {"doc_id": "d", "pin": True}}))
+    params = eng.run(FakeRequest("q", doc(10, 2.5)))
+    assert params["polykv"]["tokens_stored"] == 0
+    assert index.used_bytes == 3 * BLOCK_BYTES
+
+
+def test_many_agents_on_one_document_share_one_entry_per_block() -> None:
+    index = make_index()
+    eng = Engine(index)
+    shared = doc(11, 4)
+    eng.run(FakeRequest("w", shared + [1] * 5, {"polykv": {"doc_id": "d"}}))
+    for i in range(8):
+        eng.run(FakeRequest(f"a{i}", shared + [i + 10] * 5, {"polykv": {"doc_id": "d"}}))
+    assert index.num_entries == 4
+    assert index.num_documents == 1
+    assert len(set(eng.loaded_slots)) == 4
+
+
+def test_salt_isolates_identical_prompts() -> None:
+    eng = Engine(make_index())
+    prompt = doc(12, 3.5)
+    eng.run(FakeRequest("a", prompt, salt="alice"))
+    assert eng.index.lookup(FakeRequest("b", prompt, salt="bob"), 0) == 0
+    assert eng.index.lookup(FakeRequest("c", prompt), 0) == 0
+    assert eng.index.lookup(FakeRequest("d", prompt, salt="alice"), 0) == 3 * BS
+
+
+def test_failed_load_drops_the_entry_and_tells_the_worker() -> None:
+    index = make_index()
+    eng = Engine(index)
+    prompt = doc(13, 4.5)
+    eng.run(FakeRequest("a", prompt))
+    slots = [index._lru[h].slot for h in chain(prompt)]
+    index.on_report(WorkerReport(failed_slots={slots[2]}))
+    assert index.lookup(FakeRequest("b", prompt), 0) == 2 * BS
+    plan = index.plan_step([])
+    assert plan.evictions == [slots[2]]
+
+
+def test_store_policy_tagged_and_min_store_tokens() -> None:
+    index = make_index(store_all=False, min_store_tokens=3 * BS)
+    eng = Engine(index)
+    assert eng.run(FakeRequest("a", doc(14, 4)))["polykv"]["tokens_stored"] == 0
+    tagged = {"polykv": {"doc_id": "t"}}
+    assert eng.run(FakeRequest("b", doc(15, 2.5), tagged))["polykv"]["tokens_stored"] == 0
+    assert eng.run(FakeRequest("c", doc(16, 3.5), tagged))["polykv"]["tokens_stored"] == 3 * BS
+
+
+def test_chunked_prefill_stores_blocks_as_they_complete() -> None:
+    index = make_index()
+    prompt = doc(17, 5.5)
+    req = FakeRequest("a", prompt)
+    index.lookup(req, 0)
+    index.on_alloc(req, [0, 1, 2], 0)
+    plan = index.plan_step([ScheduledReq("a", (0, 1, 2), True, computed_after=40)])
+    assert [len(j.slots) for j in plan.stores] == [2]
+    plan = index.plan_step([ScheduledReq("a", (3, 4, 5), False, computed_after=len(prompt))])
+    assert plan.stores[0].block_ids == (2, 3, 4)
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        (None, (None, None)),
+        ({}, (None, None)),
+        ({"polykv": {"doc_id": "x"}}, ("x", None)),
+        ({"polykv": {"doc_id": "x", "pin": True}}, ("x", True)),
+        ({"polykv": {"doc_id": 5}}, (None, None)),
+        ({"polykv": {"pin": True}}, (None, None)),
+        ({"polykv": "x"}, (None, None)),
+        ({"polykv": {"doc_id": "x", "pin": "yes"}}, ("x", None)),
+    ],
+)
+def test_doc_params_are_parsed_leniently(
+    params: dict[str, Any] | None,
+    expected: tuple[str | None, bool | None],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        p = parse_doc_params(params)
+    assert (p.doc_id, p.pin) == expected
+
+
+def test_unknown_doc_id_is_served_normally() -> None:
+    eng = Engine(make_index())
+    params = eng.run(FakeRequest("a", doc(18, 2.5), {"polykv": {"doc_id": "never-seen"}}))
+    assert params["polykv"]["tokens_from_store"] == 0
+    assert params["polykv"]["tokens_stored"] == 2 * BS
+
+
+def test_budget_smaller_than_one_block_is_refused() -> None:
+    geo = StoreGeometry(block_size=BS, block_bytes=BLOCK_BYTES, block_raw_bytes=RAW_BYTES)
+    with pytest.raises(ValueError, match="store_bytes"):
+        StoreIndex(geo, budget_bytes=BLOCK_BYTES - 1, store_all=True, min_store_tokens=BS)
+
+
+def test_worker_report_merge_sums_bytes_and_ranks() -> None:
+    a = WorkerReport(stored={1: [10, 1], 2: [5, 1]}, failed_slots={7})
+    b = WorkerReport(stored={1: [10, 1]}, failed_slots={8})
+    m = a.merge(b)
+    assert m.stored == {1: [20, 2], 2: [5, 1]}
+    assert m.failed_slots == {7, 8}
+    assert a.stored == {1: [10, 1], 2: [5, 1]}, "merge must not mutate its inputs"
