@@ -1,0 +1,922 @@
+"""Quality cost of a compressed document prefix, per codec preset, on the real embedded model.
+
+What is measured (SmolLM2-135M-Instruct, fp32 on CPU; text: Python's own ``pydoc_data.topics``,
+English documentation not written by this project):
+
+1. **Perplexity of a continuation given a compressed prefix.** The token stream is cut into
+   seeded windows of ``context + continuation + 1`` tokens. The first ``context`` tokens (the
+   "document") are prefilled in fp32; their per-layer K/V (post-RoPE keys, as in vLLM's paged
+   cache) are round-tripped through a variant (``bf16`` cast, or a codec preset: encode, decode
+   to ``--decode-dtype``, back to fp32), put into a transformers ``DynamicCache``, and the next
+   ``continuation`` tokens are fed on top of it; each predicts the token after it. The
+   reference is the untouched fp32 prefix. Per window the PPL delta is
+   ``100 * (PPL_variant / PPL_ref - 1)``; the mean over windows gets a paired 95% CI (Student t
+   interval and a seeded percentile bootstrap, both reported).
+2. **Top-1 agreement.** (a) on the real continuation: argmax of the variant's logits vs the
+   reference's at every continuation position; (b) greedy over ``--generate`` tokens: the
+   reference greedily generates after the document (first input: the token following it);
+   *teacher-forced*: the variant's argmax on the reference's greedy tokens;
+   *free-running*: the variant generates greedily on its own, compared position by position.
+3. **Needle retrieval.** A fact ("The access code for vault 17 is 4821.") is inserted at a
+   given depth of a pydoc excerpt; the chat-templated prompt is split after the document, the
+   document part (system header + excerpt) is the compressed prefix, the question part is
+   computed; exact match of the first number in the greedy answer.
+4. **Real bytes.** The sum of the stored tensors' bytes over layers (``PackedKV.nbytes`` for a
+   codec, the cast tensors' bytes for bf16) vs the bytes of the same K/V in bf16.
+
+Run ``python benchmarks/quality.py --help``. Writes ``quality.json`` (everything, per window),
+``quality.csv`` (one row per variant) and ``quality.md`` (the README table) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import math
+import platform
+import random
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from polykv_vllm.core import PRESETS, CodecConfig, KVCodec
+
+logger = logging.getLogger("benchmarks.quality")
+
+#: One layer's K/V in the transformers cache layout: ``(k, v)``, each ``[1, kv_heads, T, D]``.
+LayerKV = tuple[torch.Tensor, torch.Tensor]
+
+TARGETS = {
+    # preset: (min real compression vs bf16, max mean PPL delta % vs fp32)
+    "polykv": (2.78, 1.0),
+    "polykv-lite": (4.5, 2.0),
+}
+MIN_AGREEMENT = 0.95
+
+
+# --- variants: what is done to the prefix K/V -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A way of storing the document prefix.
+
+    ``roundtrip(kv)`` takes the fp32 per-layer K/V (``[1, H, T, D]`` each) and returns the K/V
+    the model will attend to (fp32, same shapes) and the bytes the stored form holds, measured
+    from its tensors.
+    """
+
+    name: str
+    roundtrip: Callable[[Sequence[LayerKV]], tuple[list[LayerKV], int]]
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def identity_roundtrip(kv: Sequence[LayerKV]) -> tuple[list[LayerKV], int]:
+    """The fp32 prefix unchanged; bytes of the fp32 tensors."""
+    return [(k, v) for k, v in kv], sum(k.nbytes + v.nbytes for k, v in kv)
+
+
+def cast_roundtrip(dtype: torch.dtype) -> Callable[[Sequence[LayerKV]], tuple[list[LayerKV], int]]:
+    """Cast the prefix to ``dtype`` (stored form) and back to the original dtype."""
+
+    def roundtrip(kv: Sequence[LayerKV]) -> tuple[list[LayerKV], int]:
+        out, nbytes = [], 0
+        for k, v in kv:
+            ks, vs = k.to(dtype), v.to(dtype)
+            nbytes += ks.nbytes + vs.nbytes
+            out.append((ks.to(k.dtype), vs.to(v.dtype)))
+        return out, nbytes
+
+    return roundtrip
+
+
+def codec_roundtrip(
+    codec: KVCodec, decode_dtype: torch.dtype
+) -> Callable[[Sequence[LayerKV]], tuple[list[LayerKV], int]]:
+    """Encode each layer with ``codec`` (``layer=i``), decode to ``decode_dtype``, back to fp32.
+
+    Bytes: sum of ``PackedKV.nbytes`` over layers.
+    """
+
+    def roundtrip(kv: Sequence[LayerKV]) -> tuple[list[LayerKV], int]:
+        out, nbytes = [], 0
+        for layer, (k, v) in enumerate(kv):
+            packed = codec.encode(to_codec_layout(k), to_codec_layout(v), layer=layer)
+            nbytes += packed.nbytes
+            k2, v2 = codec.decode(packed, dtype=decode_dtype, device=k.device)
+            out.append((from_codec_layout(k2, k.dtype), from_codec_layout(v2, v.dtype)))
+        return out, nbytes
+
+    return roundtrip
+
+
+def to_codec_layout(x: torch.Tensor) -> torch.Tensor:
+    """``[1, H, T, D]`` (transformers cache) -> ``[T, H, D]`` (codec), contiguous."""
+    if x.dim() != 4 or x.shape[0] != 1:
+        raise ValueError(f"expected a cache tensor [1, heads, tokens, dim], got {tuple(x.shape)}")
+    return x[0].transpose(0, 1).contiguous()
+
+
+def from_codec_layout(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[T, H, D]`` (codec) -> ``[1, H, T, D]`` (transformers cache) in ``dtype``."""
+    return x.transpose(0, 1).unsqueeze(0).to(dtype).contiguous()
+
+
+def bf16_bytes(kv: Sequence[LayerKV]) -> int:
+    """Bytes of the same K/V held in bf16, measured from cast tensors."""
+    return sum(k.to(torch.bfloat16).nbytes + v.to(torch.bfloat16).nbytes for k, v in kv)
+
+
+# --- model pieces -----------------------------------------------------------------------------
+
+
+def make_cache(kv: Sequence[LayerKV]) -> Any:
+    """A fresh transformers ``DynamicCache`` holding ``kv`` (the tensors are not modified:
+    ``DynamicLayer.update`` concatenates into new tensors)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for layer, (k, v) in enumerate(kv):
+        cache.update(k, v, layer)
+    return cache
+
+
+@torch.inference_mode()
+def prefill(model: Any, ids: Sequence[int]) -> list[LayerKV]:
+    """Run ``ids`` through ``model``; return its per-layer K/V ``[1, H, T, D]`` (post-RoPE)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    model(input_ids=_ids(model, ids), past_key_values=cache, use_cache=True)
+    layers: list[Any] = list(cache.layers)
+    return [(layer.keys, layer.values) for layer in layers]
+
+
+@torch.inference_mode()
+def logits_after(model: Any, kv: Sequence[LayerKV], ids: Sequence[int]) -> torch.Tensor:
+    """Logits ``[len(ids), vocab]`` (fp32) of ``ids`` fed on top of the prefix ``kv``."""
+    out = model(input_ids=_ids(model, ids), past_key_values=make_cache(kv), use_cache=True)
+    return out.logits[0].float()
+
+
+def _ids(model: Any, ids: Sequence[int]) -> torch.Tensor:
+    """``ids`` as a ``[1, N]`` int64 tensor on the model's device."""
+    return torch.tensor([list(ids)], device=model.device)
+
+
+def token_nll(logits: torch.Tensor, targets: Sequence[int]) -> torch.Tensor:
+    """Negative log-likelihood ``[N]`` (fp64) of ``targets`` under ``logits`` ``[N, vocab]``."""
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    index = torch.tensor(list(targets), device=logits.device).unsqueeze(1)
+    return -logp.gather(1, index)[:, 0].cpu()
+
+
+def perplexity(nll: torch.Tensor) -> float:
+    """``exp(mean NLL)``."""
+    return math.exp(float(nll.mean()))
+
+
+@torch.inference_mode()
+def greedy(
+    model: Any, kv: Sequence[LayerKV], first: int, n: int, eos: int | None = None
+) -> list[int]:
+    """Greedy tokens generated after the prefix ``kv`` with ``first`` as the first input.
+
+    Free-running, one token per step, at most ``n`` tokens; stops after ``eos``.
+    """
+    cache = make_cache(kv)
+    out: list[int] = []
+    nxt = first
+    for _ in range(n):
+        logits = model(input_ids=_ids(model, [nxt]), past_key_values=cache, use_cache=True)
+        nxt = int(logits.logits[0, -1].argmax())
+        out.append(nxt)
+        if eos is not None and nxt == eos:
+            break
+    return out
+
+
+@torch.inference_mode()
+def greedy_prompt(
+    model: Any, kv: Sequence[LayerKV], prompt: Sequence[int], n: int, eos: int | None
+) -> list[int]:
+    """Greedy answer to ``prompt`` (several tokens) fed after the prefix ``kv``."""
+    cache = make_cache(kv)
+    logits = model(input_ids=_ids(model, prompt), past_key_values=cache, use_cache=True)
+    nxt = int(logits.logits[0, -1].argmax())
+    out = [nxt]
+    while len(out) < n and nxt != eos:
+        logits = model(input_ids=_ids(model, [nxt]), past_key_values=cache, use_cache=True)
+        nxt = int(logits.logits[0, -1].argmax())
+        out.append(nxt)
+    return out
+
+
+def agreement(a: Sequence[int], b: Sequence[int]) -> float:
+    """Fraction of positions ``i < len(b)`` with ``a[i] == b[i]`` (missing ``a[i]`` disagree)."""
+    if not b:
+        raise ValueError("agreement needs a non-empty reference sequence")
+    return sum(1 for i, t in enumerate(b) if i < len(a) and a[i] == t) / len(b)
+
+
+def first_divergence(a: Sequence[int], b: Sequence[int]) -> int:
+    """Index of the first position where ``a`` and ``b`` differ (``min`` length if none)."""
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+# --- corpus and windows -----------------------------------------------------------------------
+
+
+def corpus_text(path: Path | None = None) -> str:
+    """Python's ``pydoc_data.topics`` (sorted by topic name), joined by blank lines; or the
+    text of ``path`` (e.g. that text saved from another Python version, for the same windows).
+    """
+    if path is not None:
+        return path.read_text(encoding="utf-8")
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[name] for name in sorted(topics))
+
+
+def choose_windows(n_tokens: int, n_windows: int, length: int, seed: int) -> list[int]:
+    """Seeded start offsets of ``n_windows`` windows of ``length`` tokens in ``[0, n_tokens)``.
+
+    Non-overlapping when they fit (the slack is spread at random); otherwise evenly spaced
+    with a seeded jitter-free stride ``(n_tokens - length) // (n_windows - 1)`` (then windows
+    overlap by ``length - stride`` tokens; the caller logs it). Sorted ascending.
+    """
+    if n_windows < 1 or length < 1:
+        raise ValueError(f"need n_windows >= 1 and length >= 1, got {n_windows}, {length}")
+    if length > n_tokens:
+        raise ValueError(f"a window of {length} tokens does not fit in a corpus of {n_tokens}")
+    slack = n_tokens - n_windows * length
+    if slack >= 0:
+        rng = random.Random(seed)
+        cuts = sorted(rng.randint(0, slack) for _ in range(n_windows))
+        return [c + i * length for i, c in enumerate(cuts)]
+    if n_windows == 1:
+        return [0]
+    stride = (n_tokens - length) // (n_windows - 1)
+    return [i * stride for i in range(n_windows)]
+
+
+# --- needles ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Needle:
+    """A fact to retrieve: ``sentence`` is inserted, ``question`` asks for ``answer``."""
+
+    vault: int
+    answer: str
+    depth: float
+
+    @property
+    def sentence(self) -> str:
+        return f"The access code for vault {self.vault} is {self.answer}."
+
+    @property
+    def question(self) -> str:
+        return f"What is the access code for vault {self.vault}? Answer with the number only."
+
+
+def make_needles(n: int, seed: int) -> list[Needle]:
+    """``n`` needles with distinct vault numbers, 4-digit codes, depths evenly in [0.05, 0.95]."""
+    rng = random.Random(seed)
+    vaults = rng.sample(range(10, 100), n) if n <= 90 else rng.sample(range(100, 1000), n)
+    depths = [0.05 + 0.9 * i / max(n - 1, 1) for i in range(n)]
+    return [
+        Needle(vault=v, answer=str(rng.randint(1000, 9999)), depth=round(d, 4))
+        for v, d in zip(vaults, depths, strict=True)
+    ]
+
+
+def insert_needle(text: str, sentence: str, depth: float) -> tuple[str, int]:
+    """Insert ``sentence`` as its own line at the line break nearest ``depth * len(text)``.
+
+    Returns ``(new_text, index of the sentence in new_text)``. A text without line breaks gets
+    the sentence at the space nearest the depth (or at the end).
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth={depth} is not allowed: use a fraction in [0, 1]")
+    target = round(depth * len(text))
+    breaks = [m.start() for m in re.finditer("\n", text)] or [
+        m.start() for m in re.finditer(" ", text)
+    ]
+    pos = min(breaks, key=lambda b: abs(b - target)) if breaks else len(text)
+    new = text[:pos] + "\n" + sentence + text[pos:]
+    return new, pos + 1
+
+
+def excerpt(tokenizer: Any, tokens: Sequence[int], start: int, length: int) -> str:
+    """Text of ``tokens[start:start+length]`` without its partial first and last lines."""
+    text = tokenizer.decode(list(tokens[start : start + length]))
+    lines = text.split("\n")
+    return "\n".join(lines[1:-1]).strip("\n") if len(lines) > 2 else text
+
+
+def split_chat_prompt(tokenizer: Any, document: str, question: str) -> tuple[list[int], list[int]]:
+    """The chat prompt for ``document + question``, split into (prefix ids, suffix ids).
+
+    The prefix is everything up to the end of ``document`` (system header + document): that is
+    what gets compressed. The suffix (question, end of turn, assistant header) is computed.
+    """
+    messages = [{"role": "user", "content": f"{document}\n\n{question}"}]
+    full = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    cut = full.index(document) + len(document)
+    prefix = tokenizer(full[:cut], add_special_tokens=False)["input_ids"]
+    suffix = tokenizer(full[cut:], add_special_tokens=False)["input_ids"]
+    return list(prefix), list(suffix)
+
+
+def extract_code(answer: str, vault: int) -> str | None:
+    """The code an answer gives: its first run of digits that is not the vault number (the
+    model often repeats the question: "The access code for vault 17 is 4821."), or None."""
+    for m in re.finditer(r"\d+", answer):
+        if m.group(0) != str(vault):
+            return m.group(0)
+    return None
+
+
+# --- statistics -------------------------------------------------------------------------------
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Quantile ``p`` (0.5 < p < 1) of Student's t with ``df`` degrees of freedom.
+
+    CDF by Simpson integration of the density from 0, inverted by bisection (no scipy here).
+    """
+    if not 0.5 < p < 1.0 or df < 1:
+        raise ValueError(f"t_quantile needs 0.5 < p < 1 and df >= 1, got p={p}, df={df}")
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def pdf(x: float) -> float:
+        return math.exp(log_c - (df + 1) / 2 * math.log1p(x * x / df))
+
+    def cdf(t: float, steps: int = 2000) -> float:
+        h = t / steps
+        s = pdf(0.0) + pdf(t) + sum((4 if i % 2 else 2) * pdf(i * h) for i in range(1, steps))
+        return 0.5 + s * h / 3
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        lo, hi = hi, hi * 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def mean_ci(xs: Sequence[float], seed: int, resamples: int = 10_000) -> dict[str, float]:
+    """Mean of ``xs`` with 95% CIs: Student t interval and seeded percentile bootstrap."""
+    n = len(xs)
+    if n == 0:
+        raise ValueError("mean_ci needs at least one value")
+    mean = sum(xs) / n
+    out = {"mean": mean, "n": float(n)}
+    if n < 2:
+        return out
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    half = t_quantile(0.975, n - 1) * sd / math.sqrt(n)
+    rng = random.Random(seed)
+    boots = sorted(sum(rng.choices(xs, k=n)) / n for _ in range(resamples))
+    out.update(
+        sd=sd,
+        t_lo=mean - half,
+        t_hi=mean + half,
+        boot_lo=boots[int(0.025 * resamples)],
+        boot_hi=boots[int(0.975 * resamples) - 1],
+    )
+    return out
+
+
+# --- the measurement --------------------------------------------------------------------------
+
+
+@dataclass
+class WindowResult:
+    """Per-window measurements of one variant (fields filled as measured)."""
+
+    start: int
+    ppl: float
+    nll_sum: float
+    tokens: int
+    top1_real: float | None = None
+    greedy_tf: float | None = None
+    greedy_free: float | None = None
+    first_div: int | None = None
+    nbytes: int = 0
+    bf16_nbytes: int = 0
+
+
+def measure_window(
+    model: Any,
+    variants: Sequence[Variant],
+    ids: Sequence[int],
+    context: int,
+    generate: int,
+    free_running: bool,
+    start: int = 0,
+) -> dict[str, WindowResult]:
+    """All PPL/agreement measurements of one window ``ids`` (``context + continuation + 1``
+    tokens) for the fp32 reference (key ``"fp32"``) and every variant."""
+    ctx, cont = list(ids[:context]), list(ids[context:])
+    if len(cont) < 2:
+        raise ValueError(f"window of {len(ids)} tokens leaves no continuation after {context}")
+    kv = prefill(model, ctx)
+    bf16 = bf16_bytes(kv)
+    inputs, targets = cont[:-1], cont[1:]
+
+    ref_logits = logits_after(model, kv, inputs)
+    ref_nll = token_nll(ref_logits, targets)
+    ref_top1 = ref_logits.argmax(-1)
+    ref_gen = greedy(model, kv, inputs[0], generate) if generate else []
+    results = {
+        "fp32": WindowResult(
+            start=start,
+            ppl=perplexity(ref_nll),
+            nll_sum=float(ref_nll.sum()),
+            tokens=len(targets),
+            top1_real=1.0,
+            greedy_tf=1.0 if generate else None,
+            greedy_free=1.0 if generate and free_running else None,
+            first_div=generate if generate and free_running else None,
+            nbytes=identity_roundtrip(kv)[1],
+            bf16_nbytes=bf16,
+        )
+    }
+    for variant in variants:
+        kv2, nbytes = variant.roundtrip(kv)
+        logits = logits_after(model, kv2, inputs)
+        nll = token_nll(logits, targets)
+        res = WindowResult(
+            start=start,
+            ppl=perplexity(nll),
+            nll_sum=float(nll.sum()),
+            tokens=len(targets),
+            top1_real=float((logits.argmax(-1) == ref_top1).double().mean()),
+            nbytes=nbytes,
+            bf16_nbytes=bf16,
+        )
+        if generate:
+            tf = logits_after(model, kv2, [inputs[0], *ref_gen[:-1]]).argmax(-1).tolist()
+            res.greedy_tf = agreement(tf, ref_gen)
+            if free_running:
+                gen = greedy(model, kv2, inputs[0], generate)
+                res.greedy_free = agreement(gen, ref_gen)
+                res.first_div = first_divergence(gen, ref_gen)
+        results[variant.name] = res
+    return results
+
+
+def measure_needle(
+    model: Any,
+    tokenizer: Any,
+    variants: Sequence[Variant],
+    document: str,
+    needle: Needle,
+    max_new: int,
+) -> dict[str, dict[str, Any]]:
+    """Answer the needle's question from the full and from every variant's prefix."""
+    text, _ = insert_needle(document, needle.sentence, needle.depth)
+    prefix, suffix = split_chat_prompt(tokenizer, text, needle.question)
+    kv = prefill(model, prefix)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    out: dict[str, dict[str, Any]] = {}
+    for name, kv2 in [("fp32", kv)] + [(v.name, v.roundtrip(kv)[0]) for v in variants]:
+        answer = tokenizer.decode(greedy_prompt(model, kv2, suffix, max_new, eos))
+        answer = answer.replace("<|im_end|>", "").strip()
+        out[name] = {
+            "answer": answer,
+            "correct": extract_code(answer, needle.vault) == needle.answer,
+            "prefix_tokens": len(prefix),
+        }
+    return out
+
+
+# --- summary and output -----------------------------------------------------------------------
+
+
+def summarize(
+    names: Sequence[str],
+    windows: Sequence[dict[str, WindowResult]],
+    needles: Sequence[dict[str, Any]],
+    seed: int,
+) -> dict[str, dict[str, Any]]:
+    """Per-variant summary: bytes, ratio, PPL deltas vs fp32 and bf16 with CIs, agreements,
+    retrieval accuracy."""
+    summary: dict[str, dict[str, Any]] = {}
+    for name in names:
+        rows = [w[name] for w in windows]
+        s: dict[str, Any] = {
+            "nbytes": sum(r.nbytes for r in rows),
+            "bf16_nbytes": sum(r.bf16_nbytes for r in rows),
+            "ppl_mean": sum(r.ppl for r in rows) / len(rows),
+            "ppl_corpus": math.exp(sum(r.nll_sum for r in rows) / sum(r.tokens for r in rows)),
+        }
+        s["ratio_vs_bf16"] = s["bf16_nbytes"] / s["nbytes"]
+        for base in ("fp32", "bf16"):
+            if base in windows[0] and base != name:
+                deltas = [100.0 * (w[name].ppl / w[base].ppl - 1.0) for w in windows]
+                s[f"delta_vs_{base}"] = mean_ci(deltas, seed)
+                ref_corpus = math.exp(
+                    sum(w[base].nll_sum for w in windows) / sum(w[base].tokens for w in windows)
+                )
+                s[f"corpus_delta_vs_{base}"] = 100.0 * (s["ppl_corpus"] / ref_corpus - 1.0)
+        for key in ("top1_real", "greedy_tf", "greedy_free", "first_div"):
+            vals = [getattr(r, key) for r in rows if getattr(r, key) is not None]
+            if vals:
+                s[key] = mean_ci([float(x) for x in vals], seed)
+        if needles:
+            correct = [n[name]["correct"] for n in needles]
+            s["retrieval_acc"] = sum(correct) / len(correct)
+            s["retrieval_n"] = len(correct)
+        summary[name] = s
+    return summary
+
+
+def check_targets(summary: dict[str, dict[str, Any]]) -> list[str]:
+    """Human-readable verdicts on the issue's targets, from the measured summary."""
+    lines = []
+    for preset, (min_ratio, max_delta) in TARGETS.items():
+        if preset not in summary:
+            continue
+        s = summary[preset]
+        ratio, delta = s["ratio_vs_bf16"], s["delta_vs_fp32"]["mean"]
+        ok = ratio >= min_ratio and delta <= max_delta
+        lines.append(
+            f"{preset}: {ratio:.2f}x (target >= {min_ratio}x), PPL delta {delta:+.2f}% "
+            f"(target <= +{max_delta}%): {'MET' if ok else 'MISSED'}"
+        )
+    for name, s in summary.items():
+        if name in ("fp32",) or "greedy_tf" not in s:
+            continue
+        tf = s["greedy_tf"]["mean"]
+        verdict = "MET" if tf >= MIN_AGREEMENT else "MISSED"
+        lines.append(
+            f"{name}: teacher-forced greedy agreement {tf:.3f} (target >= {MIN_AGREEMENT}): "
+            f"{verdict}"
+        )
+    return lines
+
+
+def _fmt_ci(d: dict[str, float] | None, pct: bool = True) -> str:
+    if not d:
+        return "—"
+    unit = "%" if pct else ""
+    if "t_lo" not in d:
+        return f"{d['mean']:+.2f}{unit}"
+    return f"{d['mean']:+.2f}{unit} [{d['t_lo']:+.2f}, {d['t_hi']:+.2f}]"
+
+
+def _fmt_mean(d: dict[str, float] | None, digits: int = 3) -> str:
+    return f"{d['mean']:.{digits}f}" if d else "—"
+
+
+def markdown(summary: dict[str, dict[str, Any]], meta: dict[str, Any], targets: list[str]) -> str:
+    """The README table fragment (with the command that produced it above it)."""
+    cfg = meta["config"]
+    lines = [
+        "Measured with:",
+        "",
+        "```",
+        meta["command"],
+        "```",
+        "",
+        f"SmolLM2-135M-Instruct fp32 on CPU, text `pydoc_data.topics` (Python {meta['python']}); "
+        f"{cfg['windows']} windows of {cfg['context']} prefix tokens + {cfg['continuation']} "
+        f"scored continuation tokens; {cfg['needles']} needles in ~{cfg['needle_context']}-token "
+        f"excerpts; codec output decoded to {cfg['decode_dtype']}. PPL delta: mean over windows "
+        "of the per-window relative change, 95% paired Student-t CI in brackets (bootstrap CI "
+        "in quality.json). Greedy agreement over "
+        f"{cfg['generate']} tokens: teacher-forced on the fp32 greedy tokens (TF), and "
+        f"free-running (free, first {cfg['free_running_windows']} windows).",
+        "",
+        "| variant | bytes vs bf16 | PPL | ΔPPL vs fp32 | ΔPPL vs bf16 | top-1 (real text) "
+        "| greedy TF | greedy free | needles (exact) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, s in summary.items():
+        acc = (
+            f"{s['retrieval_acc'] * s['retrieval_n']:.0f}/{s['retrieval_n']}"
+            if "retrieval_acc" in s
+            else "—"
+        )
+        lines.append(
+            f"| {name} | {s['ratio_vs_bf16']:.2f}x | {s['ppl_mean']:.3f} "
+            f"| {_fmt_ci(s.get('delta_vs_fp32'))} | {_fmt_ci(s.get('delta_vs_bf16'))} "
+            f"| {_fmt_mean(s.get('top1_real'))} | {_fmt_mean(s.get('greedy_tf'))} "
+            f"| {_fmt_mean(s.get('greedy_free'))} | {acc} |"
+        )
+    lines += ["", "Targets (issue 3):", ""] + [f"- {t}" for t in targets] + [""]
+    return "\n".join(lines)
+
+
+def write_outputs(
+    out_dir: Path,
+    meta: dict[str, Any],
+    summary: dict[str, dict[str, Any]],
+    windows: Sequence[dict[str, WindowResult]],
+    needles: Sequence[dict[str, Any]],
+) -> None:
+    """quality.json (all), quality.csv (one row per variant), quality.md (README table)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    targets = check_targets(summary)
+    doc = {
+        **meta,
+        "summary": summary,
+        "targets": targets,
+        "windows": [{k: dataclasses.asdict(v) for k, v in w.items()} for w in windows],
+        "needles": list(needles),
+    }
+    (out_dir / "quality.json").write_text(json.dumps(doc, indent=1) + "\n")
+    cols = [
+        "variant",
+        "nbytes",
+        "bf16_nbytes",
+        "ratio_vs_bf16",
+        "ppl_mean",
+        "ppl_corpus",
+        "delta_vs_fp32",
+        "delta_vs_fp32_t_lo",
+        "delta_vs_fp32_t_hi",
+        "delta_vs_fp32_boot_lo",
+        "delta_vs_fp32_boot_hi",
+        "delta_vs_bf16",
+        "delta_vs_bf16_t_lo",
+        "delta_vs_bf16_t_hi",
+        "top1_real",
+        "greedy_tf",
+        "greedy_free",
+        "first_div",
+        "retrieval_acc",
+        "retrieval_n",
+    ]
+    with open(out_dir / "quality.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for name, s in summary.items():
+            row: list[Any] = [name]
+            for c in cols[1:]:
+                base, _, part = c.partition("_t_") if "_t_" in c else c.partition("_boot_")
+                if c in s and not isinstance(s[c], dict):
+                    row.append(s[c])
+                elif c in s:
+                    row.append(s[c]["mean"])
+                elif part and base in s:
+                    row.append(s[base].get(("t_" if "_t_" in c else "boot_") + part, ""))
+                else:
+                    row.append("")
+            w.writerow(row)
+    (out_dir / "quality.md").write_text(markdown(summary, meta, targets))
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def parse_custom_config(text: str) -> tuple[str, CodecConfig]:
+    """``--config`` value: a JSON object (or ``@file.json``) with a ``"name"`` key plus
+    :class:`CodecConfig` fields (optionally ``"preset"`` to start from)."""
+    raw = Path(text[1:]).read_text() if text.startswith("@") else text
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise SystemExit(
+            f"--config {text!r} is not valid JSON ({e}); e.g. "
+            '\'{"name": "k4v3", "key_bits": 4, "key_mode": "rotated"}\''
+        ) from e
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        raise SystemExit(f'--config {text!r} needs a JSON object with a "name" string')
+    name = data.pop("name")
+    return name, CodecConfig.from_dict(data)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", nargs="*", default=sorted(PRESETS), help="codec presets")
+    p.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help='extra codec config as JSON (or @file): {"name": ..., <CodecConfig fields>}',
+    )
+    p.add_argument("--windows", type=int, default=50, help="number of PPL windows")
+    p.add_argument("--context", type=int, default=2048, help="document prefix tokens")
+    p.add_argument("--continuation", type=int, default=256, help="scored continuation tokens")
+    p.add_argument("--generate", type=int, default=64, help="greedy tokens per window (0: off)")
+    p.add_argument(
+        "--free-running-windows",
+        type=int,
+        default=None,
+        help="free-running greedy on the first N windows (default: all)",
+    )
+    p.add_argument("--needles", type=int, default=20, help="needle retrieval questions (0: off)")
+    p.add_argument("--needle-context", type=int, default=2048, help="tokens of pydoc per needle")
+    p.add_argument("--answer-tokens", type=int, default=24, help="max answer tokens per needle")
+    p.add_argument(
+        "--decode-dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default="bfloat16",
+        help="dtype the codec decodes to (vLLM keeps bf16), then cast to fp32 for the model",
+    )
+    p.add_argument("--no-bf16", action="store_true", help="skip the bf16 round-trip baseline")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1 wastes least on a shared, oversubscribed CPU)",
+    )
+    p.add_argument("--device", default="cpu", help="torch device of the model (fp32 throughout)")
+    p.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="HF folder of the model (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    p.add_argument(
+        "--corpus-file",
+        type=Path,
+        default=None,
+        help="read the text from this file instead of this Python's pydoc_data.topics",
+    )
+    p.add_argument(
+        "--dump-corpus",
+        type=Path,
+        default=None,
+        help="write this Python's pydoc_data.topics text to this file and exit",
+    )
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output dir")
+    return p
+
+
+def load_model(model_dir: Path | None, device: str) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` in fp32, eval mode, on ``device``: the embedded SmolLM2 model, or
+    the HF folder ``model_dir``."""
+    if model_dir is None:
+        from polykv_vllm.embedded import load_embedded_model
+
+        return load_embedded_model(device=device)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(model_dir)
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    core = Path(__file__).resolve().parent.parent / "polykv_vllm" / "core"
+    digest = hashlib.sha256()
+    for src in sorted(core.glob("*.py")):
+        digest.update(src.name.encode() + b"\0" + src.read_bytes())
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "git_commit": commit,
+        # The working tree may hold uncommitted codec changes: this names the code that ran.
+        "codec_sources_sha256": digest.hexdigest(),
+        "platform": platform.platform(),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args = build_parser().parse_args(argv)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    decode_dtype = getattr(torch, args.decode_dtype)
+
+    if args.dump_corpus is not None:
+        args.dump_corpus.write_text(corpus_text(), encoding="utf-8")
+        return 0
+    # fp32 everywhere: no TF32 on GPUs either.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    model, tokenizer = load_model(args.model_dir, args.device)
+    num_layers = model.config.num_hidden_layers
+
+    configs: dict[str, CodecConfig] = {}
+    for name in args.presets:
+        if name not in PRESETS:
+            raise SystemExit(f"--presets: unknown preset {name!r}; allowed: {sorted(PRESETS)}")
+        configs[name] = PRESETS[name]
+    for text in args.config:
+        name, cfg = parse_custom_config(text)
+        if name in configs or name in ("fp32", "bf16"):
+            raise SystemExit(f"--config name {name!r} is taken; choose another")
+        configs[name] = cfg
+    variants = [] if args.no_bf16 else [Variant("bf16", cast_roundtrip(torch.bfloat16))]
+    variants += [
+        Variant(
+            name,
+            codec_roundtrip(KVCodec(config=cfg, num_layers=num_layers), decode_dtype),
+            dataclasses.asdict(cfg),
+        )
+        for name, cfg in configs.items()
+    ]
+
+    text = corpus_text(args.corpus_file)
+    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+    length = args.context + args.continuation + 1
+    starts = choose_windows(len(tokens), args.windows, length, args.seed)
+    overlap = max(
+        0, length - min((b - a for a, b in zip(starts, starts[1:], strict=False)), default=length)
+    )
+    logger.info(
+        "corpus %s tokens, %s windows of %s (overlap %s)", len(tokens), len(starts), length, overlap
+    )
+    free_n = args.windows if args.free_running_windows is None else args.free_running_windows
+
+    t0 = time.time()
+    windows = []
+    for i, s in enumerate(starts):
+        res = measure_window(
+            model, variants, tokens[s : s + length], args.context, args.generate, i < free_n, s
+        )
+        windows.append(res)
+        logger.info(
+            "window %s/%s @%s: %s (%.0fs)",
+            i + 1,
+            len(starts),
+            s,
+            " ".join(f"{k}={v.ppl:.3f}" for k, v in res.items()),
+            time.time() - t0,
+        )
+
+    needles_out: list[dict[str, Any]] = []
+    rng = random.Random(args.seed + 1)
+    for j, needle in enumerate(make_needles(args.needles, args.seed)):
+        start = rng.randrange(0, len(tokens) - args.needle_context)
+        document = excerpt(tokenizer, tokens, start, args.needle_context)
+        answers = measure_needle(model, tokenizer, variants, document, needle, args.answer_tokens)
+        needles_out.append({"needle": dataclasses.asdict(needle), "start": start, **answers})
+        logger.info(
+            "needle %s/%s depth %.2f code %s: %s",
+            j + 1,
+            args.needles,
+            needle.depth,
+            needle.answer,
+            " ".join(f"{k}={v['answer']!r}" for k, v in answers.items()),
+        )
+
+    names = ["fp32"] + [v.name for v in variants]
+    summary = summarize(names, windows, needles_out, args.seed)
+    meta = {
+        "command": "python "
+        + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "elapsed_s": round(time.time() - t0, 1),
+        "python": platform.python_version(),
+        "versions": _versions(),
+        "model": "SmolLM2-135M-Instruct (embedded, fp32, CPU)",
+        "model_device": str(model.device),
+        "corpus": {
+            "source": "pydoc_data.topics of Python "
+            + ("3.11 (saved, --corpus-file)" if args.corpus_file else platform.python_version()),
+            "chars": len(text),
+            "tokens": len(tokens),
+        },
+        "config": {
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "free_running_windows": free_n,
+            "window_starts": starts,
+            "window_overlap_tokens": overlap,
+            "codecs": {v.name: v.config for v in variants if v.config},
+            "ci": "95% paired Student-t interval over windows (t_lo/t_hi) and percentile "
+            "bootstrap with 10000 seeded resamples (boot_lo/boot_hi)",
+            "greedy": "teacher-forced on the fp32 greedy tokens (greedy_tf) and free-running "
+            "position-wise agreement (greedy_free, first_div)",
+        },
+    }
+    write_outputs(args.out, meta, summary, windows, needles_out)
+    for line in check_targets(summary):
+        logger.info("%s", line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
