@@ -1,0 +1,379 @@
+"""The pieces of ``benchmarks/quality.py`` on tiny random Llama models: PPL arithmetic, the
+cached-prefix path against a full forward, variants and their bytes, needles, windows, stats
+and the written outputs."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from polykv_vllm.core import KVCodec
+
+_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py"
+_SPEC = importlib.util.spec_from_file_location("benchmarks_quality", _PATH)
+assert _SPEC is not None and _SPEC.loader is not None
+quality = importlib.util.module_from_spec(_SPEC)
+sys.modules["benchmarks_quality"] = quality
+_SPEC.loader.exec_module(quality)
+
+VOCAB = 97
+
+
+def make_model(head_dim: int = 16, layers: int = 2, kv_heads: int = 2) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=512,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def random_ids(n: int, seed: int = 1) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (n,), generator=g).tolist()
+
+
+# --- PPL arithmetic ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,vocab", [(1, 5), (7, 11), (64, 97)])
+def test_perplexity_is_exp_of_mean_nll_computed_by_hand(n, vocab):
+    g = torch.Generator().manual_seed(n)
+    logits = torch.randn(n, vocab, generator=g) * 3
+    targets = torch.randint(0, vocab, (n,), generator=g).tolist()
+    by_hand = []
+    for row, t in zip(logits.tolist(), targets, strict=True):
+        z = sum(math.exp(x) for x in row)
+        by_hand.append(-math.log(math.exp(row[t]) / z))
+    nll = quality.token_nll(logits, targets)
+    assert nll.shape == (n,)
+    assert nll.tolist() == pytest.approx(by_hand, rel=1e-9, abs=1e-9)
+    assert quality.perplexity(nll) == pytest.approx(math.exp(sum(by_hand) / n), rel=1e-9)
+
+
+@pytest.mark.parametrize("context", [1, 9, 40])
+@pytest.mark.parametrize("head_dim", [16, 24])
+def test_cached_prefix_logits_equal_full_forward(context, head_dim):
+    """Prefill, take the cache tensors, build a fresh cache: the continuation's logits are
+    those of one forward over the whole sequence (positions and mask are right)."""
+    model = make_model(head_dim=head_dim)
+    ids = random_ids(context + 12)
+    kv = quality.prefill(model, ids[:context])
+    assert len(kv) == model.config.num_hidden_layers
+    assert kv[0][0].shape == (1, model.config.num_key_value_heads, context, head_dim)
+    got = quality.logits_after(model, kv, ids[context:])
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor([ids])).logits[0, context:].float()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_make_cache_does_not_modify_the_prefix_tensors():
+    model = make_model()
+    ids = random_ids(20)
+    kv = quality.prefill(model, ids[:10])
+    before = [(k.clone(), v.clone()) for k, v in kv]
+    quality.greedy(model, kv, ids[10], 5)
+    quality.logits_after(model, kv, ids[10:])
+    for (k, v), (k0, v0) in zip(kv, before, strict=True):
+        assert k.shape == k0.shape and torch.equal(k, k0) and torch.equal(v, v0)
+
+
+# --- variants ---------------------------------------------------------------------------------
+
+
+def _variants(model):
+    codec = KVCodec(preset="polykv", num_layers=model.config.num_hidden_layers)
+    return [
+        quality.Variant("identity", quality.identity_roundtrip),
+        quality.Variant("bf16", quality.cast_roundtrip(torch.bfloat16)),
+        quality.Variant("polykv", quality.codec_roundtrip(codec, torch.bfloat16)),
+        quality.Variant("zeros", lambda kv: ([(k * 0, v * 0) for k, v in kv], 1)),
+    ]
+
+
+def test_identity_variant_gives_zero_delta_and_full_agreement():
+    model = make_model()
+    ids = random_ids(30 + 16 + 1, seed=3)
+    res = quality.measure_window(model, _variants(model), ids, 30, 6, True, start=5)
+    ref, ident = res["fp32"], res["identity"]
+    assert ident.ppl == ref.ppl and ident.nll_sum == ref.nll_sum
+    assert ident.top1_real == 1.0 and ident.greedy_tf == 1.0 and ident.greedy_free == 1.0
+    assert ident.first_div == 6 and ident.tokens == 16 and ident.start == 5
+    # A prefix replaced by zeros must change the continuation: the harness can see damage.
+    assert res["zeros"].ppl != ref.ppl
+    summary = quality.summarize(list(res), [res], [], seed=0)
+    assert summary["identity"]["delta_vs_fp32"]["mean"] == 0.0
+    assert summary["zeros"]["delta_vs_fp32"]["mean"] != 0.0
+
+
+@pytest.mark.parametrize("tokens", [1, 13, 64])
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_codec_roundtrip_bytes_layout_and_error(tokens, head_dim):
+    layers, heads = 3, 2
+    g = torch.Generator().manual_seed(tokens)
+    kv = [
+        (
+            torch.randn(1, heads, tokens, head_dim, generator=g),
+            torch.randn(1, heads, tokens, head_dim, generator=g),
+        )
+        for _ in range(layers)
+    ]
+    codec = KVCodec(preset="polykv", num_layers=layers)
+    out, nbytes = quality.codec_roundtrip(codec, torch.float32)(kv)
+    want_bytes = 0
+    for i, ((k, v), (k2, v2)) in enumerate(zip(kv, out, strict=True)):
+        packed = codec.encode(k[0].transpose(0, 1), v[0].transpose(0, 1), layer=i)
+        want_bytes += packed.nbytes
+        dk, dv = codec.decode(packed, dtype=torch.float32)
+        assert k2.shape == k.shape and k2.dtype == torch.float32
+        torch.testing.assert_close(k2, dk.transpose(0, 1)[None])
+        torch.testing.assert_close(v2, dv.transpose(0, 1)[None])
+        # int8 keys are close, 3-bit values are not exact but correlated
+        assert (k2 - k).abs().max() <= k.abs().amax() / 127 + 1e-6
+        assert torch.nn.functional.cosine_similarity(v2.flatten(), v.flatten(), dim=0) > 0.9
+    assert nbytes == want_bytes
+    bf16 = quality.bf16_bytes(kv)
+    assert bf16 == layers * 2 * heads * tokens * head_dim * 2
+    assert quality.identity_roundtrip(kv)[1] == 2 * bf16
+    assert quality.cast_roundtrip(torch.bfloat16)(kv)[1] == bf16
+
+
+def test_codec_layout_round_trip_is_exact():
+    x = torch.randn(1, 3, 5, 8)
+    y = quality.to_codec_layout(x)
+    assert y.shape == (5, 3, 8) and torch.equal(y[2, 1], x[0, 1, 2])
+    assert torch.equal(quality.from_codec_layout(y, torch.float32), x)
+    with pytest.raises(ValueError, match="1, heads, tokens, dim"):
+        quality.to_codec_layout(torch.randn(2, 3, 5, 8))
+
+
+# --- greedy agreement -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "a,b,agree,div",
+    [([1, 2, 3], [1, 2, 3], 1.0, 3), ([1, 2, 4], [1, 2, 3], 2 / 3, 2), ([9], [1, 2], 0.0, 0)],
+)
+def test_agreement_and_first_divergence(a, b, agree, div):
+    assert quality.agreement(a, b) == pytest.approx(agree)
+    assert quality.first_divergence(a, b) == div
+
+
+def test_greedy_matches_step_by_step_argmax_of_full_forward():
+    model = make_model()
+    ids = random_ids(15)
+    gen = quality.greedy(model, quality.prefill(model, ids[:-1]), ids[-1], 4)
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(4):
+            seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+    assert gen == seq[len(ids) :]
+
+
+# --- needles ----------------------------------------------------------------------------------
+
+TEXT = "First line of text.\nSecond line here.\nThird line.\nFourth and last line."
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.3, 0.5, 1.0])
+def test_insert_needle_puts_the_fact_on_its_own_line(depth):
+    sentence = "The access code for vault 17 is 4821."
+    new, at = quality.insert_needle(TEXT, sentence, depth)
+    assert new.count(sentence) == 1 and new[at : at + len(sentence)] == sentence
+    assert new[at - 1] == "\n"
+    assert new.replace("\n" + sentence, "", 1) == TEXT
+    # at a line break, and the nearest one to the requested depth
+    breaks = [i for i, c in enumerate(TEXT) if c == "\n"]
+    assert at - 1 == min(breaks, key=lambda b: abs(b - depth * len(TEXT)))
+
+
+def test_insert_needle_rejects_bad_depth_and_handles_one_line():
+    with pytest.raises(ValueError, match="depth"):
+        quality.insert_needle(TEXT, "x", 1.5)
+    new, at = quality.insert_needle("no breaks", "FACT", 0.9)
+    assert new[at:].startswith("FACT") and "FACT" in new
+
+
+def test_make_needles_distinct_and_spread():
+    needles = quality.make_needles(20, seed=0)
+    assert len({n.vault for n in needles}) == 20
+    assert all(len(n.answer) == 4 and n.answer.isdigit() for n in needles)
+    assert needles[0].depth == pytest.approx(0.05) and needles[-1].depth == pytest.approx(0.95)
+    assert str(needles[3].vault) in needles[3].sentence and needles[3].answer in needles[3].sentence
+    assert quality.make_needles(20, seed=0) == needles != quality.make_needles(20, seed=1)
+
+
+@pytest.mark.parametrize(
+    "answer,code",
+    [
+        ("The access code for vault 17 is 4821.", "4821"),
+        ("4821", "4821"),
+        ("Vault 17: 1234", "1234"),
+        ("I do not know about vault 17.", None),
+        ("", None),
+    ],
+)
+def test_extract_code(answer, code):
+    assert quality.extract_code(answer, 17) == code
+
+
+class CharTokenizer:
+    """A character tokenizer with a ChatML-like template and two special tokens."""
+
+    specials = {"<|im_start|>": 95, "<|im_end|>": 96}
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        assert not tokenize
+        body = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return body + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+    def __call__(self, text, add_special_tokens=False):
+        ids, i = [], 0
+        while i < len(text):
+            for s, t in self.specials.items():
+                if text.startswith(s, i):
+                    ids.append(t)
+                    i += len(s)
+                    break
+            else:
+                ids.append(ord(text[i]) % 90)
+                i += 1
+        return {"input_ids": ids}
+
+    def decode(self, ids):
+        inv = {t: s for s, t in self.specials.items()}
+        return "".join(inv.get(i, chr(i) if i >= 32 else "?") for i in ids)
+
+    def convert_tokens_to_ids(self, token):
+        return self.specials[token]
+
+
+def test_split_chat_prompt_cuts_right_after_the_document():
+    tok = CharTokenizer()
+    prefix, suffix = quality.split_chat_prompt(tok, "DOC TEXT", "Question?")
+    full = tok(
+        tok.apply_chat_template([{"role": "user", "content": "DOC TEXT\n\nQuestion?"}], False, True)
+    )["input_ids"]
+    assert prefix + suffix == full
+    assert prefix[-8:] == tok("DOC TEXT")["input_ids"]
+    assert suffix[:2] == tok("\n\n")["input_ids"]
+
+
+def test_measure_needle_runs_every_variant_and_identity_matches_fp32():
+    model = make_model()
+    needle = quality.Needle(vault=17, answer="4821", depth=0.5)
+    out = quality.measure_needle(model, CharTokenizer(), _variants(model), TEXT, needle, 5)
+    assert set(out) == {"fp32", "identity", "bf16", "polykv", "zeros"}
+    assert out["identity"]["answer"] == out["fp32"]["answer"]
+    assert out["fp32"]["correct"] == (quality.extract_code(out["fp32"]["answer"], 17) == "4821")
+    assert out["fp32"]["prefix_tokens"] > len(TEXT)
+
+
+# --- windows, statistics, outputs -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_tokens,n,length", [(1000, 5, 100), (1000, 10, 100), (1000, 12, 100)])
+def test_choose_windows(n_tokens, n, length):
+    starts = quality.choose_windows(n_tokens, n, length, seed=7)
+    assert starts == quality.choose_windows(n_tokens, n, length, seed=7)
+    assert len(starts) == n and starts == sorted(starts)
+    assert starts[0] >= 0 and starts[-1] + length <= n_tokens
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    if n * length <= n_tokens:
+        assert min(gaps) >= length
+    else:
+        assert len(set(gaps)) == 1
+    if n * length < n_tokens:
+        assert starts != quality.choose_windows(n_tokens, n, length, seed=8)
+
+
+def test_choose_windows_rejects_impossible():
+    with pytest.raises(ValueError, match="does not fit"):
+        quality.choose_windows(10, 1, 11, 0)
+
+
+@pytest.mark.parametrize(
+    "df,q", [(1, 12.7062), (5, 2.5706), (10, 2.2281), (49, 2.0096), (1000, 1.9623)]
+)
+def test_t_quantile_matches_tables(df, q):
+    assert quality.t_quantile(0.975, df) == pytest.approx(q, abs=2e-4)
+
+
+def test_mean_ci():
+    xs = [1.0, 2.0, 3.0, 4.0, 5.0]
+    ci = quality.mean_ci(xs, seed=0, resamples=2000)
+    half = 2.7764 * math.sqrt(2.5) / math.sqrt(5)
+    assert ci["mean"] == 3.0
+    assert ci["t_lo"] == pytest.approx(3 - half, abs=1e-3)
+    assert ci["t_hi"] == pytest.approx(3 + half, abs=1e-3)
+    assert 1.0 <= ci["boot_lo"] < 3.0 < ci["boot_hi"] <= 5.0
+    const = quality.mean_ci([2.0] * 4, seed=0, resamples=100)
+    assert const["t_lo"] == const["t_hi"] == const["boot_lo"] == const["boot_hi"] == 2.0
+
+
+def test_outputs_written_and_consistent(tmp_path):
+    model = make_model()
+    variants = _variants(model)
+    windows = [
+        quality.measure_window(model, variants, random_ids(20 + 8 + 1, seed=s), 20, 4, s == 0, s)
+        for s in range(3)
+    ]
+    needle = quality.Needle(vault=17, answer="4821", depth=0.5)
+    needles = [quality.measure_needle(model, CharTokenizer(), variants, TEXT, needle, 4)]
+    names = ["fp32"] + [v.name for v in variants]
+    summary = quality.summarize(names, windows, needles, seed=0)
+    meta = {
+        "command": "python benchmarks/quality.py --windows 3",
+        "python": "3.11",
+        "config": {
+            "windows": 3,
+            "context": 20,
+            "continuation": 8,
+            "needles": 1,
+            "needle_context": 40,
+            "decode_dtype": "bfloat16",
+            "generate": 4,
+            "free_running_windows": 1,
+        },
+    }
+    quality.write_outputs(tmp_path, meta, summary, windows, needles)
+    doc = json.loads((tmp_path / "quality.json").read_text())
+    assert doc["command"] == meta["command"] and len(doc["windows"]) == 3
+    s = doc["summary"]["polykv"]
+    assert s["ratio_vs_bf16"] == pytest.approx(s["bf16_nbytes"] / s["nbytes"])
+    assert s["ratio_vs_bf16"] > 2.0 and doc["summary"]["bf16"]["ratio_vs_bf16"] == 1.0
+    assert s["greedy_free"]["n"] == 1 and s["greedy_tf"]["n"] == 3
+    rows = list(csv.DictReader((tmp_path / "quality.csv").open()))
+    assert [r["variant"] for r in rows] == names
+    poly = next(r for r in rows if r["variant"] == "polykv")
+    assert float(poly["delta_vs_fp32"]) == pytest.approx(s["delta_vs_fp32"]["mean"])
+    assert float(poly["delta_vs_fp32_t_lo"]) == pytest.approx(s["delta_vs_fp32"]["t_lo"])
+    md = (tmp_path / "quality.md").read_text()
+    assert meta["command"] in md and "| polykv |" in md and f"{s['ratio_vs_bf16']:.2f}x" in md
+
+
+def test_parse_custom_config(tmp_path):
+    name, cfg = quality.parse_custom_config('{"name": "k4", "key_bits": 4, "key_mode": "rotated"}')
+    assert name == "k4" and cfg.key_bits == 4 and cfg.value_bits == 3
+    f = tmp_path / "c.json"
+    f.write_text('{"name": "v4", "value_bits": 4, "keep_layers": [0, -1]}')
+    name, cfg = quality.parse_custom_config(f"@{f}")
+    assert name == "v4" and cfg.value_bits == 4 and cfg.keep_layers == (0, -1)
+    with pytest.raises(SystemExit, match="name"):
+        quality.parse_custom_config('{"key_bits": 4}')
+    with pytest.raises(ValueError, match="unknown codec config"):
+        quality.parse_custom_config('{"name": "x", "bits": 4}')
