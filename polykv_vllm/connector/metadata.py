@@ -49,16 +49,22 @@ class WorkerReport:
     - ``stored``: slot → ``[bytes, ranks]``: real compressed bytes summed over ranks, and how
       many ranks confirmed the slot (a slot is ready once all ranks did).
     - ``failed_slots``: slots a load found missing or invalid (the scheduler drops them).
+    - ``unloaded_tokens``: request id → tokens of its planned load that were not loaded (and are
+      recomputed); the maximum over ranks.
     """
 
     stored: dict[int, list[int]] = field(default_factory=dict)
     failed_slots: set[int] = field(default_factory=set)
+    unloaded_tokens: dict[str, int] = field(default_factory=dict)
 
     def merge(self, other: WorkerReport) -> WorkerReport:
         out = WorkerReport(
             stored={k: list(v) for k, v in self.stored.items()},
             failed_slots=set(self.failed_slots) | other.failed_slots,
+            unloaded_tokens=dict(self.unloaded_tokens),
         )
+        for rid, n in other.unloaded_tokens.items():
+            out.unloaded_tokens[rid] = max(n, out.unloaded_tokens.get(rid, 0))
         for slot, (nbytes, ranks) in other.stored.items():
             cur = out.stored.setdefault(slot, [0, 0])
             cur[0] += nbytes
@@ -66,4 +72,4 @@ class WorkerReport:
         return out
 
     def is_empty(self) -> bool:
-        return not (self.stored or self.failed_slots)
+        return not (self.stored or self.failed_slots or self.unloaded_tokens)

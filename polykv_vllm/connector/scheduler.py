@@ -489,7 +489,8 @@ class StoreIndex:
     # --- worker reports and request end ----------------------------------------------------
 
     def on_report(self, report: WorkerReport) -> None:
-        """Mark confirmed stores ready; drop entries whose load failed."""
+        """Mark confirmed stores ready; drop entries whose load failed and stop counting the
+        tokens they were to supply (vLLM recomputes them)."""
         stored_docs: dict[str, list[int]] = {}
         for slot, (nbytes, ranks) in report.stored.items():
             entry = self._by_slot.get(slot)
@@ -518,6 +519,10 @@ class StoreIndex:
                 self.used_bytes,
                 self.budget_bytes,
             )
+        for rid, tokens in report.unloaded_tokens.items():
+            state = self._reqs.get(rid)
+            if state is not None:
+                state.tokens_from_store -= tokens
         for slot in sorted(report.failed_slots):
             entry = self._by_slot.get(slot)
             if entry is None:

@@ -121,6 +121,7 @@ class PolyKVWorker:
             self.store.pop(bad, None)
             self._report.failed_slots.add(bad)
             self._load_errors.update(job.block_ids[good:])
+            self._report.unloaded_tokens[job.req_id] = (len(job.slots) - good) * self.block_size
             self.counters.load_failures += 1
             self.totals.load_failures += 1
         if good == 0:
