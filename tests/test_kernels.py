@@ -330,11 +330,14 @@ TRITON_CASES = [
     ("polykv-lite", 1, 80, 16, 1025, "NHD"),
     ("polykv-lite", 2, 64, 128, 1, "HND"),
 ]
+# The interpreter is slow (minutes on 2 cores): one cache dtype there, two on a GPU.
+DECODE_DTYPES = [BF16] if CHILD else [BF16, FP16]
+ENCODE_DTYPES = [BF16] if CHILD else [BF16, FP32]
 
 
 @pytest.mark.skipif(TRITON_DEVICE is None, reason=NO_TRITON_DEVICE)
 @pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "-".join(map(str, c)))
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", DECODE_DTYPES)
 def test_triton_decompress_parity(
     case: tuple[str, int, int, int, int, str], dtype: torch.dtype
 ) -> None:
@@ -387,8 +390,11 @@ def test_triton_decompress_layers_matches_single_layer_calls() -> None:
     for a, b in zip(got, ref, strict=True):
         assert torch.equal(a[0].isnan(), b[0].isnan())
         m = ~b[0].isnan()
-        # both round one fp32 value to bf16; they may differ by one bf16 ulp
-        assert torch.allclose(a[0][m].float(), b[0][m].float(), rtol=2**-7, atol=1e-6)
+        # both round a float32 value to bf16 (the kernel's carries the fp16 centroid rounding,
+        # ~2^-12 of the vector's scale): equal up to one bf16 ulp and that scale
+        ref = b[0][m].float()
+        tol = 2**-10 * ref.abs().max().item()
+        assert torch.allclose(a[0][m].float(), ref, rtol=2**-7, atol=tol)
 
 
 def _near_boundary(x: torch.Tensor, signs: torch.Tensor, bits: int) -> torch.Tensor:
@@ -402,7 +408,7 @@ def _near_boundary(x: torch.Tensor, signs: torch.Tensor, bits: int) -> torch.Ten
 
 @pytest.mark.skipif(TRITON_DEVICE is None, reason=NO_TRITON_DEVICE)
 @pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "-".join(map(str, c)))
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", ENCODE_DTYPES)
 def test_triton_compress_parity(
     case: tuple[str, int, int, int, int, str], dtype: torch.dtype
 ) -> None:
@@ -480,5 +486,5 @@ def test_triton_interpreter() -> None:
     tail = proc.stdout[-3000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
     passed = re.search(r"(\d+) passed", proc.stdout)
-    expected = 2 * len(TRITON_CASES) + 1 + 2 * len(TRITON_CASES)
+    expected = 2 * len(TRITON_CASES) + 1  # CHILD: one dtype per parity test, plus the layers test
     assert passed is not None and int(passed.group(1)) == expected, tail

@@ -36,6 +36,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -52,10 +53,13 @@ from polykv_vllm.kernels.layout import (
 
 __all__ = [
     "KernelConfig",
+    "PagedPlan",
     "compress_from_paged",
     "compress_layers_from_paged",
     "decompress_into_paged",
     "decompress_layers_into_paged",
+    "plan_compress_layers",
+    "plan_decompress_layers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -70,7 +74,7 @@ class KernelConfig:
     - ``rows``: (token, head) rows per tile; a power of two >= 16 (``tl.dot`` needs M >= 16).
     - ``num_warps``: warps per program.
     - ``programs_per_sm``: persistent programs per multiprocessor (the grid is
-      ``min(tiles, programs_per_sm * SMs)``).
+      ``min(tiles, programs_per_sm * SMs)``); 0 launches one program per tile.
 
     Defaults tuned on an NVIDIA H100 80GB HBM3 (``benchmarks/kernel_bench.py``, see
     ``benchmarks/KERNELS.md``): Llama-3-8B shape, 4096 tokens, block size 16.
@@ -89,9 +93,10 @@ class KernelConfig:
             raise ValueError(
                 f"KernelConfig.num_warps={self.num_warps} is not allowed: use 1, 2, 4, 8 or 16."
             )
-        if self.programs_per_sm < 1:
+        if self.programs_per_sm < 0:
             raise ValueError(
-                f"KernelConfig.programs_per_sm={self.programs_per_sm} is not allowed: use >= 1."
+                f"KernelConfig.programs_per_sm={self.programs_per_sm} is not allowed: use >= 0 "
+                "(0 = one program per tile)."
             )
 
 
@@ -121,6 +126,7 @@ def _decode_kernel(
     s_d,
     INT8: tl.constexpr,
     BITS: tl.constexpr,
+    ALIGNED: tl.constexpr,
     NORM_CORR: tl.constexpr,
     OUT_DTYPE: tl.constexpr,
     ROWS: tl.constexpr,
@@ -148,13 +154,19 @@ def _decode_kernel(
         blk = tl.load(block_ids_ptr + bidx, mask=rmask, other=0).to(tl.int64)
         dst_row = blk * s_b + (t - bidx * block_size) * s_n + h * s_h
         scale = tl.load(scale_tab + layer).to(tl.pointer_type(tl.float16))
+        if ALIGNED:
+            scale = tl.multiple_of(scale, 16)
         n = tl.load(scale + rows, mask=rmask, other=0.0).to(tl.float32)
         if INT8:
             codes = tl.load(codes_tab + layer).to(tl.pointer_type(tl.int8))
+            if ALIGNED:
+                codes = tl.multiple_of(codes, 16)
             q = tl.load(codes + rows[:, None] * head_dim + cols[None, :], mask=omask, other=0)
             out = q.to(tl.float32) * n[:, None]
         else:
             codes = tl.load(codes_tab + layer).to(tl.pointer_type(tl.uint8))
+            if ALIGNED:
+                codes = tl.multiple_of(codes, 16)
             # 8 codes of BITS bits = BITS bytes, little-endian: assemble one word per group.
             gmask = rmask[:, None] & (g[None, :] * 8 < head_dim)
             gp = codes + rows[:, None] * row_bytes + g[None, :] * BITS
@@ -164,7 +176,12 @@ def _decode_kernel(
                 w = w | (byte << (8 * i))
             c = (w[:, :, None] >> (k8[None, None, :] * BITS)) & ((1 << BITS) - 1)
             c = tl.reshape(c, (ROWS, DP))
-            a = tl.load(cent_ptr + c)
+            # Centroid lookup as a chain of selects on 2**BITS scalars: a gather from global
+            # memory here became 4-byte cp.async copies through shared memory and made this
+            # kernel ~9x slower than the key kernel (H100, Triton 3.6; see KERNELS.md).
+            a = tl.zeros((ROWS, DP), dtype=tl.float32) + tl.load(cent_ptr)
+            for k in tl.static_range(1, 1 << BITS):
+                a = tl.where(c == k, tl.load(cent_ptr + k), a)
             a = tl.where(cmask[None, :], a, 0.0)
             if NORM_CORR:
                 # ||R^T y|| == ||y|| with y = centroid / sqrt(D): correct before rotating back.
@@ -173,6 +190,8 @@ def _decode_kernel(
             y = tl.dot(a.to(tl.float16), had)
             out = y * colscale[None, :] * n[:, None]
         cache = tl.load(cache_tab + layer).to(tl.pointer_type(OUT_DTYPE))
+        if ALIGNED:
+            cache = tl.multiple_of(cache, 16)
         tl.store(cache + dst_row[:, None] + cols[None, :] * s_d, out.to(OUT_DTYPE), mask=omask)
 
 
@@ -199,6 +218,7 @@ def _encode_kernel(
     s_d,
     INT8: tl.constexpr,
     BITS: tl.constexpr,
+    ALIGNED: tl.constexpr,
     IN_DTYPE: tl.constexpr,
     ROWS: tl.constexpr,
     DP: tl.constexpr,
@@ -225,9 +245,13 @@ def _encode_kernel(
         blk = tl.load(block_ids_ptr + bidx, mask=rmask, other=0).to(tl.int64)
         src_row = blk * s_b + (t - bidx * block_size) * s_n + h * s_h
         cache = tl.load(cache_tab + layer).to(tl.pointer_type(IN_DTYPE))
+        if ALIGNED:
+            cache = tl.multiple_of(cache, 16)
         x = tl.load(cache + src_row[:, None] + cols[None, :] * s_d, mask=omask, other=0.0)
         x = x.to(tl.float32)
         scale = tl.load(scale_tab + layer).to(tl.pointer_type(tl.float16))
+        if ALIGNED:
+            scale = tl.multiple_of(scale, 16)
         if INT8:
             s16 = tl.div_rn(tl.max(tl.abs(x), axis=1), 127.0).to(tl.float16)
             s = s16.to(tl.float32)
@@ -238,6 +262,8 @@ def _encode_kernel(
             q = tl.minimum(tl.maximum(q, -127.0), 127.0)
             q = tl.where(s[:, None] > 0, q, 0.0)
             codes = tl.load(codes_tab + layer).to(tl.pointer_type(tl.int8))
+            if ALIGNED:
+                codes = tl.multiple_of(codes, 16)
             tl.store(codes + rows[:, None] * head_dim + cols[None, :], q.to(tl.int8), mask=omask)
             tl.store(scale + rows, s16, mask=rmask)
         else:
@@ -255,6 +281,8 @@ def _encode_kernel(
             w = tl.sum(c3 << (k8[None, None, :] * BITS), axis=2)
             gmask = rmask[:, None] & (g[None, :] * 8 < head_dim)
             codes = tl.load(codes_tab + layer).to(tl.pointer_type(tl.uint8))
+            if ALIGNED:
+                codes = tl.multiple_of(codes, 16)
             gp = codes + rows[:, None] * row_bytes + g[None, :] * BITS
             for i in tl.static_range(BITS):
                 tl.store(gp + i, ((w >> (8 * i)) & 255).to(tl.uint8), mask=gmask)
@@ -280,8 +308,23 @@ def _pow2(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
-def _spec_key(spec: LayerSpec) -> tuple[object, ...]:
-    """A hashable identity of everything in ``spec`` that the kernels read."""
+_SPEC_KEYS: dict[int, tuple[LayerSpec, int]] = {}
+_SPEC_IDS: dict[tuple[object, ...], int] = {}
+
+
+def _spec_key(spec: LayerSpec) -> int:
+    """A small integer naming everything in ``spec`` that the kernels read: equal tables give
+    equal keys. Memoized per spec object (specs are frozen; the codec hands out one object per
+    setting), so the per-call cost is one dict lookup."""
+    hit = _SPEC_KEYS.get(id(spec))
+    if hit is not None and hit[0] is spec:
+        return hit[1]
+    key = _SPEC_IDS.setdefault(_compute_spec_key(spec), len(_SPEC_IDS))
+    _SPEC_KEYS[id(spec)] = (spec, key)
+    return key
+
+
+def _compute_spec_key(spec: LayerSpec) -> tuple[object, ...]:
 
     def tab(t: torch.Tensor | None) -> tuple[float, ...] | None:
         return None if t is None else tuple(t.detach().cpu().double().tolist())
@@ -313,7 +356,7 @@ def _hadamard_pm1(blocks: tuple[int, ...]) -> torch.Tensor:
     return pm1.T.contiguous()
 
 
-_TABLES: dict[tuple[object, ...], _StreamTables] = {}
+_TABLES: dict[tuple[int, str, str], _StreamTables] = {}
 
 
 def _stream_tables(spec: LayerSpec, stream: str, device: torch.device) -> _StreamTables:
@@ -355,14 +398,16 @@ def _stream_tables(spec: LayerSpec, stream: str, device: torch.device) -> _Strea
 def _grid(total_tiles: int, device: torch.device, config: KernelConfig) -> int:
     if device.type != "cuda":
         return max(1, min(total_tiles, 4))
+    if config.programs_per_sm == 0:
+        return max(1, total_tiles)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(total_tiles, sms * config.programs_per_sm))
 
 
-def _kernel(fn: object, device: torch.device) -> triton.runtime.KernelInterface:
+def _kernel(fn: object, device: torch.device) -> Any:
     """The kernel to launch on ``device``: compiled on a GPU, Triton's interpreter on the CPU."""
     if device.type == "cuda":
-        return fn  # type: ignore[return-value]
+        return fn
     from triton.runtime.interpreter import InterpretedFunction
 
     if not isinstance(fn, InterpretedFunction):
@@ -372,12 +417,6 @@ def _kernel(fn: object, device: torch.device) -> triton.runtime.KernelInterface:
             "(TRITON_INTERPRET=1). Use backend='torch' or 'auto' for CPU tensors."
         )
     return fn
-
-
-def _addresses(groups: Sequence[Sequence[torch.Tensor]], device: torch.device) -> torch.Tensor:
-    """int64 ``[len(groups), L]`` table of data pointers, on ``device``."""
-    table = torch.tensor([[t.data_ptr() for t in g] for g in groups], dtype=torch.int64)
-    return table.to(device, non_blocking=True) if device.type == "cuda" else table
 
 
 def _group_layers(
@@ -392,16 +431,184 @@ def _group_layers(
     for i, (spec, kc, vc, n) in enumerate(
         zip(specs, key_caches, value_caches, tokens, strict=True)
     ):
-        key = (
-            _spec_key(spec),
-            n,
-            kc.dtype,
-            tuple(kc.shape),
-            tuple(kc.stride()),
-            tuple(vc.stride()),
-        )
+        key = (_spec_key(spec), n, kc.dtype, kc.shape, kc.stride(), vc.stride())
         groups.setdefault(key, []).append(i)
     return list(groups.values())
+
+
+@dataclass(frozen=True)
+class _Launch:
+    kernel: Any
+    grid: tuple[int]
+    args: tuple[Any, ...]
+    meta: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PagedPlan:
+    """Validated, ready-to-enqueue launches over fixed tensors.
+
+    Calling the plan enqueues its kernels on the current stream and does nothing else, so it
+    can be captured in a CUDA graph. It keeps every tensor it reads or writes alive.
+    """
+
+    launches: tuple[_Launch, ...]
+    keepalive: tuple[torch.Tensor, ...]
+
+    def __call__(self) -> None:
+        for launch in self.launches:
+            launch.kernel[launch.grid](*launch.args, **launch.meta)
+
+
+def _check_layers(
+    n: int,
+    specs: Sequence[LayerSpec],
+    key_caches: Sequence[torch.Tensor],
+    value_caches: Sequence[torch.Tensor],
+    block_ids: torch.Tensor,
+    tokens: Sequence[int],
+) -> None:
+    if not (len(specs) == len(key_caches) == len(value_caches) == len(tokens) == n):
+        raise ValueError(
+            f"per-layer sequences have lengths "
+            f"{[n, len(specs), len(key_caches), len(value_caches)]}: pass one entry per layer "
+            "in each."
+        )
+    device = key_caches[0].device
+    for s, kc, vc, t in zip(specs, key_caches, value_caches, tokens, strict=True):
+        _, block_size, _ = check_cache_pair(kc, vc, s)
+        check_block_ids(block_ids, t, block_size)
+        if kc.device != device:
+            raise ValueError(
+                f"all caches must be on one device ({device}); got a cache on {kc.device}."
+            )
+
+
+def _stream_launch(
+    kernel: Any,
+    stream: str,
+    spec: LayerSpec,
+    tables_in: Sequence[Sequence[torch.Tensor]],
+    caches: Sequence[torch.Tensor],
+    codes: Sequence[torch.Tensor],
+    block_ids: torch.Tensor,
+    tokens: int,
+    config: KernelConfig,
+    encode: bool,
+) -> tuple[_Launch, torch.Tensor]:
+    device = caches[0].device
+    _, block_size, kv_heads, d = caches[0].shape
+    int8 = stream == "k" and spec.key_mode == "int8"
+    bits = spec.key_bits if stream == "k" else spec.value_bits
+    addr = [[t.data_ptr() for t in group] for group in tables_in]
+    # Pointers read from a table carry no alignment facts; when every one is 16-byte aligned the
+    # kernel says so (tl.multiple_of), which lets Triton emit 16-byte loads and stores.
+    aligned = all(a % 16 == 0 for group in addr for a in group)
+    table = torch.tensor(addr, dtype=torch.int64)
+    if device.type == "cuda":
+        table = table.to(device, non_blocking=True)
+    num_rows = tokens * kv_heads
+    tiles = triton.cdiv(num_rows, config.rows)
+    total = tiles * len(caches)
+    s_b, s_n, s_h, s_d = caches[0].stride()
+    if int8:
+        dummy = codes[0]  # unused by the int8 branch
+        lut: tuple[torch.Tensor, ...] = (dummy,) * (4 if encode else 3)
+    else:
+        tb = _stream_tables(spec, stream, device)
+        lut = (
+            (tb.signs, tb.enc_colscale, tb.boundaries, tb.hadamard)
+            if encode
+            else (tb.centroids, tb.dec_colscale, tb.hadamard)
+        )
+    dtype = _TL_DTYPES[caches[0].dtype]
+    meta: dict[str, Any] = {
+        "INT8": int8,
+        "BITS": bits,
+        "ALIGNED": aligned,
+        "ROWS": config.rows,
+        "DP": _pow2(d),
+        "num_warps": config.num_warps,
+    }
+    if encode:
+        meta["IN_DTYPE"] = dtype
+    else:
+        meta["NORM_CORR"] = spec.norm_correction
+        meta["OUT_DTYPE"] = dtype
+    args = (
+        table[0],
+        table[1],
+        table[2],
+        block_ids,
+        *lut,
+        num_rows,
+        tiles,
+        total,
+        kv_heads,
+        d,
+        block_size,
+        codes[0].shape[-1],
+        s_b,
+        s_n,
+        s_h,
+        s_d,
+    )
+    grid = (_grid(total, device, config),)
+    return _Launch(_kernel(kernel, device), grid, args, meta), table
+
+
+def plan_decompress_layers(
+    packed: Sequence[PackedKV],
+    specs: Sequence[LayerSpec],
+    key_caches: Sequence[torch.Tensor],
+    value_caches: Sequence[torch.Tensor],
+    block_ids: torch.Tensor,
+    *,
+    config: KernelConfig = DEFAULT_DECODE_CONFIG,
+) -> PagedPlan:
+    """Validate and prepare :func:`decompress_layers_into_paged`; call the result to run it."""
+    n = len(packed)
+    if n == 0:
+        return PagedPlan((), ())
+    _check_layers(n, specs, key_caches, value_caches, block_ids, [p.tokens for p in packed])
+    device = key_caches[0].device
+    for p, s, kc in zip(packed, specs, key_caches, strict=True):
+        check_packed(p, s, kc.shape[2])
+        if p.device != device:
+            raise ValueError(
+                f"packed tensors are on {p.device} but the caches on {device}: move the "
+                "document with PackedKV.to(device) first."
+            )
+    block_ids = block_ids.to(device)
+    launches: list[_Launch] = []
+    keep: list[torch.Tensor] = [block_ids]
+    for layers in _group_layers(specs, key_caches, value_caches, [p.tokens for p in packed]):
+        tokens = packed[layers[0]].tokens
+        if tokens == 0:
+            continue
+        for stream, caches in (("k", key_caches), ("v", value_caches)):
+            if stream == "k":
+                codes = [packed[i].k_codes.contiguous() for i in layers]
+                scales = [packed[i].k_scale.contiguous() for i in layers]
+            else:
+                codes = [packed[i].v_codes.contiguous() for i in layers]
+                scales = [packed[i].v_norm.contiguous() for i in layers]
+            group_caches = [caches[i] for i in layers]
+            launch, table = _stream_launch(
+                _decode_kernel,
+                stream,
+                specs[layers[0]],
+                [codes, scales, group_caches],
+                group_caches,
+                codes,
+                block_ids,
+                tokens,
+                config,
+                encode=False,
+            )
+            launches.append(launch)
+            keep += [table, *codes, *scales, *group_caches]
+    return PagedPlan(tuple(launches), tuple(keep))
 
 
 def decompress_layers_into_paged(
@@ -417,97 +624,81 @@ def decompress_layers_into_paged(
 
     Two launches (keys, values) per group of layers sharing a spec and cache strides.
     """
-    n = len(packed)
-    if not (len(specs) == len(key_caches) == len(value_caches) == n):
-        raise ValueError(
-            f"per-layer sequences have lengths "
-            f"{[n, len(specs), len(key_caches), len(value_caches)]}: pass one packed/spec/"
-            "key_cache/value_cache per layer."
-        )
-    if n == 0:
-        return
-    device = key_caches[0].device
-    for p, s, kc, vc in zip(packed, specs, key_caches, value_caches, strict=True):
-        _, block_size, kv_heads = check_cache_pair(kc, vc, s)
-        check_packed(p, s, kv_heads)
-        check_block_ids(block_ids, p.tokens, block_size)
-        if kc.device != device or p.device != device:
-            raise ValueError(
-                f"all caches and packed tensors must be on one device ({device}); got cache on "
-                f"{kc.device} and packed on {p.device}: move the packed document with .to()."
-            )
-    if block_ids.device != device:
-        block_ids = block_ids.to(device)
-    for layers in _group_layers(specs, key_caches, value_caches, [p.tokens for p in packed]):
-        for stream, caches in (("k", key_caches), ("v", value_caches)):
-            _launch_decode(
-                stream,
-                [packed[i] for i in layers],
-                specs[layers[0]],
-                [caches[i] for i in layers],
-                block_ids,
-                config,
-            )
+    plan_decompress_layers(packed, specs, key_caches, value_caches, block_ids, config=config)()
 
 
-def _launch_decode(
-    stream: str,
-    packed: Sequence[PackedKV],
-    spec: LayerSpec,
-    caches: Sequence[torch.Tensor],
-    block_ids: torch.Tensor,
-    config: KernelConfig,
-) -> None:
-    device = caches[0].device
-    tokens = packed[0].tokens
-    if tokens == 0:
-        return
-    _, block_size, kv_heads, d = caches[0].shape
-    int8 = stream == "k" and spec.key_mode == "int8"
-    bits = spec.key_bits if stream == "k" else spec.value_bits
-    if stream == "k":
-        codes = [p.k_codes.contiguous() for p in packed]
-        scales = [p.k_scale.contiguous() for p in packed]
-    else:
-        codes = [p.v_codes.contiguous() for p in packed]
-        scales = [p.v_norm.contiguous() for p in packed]
-    tab = _addresses([codes, scales, caches], device)
-    num_rows = tokens * kv_heads
-    tiles = triton.cdiv(num_rows, config.rows)
-    total = tiles * len(packed)
-    if int8:
-        cent = colscale = had = codes[0]  # unused by the int8 branch
-    else:
-        tables = _stream_tables(spec, stream, device)
-        cent, colscale, had = tables.centroids, tables.dec_colscale, tables.hadamard
-    s_b, s_n, s_h, s_d = caches[0].stride()
-    _kernel(_decode_kernel, device)[(_grid(total, device, config),)](
-        tab[0],
-        tab[1],
-        tab[2],
-        block_ids,
-        cent,
-        colscale,
-        had,
-        num_rows,
-        tiles,
-        total,
-        kv_heads,
-        d,
-        block_size,
-        codes[0].shape[-1],
-        s_b,
-        s_n,
-        s_h,
-        s_d,
-        INT8=int8,
-        BITS=bits,
-        NORM_CORR=spec.norm_correction,
-        OUT_DTYPE=_TL_DTYPES[caches[0].dtype],
-        ROWS=config.rows,
-        DP=_pow2(d),
-        num_warps=config.num_warps,
+def _empty_packed(spec: LayerSpec, tokens: int, heads: int, device: torch.device) -> PackedKV:
+    d, kb, vb = spec.head_dim, spec.key_bits, spec.value_bits
+    k_codes = (
+        torch.empty(tokens, heads, d, dtype=torch.int8, device=device)
+        if spec.key_mode == "int8"
+        else torch.empty(tokens, heads, -(-d // 8) * kb, dtype=torch.uint8, device=device)
     )
+    return PackedKV(
+        k_codes=k_codes,
+        k_scale=torch.empty(tokens, heads, dtype=torch.float16, device=device),
+        v_codes=torch.empty(tokens, heads, -(-d // 8) * vb, dtype=torch.uint8, device=device),
+        v_norm=torch.empty(tokens, heads, dtype=torch.float16, device=device),
+        tokens=tokens,
+        kv_heads=heads,
+        head_dim=d,
+        key_bits=kb,
+        value_bits=vb,
+    )
+
+
+def plan_compress_layers(
+    specs: Sequence[LayerSpec],
+    key_caches: Sequence[torch.Tensor],
+    value_caches: Sequence[torch.Tensor],
+    block_ids: torch.Tensor,
+    num_tokens: int,
+    out: Sequence[PackedKV] | None = None,
+    *,
+    config: KernelConfig = DEFAULT_ENCODE_CONFIG,
+) -> tuple[PagedPlan, list[PackedKV]]:
+    """Validate and prepare :func:`compress_layers_from_paged`: ``(plan, outputs)``; the
+    outputs hold the result once the plan has run."""
+    n = len(specs)
+    if n == 0:
+        return PagedPlan((), ()), []
+    _check_layers(n, specs, key_caches, value_caches, block_ids, [num_tokens] * n)
+    device = key_caches[0].device
+    results = [
+        _empty_packed(s, num_tokens, kc.shape[2], device)
+        for s, kc in zip(specs, key_caches, strict=True)
+    ]
+    if out is not None:
+        if len(out) != n:
+            raise ValueError(f"out holds {len(out)} PackedKV but there are {n} layers.")
+        for o, r in zip(out, results, strict=True):
+            check_out(o, r)
+        results = list(out)
+    if num_tokens == 0:
+        return PagedPlan((), ()), results
+    block_ids = block_ids.to(device)
+    launches: list[_Launch] = []
+    keep: list[torch.Tensor] = [block_ids]
+    for layers in _group_layers(specs, key_caches, value_caches, [num_tokens] * n):
+        for stream, caches in (("k", key_caches), ("v", value_caches)):
+            group_caches = [caches[i] for i in layers]
+            codes = [results[i].k_codes if stream == "k" else results[i].v_codes for i in layers]
+            scales = [results[i].k_scale if stream == "k" else results[i].v_norm for i in layers]
+            launch, table = _stream_launch(
+                _encode_kernel,
+                stream,
+                specs[layers[0]],
+                [group_caches, codes, scales],
+                group_caches,
+                codes,
+                block_ids,
+                num_tokens,
+                config,
+                encode=True,
+            )
+            launches.append(launch)
+            keep += [table, *codes, *scales, *group_caches]
+    return PagedPlan(tuple(launches), tuple(keep)), results
 
 
 def compress_layers_from_paged(
@@ -521,121 +712,11 @@ def compress_layers_from_paged(
     config: KernelConfig = DEFAULT_ENCODE_CONFIG,
 ) -> list[PackedKV]:
     """Triton version of :func:`.paged_ref.compress_layers_from_paged` (same arguments)."""
-    n = len(specs)
-    if not (len(key_caches) == len(value_caches) == n):
-        raise ValueError(
-            f"per-layer sequences have lengths {[n, len(key_caches), len(value_caches)]}: pass "
-            "one spec/key_cache/value_cache per layer."
-        )
-    if n == 0:
-        return []
-    device = key_caches[0].device
-    kv_heads = 0
-    for s, kc, vc in zip(specs, key_caches, value_caches, strict=True):
-        _, block_size, kv_heads = check_cache_pair(kc, vc, s)
-        check_block_ids(block_ids, num_tokens, block_size)
-        if kc.device != device:
-            raise ValueError(f"all caches must be on one device ({device}); got {kc.device}.")
-    if block_ids.device != device:
-        block_ids = block_ids.to(device)
-    results: list[PackedKV] = []
-    for s, kc in zip(specs, key_caches, strict=True):
-        h = kc.shape[2]
-        d = s.head_dim
-        kb, vb = s.key_bits, s.value_bits
-        k_codes = (
-            torch.empty(num_tokens, h, d, dtype=torch.int8, device=device)
-            if s.key_mode == "int8"
-            else torch.empty(num_tokens, h, -(-d // 8) * kb, dtype=torch.uint8, device=device)
-        )
-        results.append(
-            PackedKV(
-                k_codes=k_codes,
-                k_scale=torch.empty(num_tokens, h, dtype=torch.float16, device=device),
-                v_codes=torch.empty(
-                    num_tokens, h, -(-d // 8) * vb, dtype=torch.uint8, device=device
-                ),
-                v_norm=torch.empty(num_tokens, h, dtype=torch.float16, device=device),
-                tokens=num_tokens,
-                kv_heads=h,
-                head_dim=d,
-                key_bits=kb,
-                value_bits=vb,
-            )
-        )
-    if out is not None:
-        if len(out) != n:
-            raise ValueError(f"out holds {len(out)} PackedKV but there are {n} layers.")
-        for o, r in zip(out, results, strict=True):
-            check_out(o, r)
-        results = list(out)
-    if num_tokens == 0:
-        return results
-    for layers in _group_layers(specs, key_caches, value_caches, [num_tokens] * n):
-        for stream, caches in (("k", key_caches), ("v", value_caches)):
-            _launch_encode(
-                stream,
-                [results[i] for i in layers],
-                specs[layers[0]],
-                [caches[i] for i in layers],
-                block_ids,
-                config,
-            )
-    return results
-
-
-def _launch_encode(
-    stream: str,
-    packed: Sequence[PackedKV],
-    spec: LayerSpec,
-    caches: Sequence[torch.Tensor],
-    block_ids: torch.Tensor,
-    config: KernelConfig,
-) -> None:
-    device = caches[0].device
-    _, block_size, kv_heads, d = caches[0].shape
-    int8 = stream == "k" and spec.key_mode == "int8"
-    bits = spec.key_bits if stream == "k" else spec.value_bits
-    codes = [p.k_codes if stream == "k" else p.v_codes for p in packed]
-    scales = [p.k_scale if stream == "k" else p.v_norm for p in packed]
-    tab = _addresses([caches, codes, scales], device)
-    num_rows = packed[0].tokens * kv_heads
-    tiles = triton.cdiv(num_rows, config.rows)
-    total = tiles * len(packed)
-    if int8:
-        sign = colscale = bnd = had = codes[0]  # unused by the int8 branch
-    else:
-        tables = _stream_tables(spec, stream, device)
-        sign, colscale = tables.signs, tables.enc_colscale
-        bnd, had = tables.boundaries, tables.hadamard
-    s_b, s_n, s_h, s_d = caches[0].stride()
-    _kernel(_encode_kernel, device)[(_grid(total, device, config),)](
-        tab[0],
-        tab[1],
-        tab[2],
-        block_ids,
-        sign,
-        colscale,
-        bnd,
-        had,
-        num_rows,
-        tiles,
-        total,
-        kv_heads,
-        d,
-        block_size,
-        codes[0].shape[-1],
-        s_b,
-        s_n,
-        s_h,
-        s_d,
-        INT8=int8,
-        BITS=bits,
-        IN_DTYPE=_TL_DTYPES[caches[0].dtype],
-        ROWS=config.rows,
-        DP=_pow2(d),
-        num_warps=config.num_warps,
+    plan, results = plan_compress_layers(
+        specs, key_caches, value_caches, block_ids, num_tokens, out, config=config
     )
+    plan()
+    return results
 
 
 def decompress_into_paged(
