@@ -392,9 +392,9 @@ def test_triton_decompress_layers_matches_single_layer_calls() -> None:
         m = ~b[0].isnan()
         # both round a float32 value to bf16 (the kernel's carries the fp16 centroid rounding,
         # ~2^-12 of the vector's scale): equal up to one bf16 ulp and that scale
-        ref = b[0][m].float()
-        tol = 2**-10 * ref.abs().max().item()
-        assert torch.allclose(a[0][m].float(), ref, rtol=2**-7, atol=tol)
+        want = b[0][m].float()
+        tol = 2**-10 * want.abs().max().item()
+        assert torch.allclose(a[0][m].float(), want, rtol=2**-7, atol=tol)
 
 
 def _near_boundary(x: torch.Tensor, signs: torch.Tensor, bits: int) -> torch.Tensor:
