@@ -1,0 +1,218 @@
+"""End-to-end GPU benchmark: vLLM 0.26 with a dummy Llama-3-8B, the polykv plugin vs vLLM's own
+baselines, each configuration in its own process on the same GPU, in one run.
+
+Phases per configuration (one engine each):
+
+- ``ttft``: a 4K-token document + 64-token query, one request at a time: cold prefill, prefix-cache
+  hit (same document, new query), then ``--others`` other documents, then the revisit of the first
+  document with a new query. TTFT is the wall time of a 1-token generate.
+- ``throughput``: ``--docs`` documents x ``--agents`` agents, round-robin order, ``--out-tokens``
+  output tokens, all submitted at once: requests/s and output tok/s.
+
+Configurations (``--configs``): ``bf16`` (prefix caching), ``fp8`` (``kv_cache_dtype=fp8``),
+``offload`` (vLLM's native CPU offloading, ``--offload-gib``), ``polykv-gpu`` (store on the GPU,
+``--store-gib`` taken out of the KV cache so GPU memory is equal), ``polykv-cpu`` (store in pinned
+host memory, ``--offload-gib`` of it, equal CPU memory with ``offload``).
+
+Usage (GPU host with vLLM 0.26 installed)::
+
+    python benchmarks/gpu_serve.py --out $OUT/gpu_serve.json --configs bf16,fp8,offload,polykv-gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+}
+GIB = 2**30
+
+
+def _doc(i: int, n: int) -> list[int]:
+    """Token ids of document ``i``: distinct per document from the first token on."""
+    import random
+
+    rng = random.Random(1000 + i)
+    return [rng.randrange(1000, 120000) for _ in range(n)]
+
+
+def _query(i: int, n: int) -> list[int]:
+    import random
+
+    rng = random.Random(500000 + i)
+    return [rng.randrange(1000, 120000) for _ in range(n)]
+
+
+def _engine_kwargs(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    kv = int(args.kv_gib * GIB)
+    kw: dict[str, Any] = {}
+    if name == "fp8":
+        kw["kv_cache_dtype"] = "fp8"
+    elif name == "offload":
+        kw["kv_offloading_size"] = args.offload_gib
+        kw["kv_offloading_backend"] = "native"
+    elif name.startswith("polykv"):
+        from polykv_vllm.connector.config import kv_transfer_config
+
+        placement = "gpu" if name == "polykv-gpu" else "cpu"
+        store = args.store_gib if placement == "gpu" else args.offload_gib
+        if placement == "gpu":
+            kv -= int(args.store_gib * GIB)  # equal GPU memory: the store comes out of the KV cache
+        kw["kv_transfer_config"] = kv_transfer_config(
+            placement=placement, store_bytes=int(store * GIB), preset=args.preset
+        )
+    elif name != "bf16":
+        raise SystemExit(f"unknown config {name!r}")
+    kw["kv_cache_memory_bytes"] = kv
+    return kw
+
+
+def run_one(name: str, args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kw = _engine_kwargs(name, args)
+    t0 = time.perf_counter()
+    llm = LLM(
+        model_dir,
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        max_model_len=args.doc_tokens + args.query_tokens + args.out_tokens + 64,
+        enable_prefix_caching=True,
+        enforce_eager=args.eager,
+        seed=0,
+        **kw,
+    )
+    start_s = time.perf_counter() - t0
+    one = SamplingParams(max_tokens=1, temperature=0, detokenize=False)
+
+    def ttft(doc: int, query: int) -> float:
+        prompt = TokensPrompt(prompt_token_ids=_doc(doc, args.doc_tokens) + _query(query, 64))
+        t = time.perf_counter()
+        llm.generate([prompt], one, use_tqdm=False)
+        return (time.perf_counter() - t) * 1000
+
+    ttft(999, 0)  # warm-up
+    res: dict[str, Any] = {"config": name, "engine_kwargs": {k: str(v) for k, v in kw.items()}}
+    res["engine_start_s"] = round(start_s, 1)
+    res["ttft_cold_ms"] = ttft(0, 1)
+    res["ttft_prefix_hit_ms"] = ttft(0, 2)
+    for d in range(1, args.others + 1):
+        ttft(d, 100 + d)
+    res["ttft_revisit_ms"] = ttft(0, 3)
+    res["ttft_revisit2_ms"] = ttft(0, 4)  # the revisit's blocks now sit in the prefix cache again
+
+    sp = SamplingParams(max_tokens=args.out_tokens, temperature=0, ignore_eos=True)
+    base = 2000
+    prompts = [
+        TokensPrompt(
+            prompt_token_ids=_doc(base + d, args.doc_tokens) + _query(base + 97 * d + a, 64)
+        )
+        for a in range(args.agents)
+        for d in range(args.docs)
+    ]
+    t = time.perf_counter()
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    wall = time.perf_counter() - t
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    # Second pass over the same documents with new queries: the reuse that the tiers are for.
+    prompts2 = [
+        TokensPrompt(
+            prompt_token_ids=_doc(base + d, args.doc_tokens) + _query(base + 7 * d + a + 31, 64)
+        )
+        for a in range(args.agents)
+        for d in range(args.docs)
+    ]
+    t = time.perf_counter()
+    outs2 = llm.generate(prompts2, sp, use_tqdm=False)
+    wall2 = time.perf_counter() - t
+    res.update(
+        throughput_pass1_req_s=len(prompts) / wall,
+        throughput_pass1_out_tok_s=n_out / wall,
+        throughput_pass2_req_s=len(prompts2) / wall2,
+        throughput_pass2_out_tok_s=sum(len(o.outputs[0].token_ids) for o in outs2) / wall2,
+        requests=len(prompts),
+    )
+    import torch
+
+    res["gpu_max_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--configs", default="bf16,fp8,offload,polykv-gpu,polykv-cpu")
+    ap.add_argument("--kv-gib", type=float, default=4.0)
+    ap.add_argument("--store-gib", type=float, default=1.5)
+    ap.add_argument("--offload-gib", type=float, default=6.0)
+    ap.add_argument("--preset", default="polykv")
+    ap.add_argument("--doc-tokens", type=int, default=4096)
+    ap.add_argument("--query-tokens", type=int, default=64)
+    ap.add_argument("--out-tokens", type=int, default=32)
+    ap.add_argument("--others", type=int, default=12)
+    ap.add_argument("--docs", type=int, default=24)
+    ap.add_argument("--agents", type=int, default=4)
+    ap.add_argument("--eager", action="store_true", help="enforce_eager (faster start)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.child:
+        res = run_one(args.child, args, args.model_dir)
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+
+    model_dir = tempfile.mkdtemp(prefix="llama3-8b-dummy-")
+    Path(model_dir, "config.json").write_text(json.dumps(LLAMA3_8B))
+    results = []
+    for name in args.configs.split(","):
+        cmd = [sys.executable, __file__, "--child", name, "--model-dir", model_dir, *sys.argv[1:]]
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            tail = (proc.stdout + proc.stderr)[-3000:]
+            results.append({"config": name, "error": tail})
+            print(f"[{name}] FAILED after {time.perf_counter() - t:.0f}s\n{tail}", flush=True)
+        else:
+            results.append(json.loads(line[0][7:]))
+            print(f"[{name}] {results[-1]}", flush=True)
+        Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    import torch
+
+    summary = {"device": torch.cuda.get_device_name(), "args": vars(args), "results": results}
+    Path(args.out).write_text(json.dumps(summary, indent=1))
+    keys = ["ttft_cold_ms", "ttft_prefix_hit_ms", "ttft_revisit_ms", "throughput_pass2_req_s"]
+    print("config".ljust(12) + "".join(k[:22].rjust(24) for k in keys))
+    for r in results:
+        print(r["config"].ljust(12) + "".join(f"{r.get(k, float('nan')):24.2f}" for k in keys))
+
+
+if __name__ == "__main__":
+    main()
