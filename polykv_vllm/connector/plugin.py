@@ -233,7 +233,14 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
         if fullname != _ARG_UTILS:
             return None
         sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        # Ask the remaining finders ourselves (the import system's loop over sys.meta_path
+        # would skip one, now that the list shrank under it).
+        spec = None
+        for finder in list(sys.meta_path):
+            find_spec = getattr(finder, "find_spec", None)
+            spec = find_spec(fullname, path, target) if find_spec is not None else None
+            if spec is not None:
+                break
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         loader = spec.loader
