@@ -27,8 +27,8 @@ def make_tokenizer(chat: bool) -> PreTrainedTokenizerFast:
     """Byte-level tokenizer: one token per byte (ids 0..255) plus ``SPECIALS`` (256..259)."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    for tok in SPECIALS:
-        vocab[tok] = len(vocab)
+    for special in SPECIALS:
+        vocab[special] = len(vocab)
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
