@@ -176,16 +176,18 @@ def _decode_kernel(
                 w = w | (byte << (8 * i))
             c = (w[:, :, None] >> (k8[None, None, :] * BITS)) & ((1 << BITS) - 1)
             c = tl.reshape(c, (ROWS, DP))
-            # Centroid lookup as a chain of selects on 2**BITS scalars: a gather from global
-            # memory here became 4-byte cp.async copies through shared memory and made this
-            # kernel ~9x slower than the key kernel (H100, Triton 3.6; see KERNELS.md).
-            a = tl.zeros((ROWS, DP), dtype=tl.float32) + tl.load(cent_ptr)
+            # Centroid lookup as a chain of selects on 2**BITS fp16 scalars (the matmul takes
+            # fp16 anyway). A gather from global memory here became 4-byte cp.async copies
+            # through shared memory and made this kernel ~9x slower than the key kernel (H100,
+            # Triton 3.6; see benchmarks/KERNELS.md).
+            a = tl.zeros((ROWS, DP), dtype=tl.float16) + tl.load(cent_ptr).to(tl.float16)
             for k in tl.static_range(1, 1 << BITS):
-                a = tl.where(c == k, tl.load(cent_ptr + k), a)
+                a = tl.where(c == k, tl.load(cent_ptr + k).to(tl.float16), a)
             a = tl.where(cmask[None, :], a, 0.0)
             if NORM_CORR:
                 # ||R^T y|| == ||y|| with y = centroid / sqrt(D): correct before rotating back.
-                length = tl.sqrt_rn(tl.sum(a * a, axis=1) / head_dim)
+                af = a.to(tl.float32)
+                length = tl.sqrt_rn(tl.sum(af * af, axis=1) / head_dim)
                 n = n / tl.where(length > 0, length, 1.0)
             y = tl.dot(a.to(tl.float16), had)
             out = y * colscale[None, :] * n[:, None]
@@ -444,20 +446,35 @@ class _Launch:
     meta: dict[str, Any]
 
 
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
 @dataclass(frozen=True)
 class PagedPlan:
     """Validated, ready-to-enqueue launches over fixed tensors.
 
-    Calling the plan enqueues its kernels on the current stream and does nothing else, so it
-    can be captured in a CUDA graph. It keeps every tensor it reads or writes alive.
+    Calling the plan enqueues its kernels and does nothing else, so it can be captured in a CUDA
+    graph. ``side`` launches (if any) run on a side stream concurrently with ``launches``; the
+    current stream waits for them before the call returns (the usual fork/join, which graph
+    capture records as such). It keeps every tensor it reads or writes alive.
     """
 
     launches: tuple[_Launch, ...]
     keepalive: tuple[torch.Tensor, ...]
+    side: tuple[_Launch, ...] = ()
 
     def __call__(self) -> None:
+        if self.side:
+            main = torch.cuda.current_stream()
+            side = _SIDE_STREAMS.setdefault(main.device, torch.cuda.Stream(main.device))
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                for launch in self.side:
+                    launch.kernel[launch.grid](*launch.args, **launch.meta)
         for launch in self.launches:
             launch.kernel[launch.grid](*launch.args, **launch.meta)
+        if self.side:
+            main.wait_stream(side)
 
 
 def _check_layers(
@@ -565,8 +582,16 @@ def plan_decompress_layers(
     block_ids: torch.Tensor,
     *,
     config: KernelConfig = DEFAULT_DECODE_CONFIG,
+    value_config: KernelConfig | None = None,
+    concurrent: bool = False,
 ) -> PagedPlan:
-    """Validate and prepare :func:`decompress_layers_into_paged`; call the result to run it."""
+    """Validate and prepare :func:`decompress_layers_into_paged`; call the result to run it.
+
+    ``value_config`` (default: ``config``) is the launch shape of the value kernels. With
+    ``concurrent`` (CUDA only), the key kernels run on a side stream alongside the value
+    kernels: keys are a memory-bound copy, values are bound by arithmetic and latency, so the
+    two overlap.
+    """
     n = len(packed)
     if n == 0:
         return PagedPlan((), ())
@@ -581,6 +606,7 @@ def plan_decompress_layers(
             )
     block_ids = block_ids.to(device)
     launches: list[_Launch] = []
+    side: list[_Launch] = []
     keep: list[torch.Tensor] = [block_ids]
     for layers in _group_layers(specs, key_caches, value_caches, [p.tokens for p in packed]):
         tokens = packed[layers[0]].tokens
@@ -603,12 +629,15 @@ def plan_decompress_layers(
                 codes,
                 block_ids,
                 tokens,
-                config,
+                config if stream == "k" else (value_config or config),
                 encode=False,
             )
-            launches.append(launch)
+            if concurrent and stream == "k" and device.type == "cuda":
+                side.append(launch)
+            else:
+                launches.append(launch)
             keep += [table, *codes, *scales, *group_caches]
-    return PagedPlan(tuple(launches), tuple(keep))
+    return PagedPlan(tuple(launches), tuple(keep), tuple(side))
 
 
 def decompress_layers_into_paged(
