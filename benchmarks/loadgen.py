@@ -153,7 +153,11 @@ def cache_report(before: dict[str, float], after: dict[str, float]) -> dict[str,
         q = deltas.get(queries, 0.0)
         return deltas.get(hits, 0.0) / q if q > 0 else None
 
-    polykv = {k: v for k, v in sorted(after.items()) if k.startswith("vllm:polykv_")}
+    polykv = {
+        k: v
+        for k, v in sorted(after.items())
+        if k.startswith("vllm:polykv_") and not k.endswith("_bucket")
+    }
     polykv_deltas = {k: v - before.get(k, 0.0) for k, v in polykv.items()}
     return {
         "deltas": deltas,
@@ -291,6 +295,7 @@ class LoadConfig:
     rounds: int
     order: str
     doc_tokens: int
+    doc_offset: int
     max_tokens: int
     rate: float | None
     concurrency: int | None
@@ -341,20 +346,26 @@ async def resolve_model(client: httpx.AsyncClient, base_url: str) -> str:
 
 
 async def tokenize_documents(
-    client: httpx.AsyncClient, base_url: str, model: str, documents: int, tokens: int
+    client: httpx.AsyncClient,
+    base_url: str,
+    model: str,
+    documents: int,
+    tokens: int,
+    offset: int = 0,
 ) -> tuple[list[str], str]:
-    """``documents`` texts of ``tokens`` tokens each and how they were sized."""
+    """``documents`` texts of ``tokens`` tokens each (after skipping ``offset`` such windows of
+    the corpus) and how they were sized."""
     text = corpus_text()
     root = server_root(base_url)
     # Take only as much text as needed (with margin), so /tokenize stays small.
-    chunk = text[: int(documents * tokens * CHARS_PER_TOKEN * 2)]
+    chunk = text[: int((documents + offset) * tokens * CHARS_PER_TOKEN * 2)]
     resp = await client.post(
         f"{root}/tokenize", json={"model": model, "prompt": chunk}, timeout=120
     )
     if resp.status_code == 200:
         ids = resp.json()["tokens"]
         docs = []
-        for window in split_documents(ids, documents, tokens):
+        for window in split_documents(ids, documents + offset, tokens)[offset:]:
             d = await client.post(
                 f"{root}/detokenize", json={"model": model, "tokens": window}, timeout=120
             )
@@ -367,9 +378,10 @@ async def tokenize_documents(
         CHARS_PER_TOKEN,
     )
     n = int(tokens * CHARS_PER_TOKEN)
-    if len(text) < documents * n:
-        raise SystemExit(f"corpus too small for {documents} x {tokens} tokens")
-    return [text[i * n : (i + 1) * n] for i in range(documents)], "estimate 4 chars/token"
+    if len(text) < (documents + offset) * n:
+        raise SystemExit(f"corpus too small for {documents + offset} x {tokens} tokens")
+    windows = [text[i * n : (i + 1) * n] for i in range(offset, offset + documents)]
+    return windows, "estimate 4 chars/token"
 
 
 @dataclass
@@ -613,7 +625,7 @@ async def main_async(cfg: LoadConfig, argv: Sequence[str]) -> dict[str, Any]:
         if not cfg.model:
             cfg = dataclasses.replace(cfg, model=await resolve_model(client, cfg.base_url))
         docs, sizing = await tokenize_documents(
-            client, cfg.base_url, cfg.model, cfg.documents, cfg.doc_tokens
+            client, cfg.base_url, cfg.model, cfg.documents, cfg.doc_tokens, cfg.doc_offset
         )
         await warmup(client, cfg)
         before = await scrape_metrics(client, cfg.base_url)
@@ -668,6 +680,12 @@ def parse_args(argv: Sequence[str]) -> LoadConfig:
     )
     p.add_argument("--order", choices=("interleaved", "grouped"), default="interleaved")
     p.add_argument("--doc-tokens", type=int, default=1500, help="tokens per document")
+    p.add_argument(
+        "--doc-offset",
+        type=int,
+        default=0,
+        help="skip this many document-sized windows of the corpus (disjoint document sets)",
+    )
     p.add_argument("--max-tokens", type=int, default=16, help="output tokens per request")
     arrivals = p.add_mutually_exclusive_group()
     arrivals.add_argument("--rate", type=float, default=None, help="Poisson arrivals, requests/s")
@@ -696,8 +714,8 @@ def parse_args(argv: Sequence[str]) -> LoadConfig:
         p.error(f"--concurrency {a.concurrency} must be >= 1")
     if a.rate is not None and a.rate <= 0:
         p.error(f"--rate {a.rate} must be > 0")
-    if a.doc_tokens < 1 or a.max_tokens < 1:
-        p.error("--doc-tokens and --max-tokens must be >= 1")
+    if a.doc_tokens < 1 or a.max_tokens < 1 or a.doc_offset < 0:
+        p.error("--doc-tokens and --max-tokens must be >= 1, --doc-offset >= 0")
     check_local(a.base_url)
     logging.basicConfig(
         level=logging.WARNING if a.quiet else logging.INFO, format="%(asctime)s %(message)s"
@@ -712,6 +730,7 @@ def parse_args(argv: Sequence[str]) -> LoadConfig:
         rounds=a.rounds,
         order=a.order,
         doc_tokens=a.doc_tokens,
+        doc_offset=a.doc_offset,
         max_tokens=a.max_tokens,
         rate=a.rate,
         concurrency=a.concurrency if a.rate is not None or a.concurrency is not None else 1,

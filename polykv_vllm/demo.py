@@ -3,9 +3,10 @@
 What it does, end to end, with nothing but this machine:
 
 1. Starts vLLM's OpenAI-compatible server as a subprocess with the embedded SmolLM2-135M model
-   (``polykv_vllm.embedded``) and the polykv connector switched on
-   (``--kv-transfer-config`` naming ``PolyKVConnector``). vLLM's own KV cache is kept small,
-   ``--kv-cache-docs`` documents' worth, so not every document fits in it.
+   (``polykv_vllm.embedded``) and the polykv connector switched on, exactly as a user would:
+   ``polykv-vllm serve MODEL --kv-cache-plugin polykv`` (run as ``python -m polykv_vllm.cli``).
+   vLLM's own KV cache is kept small, ``--kv-cache-docs`` documents' worth, so not every
+   document fits in it.
 2. Runs a multi-agent workload through the ``openai`` client: ``--documents`` documents of real
    text (Python's ``pydoc_data.topics``, ``--doc-tokens`` tokens each, cut with the server's
    tokenizer), ``--agents`` agents per document, each asking its own question, interleaved
@@ -137,6 +138,7 @@ def plugin_problem() -> str | None:
         config = importlib.import_module("polykv_vllm.connector.config")
         module = importlib.import_module(config.CONNECTOR_MODULE)
         getattr(module, config.CONNECTOR_CLASS)
+        importlib.import_module("polykv_vllm.connector.plugin")
     except (ImportError, AttributeError) as exc:
         return (
             f"the polykv vLLM connector is not available ({type(exc).__name__}: {exc}). "
@@ -145,22 +147,19 @@ def plugin_problem() -> str | None:
     return None
 
 
-def transfer_config_json(cfg: DemoConfig) -> str:
-    """The ``--kv-transfer-config`` JSON that switches the polykv connector on."""
-    from polykv_vllm.connector.config import CONNECTOR_CLASS, CONNECTOR_MODULE, PolyKVConfig
+def plugin_flags(cfg: DemoConfig) -> list[str]:
+    """The vLLM command-line flags that switch the polykv connector on (validated here first)."""
+    from polykv_vllm.connector.config import PolyKVConfig
 
-    extra = PolyKVConfig.from_extra_config(
-        {"preset": cfg.preset, "store_bytes": cfg.store_bytes}
-    ).to_extra_config()
-    return json.dumps(
-        {
-            "kv_connector": CONNECTOR_CLASS,
-            "kv_connector_module_path": CONNECTOR_MODULE,
-            "kv_role": "kv_both",
-            "kv_load_failure_policy": "recompute",
-            "kv_connector_extra_config": extra,
-        }
-    )
+    PolyKVConfig.from_extra_config({"preset": cfg.preset, "store_bytes": cfg.store_bytes})
+    return [
+        "--kv-cache-plugin",
+        "polykv",
+        "--polykv-preset",
+        cfg.preset,
+        "--polykv-store-bytes",
+        cfg.store_bytes,
+    ]
 
 
 def kv_bytes_per_token(model_dir: Path) -> int:
@@ -180,11 +179,14 @@ def server_command(cfg: DemoConfig, model_dir: Path, plugin: bool) -> list[str]:
     """The command line of the vLLM server for one run."""
     per_token = kv_bytes_per_token(model_dir)
     tokens = max(int(cfg.kv_cache_docs * cfg.doc_tokens), max_model_len(cfg))
+    # Whole 128-token blocks plus one: vLLM keeps a little of the budget back, and a cache
+    # smaller than --max-model-len refuses to start.
+    tokens = (-(-tokens // 128) + 1) * 128
     cmd = [
         sys.executable,
         "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
+        "polykv_vllm.cli",
+        "serve",
         str(model_dir),
         "--served-model-name",
         "smollm2",
@@ -202,7 +204,7 @@ def server_command(cfg: DemoConfig, model_dir: Path, plugin: bool) -> list[str]:
         "--disable-uvicorn-access-log",
     ]
     if plugin:
-        cmd += ["--kv-transfer-config", transfer_config_json(cfg)]
+        cmd += plugin_flags(cfg)
     return cmd
 
 
@@ -246,6 +248,7 @@ def running_server(cfg: DemoConfig, cmd: list[str], label: str) -> Iterator[floa
         "w+", prefix=f"polykv-demo-{label}-", suffix=".log", delete=False
     )
     say(f"starting vLLM ({label}); server log: {log.name}")
+    say("  $ " + " ".join(shlex.quote(c) for c in [Path(cmd[0]).name, *cmd[1:]]))
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, env=_server_env(), start_new_session=True
@@ -520,6 +523,8 @@ def render_table(cfg: DemoConfig, on: RunResult | None, off: RunResult | None) -
                 "-",
             )
         )
+        load_s = s_on["prompt_tokens_delta"]["vllm:polykv_load_seconds_sum"]
+        rows.append(("  time spent loading from the store", f"{load_s * 1e3:.0f} ms in all", "-"))
         if s_on["store_bytes"] and engine:
             ratio = engine / s_on["store_bytes"]
             rows.append(
@@ -634,7 +639,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problem:
             say(f"error: {problem}", out=sys.stderr)
             return 2
-        transfer_config_json(cfg)  # validates --preset / --store-bytes before any server starts
+        try:
+            plugin_flags(cfg)  # validates --preset / --store-bytes before any server starts
+        except ValueError as exc:
+            say(f"error: {exc}", out=sys.stderr)
+            return 2
     from polykv_vllm.embedded import embedded_model_dir
 
     t0 = time.perf_counter()
