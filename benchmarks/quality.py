@@ -589,9 +589,17 @@ def _fmt_mean(d: dict[str, float] | None, digits: int = 3) -> str:
     return f"{d['mean']:.{digits}f}" if d else "—"
 
 
-def markdown(summary: dict[str, dict[str, Any]], meta: dict[str, Any], targets: list[str]) -> str:
-    """The README table fragment (with the command that produced it above it)."""
+def markdown(
+    summary: dict[str, dict[str, Any]],
+    meta: dict[str, Any],
+    targets: list[str],
+    extras: Sequence[tuple[dict[str, Any], dict[str, dict[str, Any]]]] = (),
+) -> str:
+    """The README table fragment (with the command that produced it above it); ``extras``:
+    further ``(meta, summary)`` runs appended as their own tables."""
     cfg = meta["config"]
+    device = meta.get("model_device", "cpu")
+    source = meta.get("corpus", {}).get("source", "pydoc_data.topics")
     lines = [
         "Measured with:",
         "",
@@ -599,18 +607,46 @@ def markdown(summary: dict[str, dict[str, Any]], meta: dict[str, Any], targets: 
         meta["command"],
         "```",
         "",
-        f"SmolLM2-135M-Instruct fp32 on CPU, text `pydoc_data.topics` (Python {meta['python']}); "
+        *[f"{note}\n" for note in meta.get("notes", [])],
+        f"SmolLM2-135M-Instruct in fp32 on `{device}` (no TF32), text {source}; "
         f"{cfg['windows']} windows of {cfg['context']} prefix tokens + {cfg['continuation']} "
         f"scored continuation tokens; {cfg['needles']} needles in ~{cfg['needle_context']}-token "
         f"excerpts; codec output decoded to {cfg['decode_dtype']}. PPL delta: mean over windows "
         "of the per-window relative change, 95% paired Student-t CI in brackets (bootstrap CI "
-        "in quality.json). Greedy agreement over "
-        f"{cfg['generate']} tokens: teacher-forced on the fp32 greedy tokens (TF), and "
-        f"free-running (free, first {cfg['free_running_windows']} windows).",
+        "in quality.json). Top-1 (real text): argmax agreement with fp32 on the continuation. "
+        f"Greedy over {cfg['generate']} tokens after the document: teacher-forced on the fp32 "
+        "greedy tokens (TF), and free-running (position-wise agreement; first divergence = "
+        f"mean tokens before the first differing one; first {cfg['free_running_windows']} "
+        "windows). Bytes: sum of `PackedKV.nbytes` over layers vs the same K/V in bf16.",
         "",
+        *markdown_table(summary),
+        "",
+        "Targets (issue 3):",
+        "",
+        *[f"- {t}" for t in targets],
+        "",
+    ]
+    for extra_meta, extra_summary in extras:
+        lines += [
+            "Further codec settings, same windows and reference (exploration for the aggressive "
+            "preset):",
+            "",
+            "```",
+            extra_meta["command"],
+            "```",
+            "",
+            *markdown_table(extra_summary),
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def markdown_table(summary: dict[str, dict[str, Any]]) -> list[str]:
+    """Rows of the per-variant markdown table."""
+    lines = [
         "| variant | bytes vs bf16 | PPL | ΔPPL vs fp32 | ΔPPL vs bf16 | top-1 (real text) "
-        "| greedy TF | greedy free | needles (exact) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| greedy TF | greedy free | first divergence | needles (exact) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, s in summary.items():
         acc = (
@@ -622,10 +658,10 @@ def markdown(summary: dict[str, dict[str, Any]], meta: dict[str, Any], targets: 
             f"| {name} | {s['ratio_vs_bf16']:.2f}x | {s['ppl_mean']:.3f} "
             f"| {_fmt_ci(s.get('delta_vs_fp32'))} | {_fmt_ci(s.get('delta_vs_bf16'))} "
             f"| {_fmt_mean(s.get('top1_real'))} | {_fmt_mean(s.get('greedy_tf'))} "
-            f"| {_fmt_mean(s.get('greedy_free'))} | {acc} |"
+            f"| {_fmt_mean(s.get('greedy_free'))} | {_fmt_mean(s.get('first_div'), 1)} "
+            f"| {acc} |"
         )
-    lines += ["", "Targets (issue 3):", ""] + [f"- {t}" for t in targets] + [""]
-    return "\n".join(lines)
+    return lines
 
 
 def write_outputs(
@@ -646,6 +682,18 @@ def write_outputs(
         "needles": list(needles),
     }
     (out_dir / "quality.json").write_text(json.dumps(doc, indent=1) + "\n")
+    write_tables(out_dir, meta, summary)
+
+
+def write_tables(
+    out_dir: Path,
+    meta: dict[str, Any],
+    summary: dict[str, dict[str, Any]],
+    extras: Sequence[tuple[dict[str, Any], dict[str, dict[str, Any]]]] = (),
+) -> None:
+    """quality.csv (one row per variant) and quality.md (README table) from the summary;
+    ``extras`` (further runs) only add tables to quality.md."""
+    targets = check_targets(summary)
     cols = [
         "variant",
         "nbytes",
@@ -684,7 +732,7 @@ def write_outputs(
                 else:
                     row.append("")
             w.writerow(row)
-    (out_dir / "quality.md").write_text(markdown(summary, meta, targets))
+    (out_dir / "quality.md").write_text(markdown(summary, meta, targets, extras))
 
 
 # --- command line -----------------------------------------------------------------------------
@@ -737,6 +785,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtype the codec decodes to (vLLM keeps bf16), then cast to fp32 for the model",
     )
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 round-trip baseline")
+    p.add_argument(
+        "--first-windows",
+        type=int,
+        default=None,
+        help="measure only the first K of the chosen windows (cross-checks on slow machines)",
+    )
+    p.add_argument("--note", action="append", default=[], help="a line for quality.md")
+    p.add_argument(
+        "--rerender",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="only rewrite quality.csv/.md under --out from this quality.json (+ --note lines); "
+        "further JSONs add their tables to quality.md",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--threads",
@@ -810,6 +874,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     decode_dtype = getattr(torch, args.decode_dtype)
 
+    if args.rerender is not None:
+        main_json, *extra_jsons = args.rerender
+        doc = json.loads(main_json.read_text())
+        doc["notes"] = [n for n in doc.get("notes", []) if n not in args.note] + args.note
+        args.out.mkdir(parents=True, exist_ok=True)
+        if main_json.resolve() != (args.out / "quality.json").resolve():
+            (args.out / "quality.json").write_text(json.dumps(doc, indent=1) + "\n")
+        extras = [json.loads(p.read_text()) for p in extra_jsons]
+        write_tables(args.out, doc, doc["summary"], [(e, e["summary"]) for e in extras])
+        return 0
     if args.dump_corpus is not None:
         args.dump_corpus.write_text(corpus_text(), encoding="utf-8")
         return 0
@@ -843,6 +917,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
     length = args.context + args.continuation + 1
     starts = choose_windows(len(tokens), args.windows, length, args.seed)
+    if args.first_windows is not None:
+        starts = starts[: args.first_windows]
     overlap = max(
         0, length - min((b - a for a, b in zip(starts, starts[1:], strict=False)), default=length)
     )
@@ -886,6 +962,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = ["fp32"] + [v.name for v in variants]
     summary = summarize(names, windows, needles_out, args.seed)
     meta = {
+        "notes": args.note,
         "command": "python "
         + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
         "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -377,3 +377,49 @@ def test_parse_custom_config(tmp_path):
         quality.parse_custom_config('{"key_bits": 4}')
     with pytest.raises(ValueError, match="unknown codec config"):
         quality.parse_custom_config('{"name": "x", "bits": 4}')
+
+
+def test_rerender_rewrites_tables_with_notes_and_extra_runs(tmp_path):
+    model = make_model()
+    variants = _variants(model)[:2]
+    windows = [
+        quality.measure_window(model, variants, random_ids(29, seed=s), 20, 0, False, s)
+        for s in range(2)
+    ]
+    names = ["fp32"] + [v.name for v in variants]
+    summary = quality.summarize(names, windows, [], seed=0)
+    cfg = {
+        "windows": 2,
+        "context": 20,
+        "continuation": 8,
+        "needles": 0,
+        "needle_context": 40,
+        "decode_dtype": "bfloat16",
+        "generate": 0,
+        "free_running_windows": 0,
+    }
+    meta = {"command": "python q.py --main", "python": "3.11", "config": cfg}
+    quality.write_outputs(tmp_path / "a", meta, summary, windows, [])
+    quality.write_outputs(
+        tmp_path / "b", {**meta, "command": "python q.py --extra"}, summary, windows, []
+    )
+    out = tmp_path / "out"
+    argv = [
+        "--rerender",
+        str(tmp_path / "a" / "quality.json"),
+        str(tmp_path / "b" / "quality.json"),
+        "--note",
+        "ran on host X",
+        "--out",
+        str(out),
+    ]
+    assert quality.main(argv) == 0
+    md = (out / "quality.md").read_text()
+    assert md.index("python q.py --main") < md.index("ran on host X") < md.index("q.py --extra")
+    assert md.count("| identity |") == 2
+    doc = json.loads((out / "quality.json").read_text())
+    assert (
+        doc["notes"] == ["ran on host X"]
+        and doc["summary"] == json.loads((tmp_path / "a" / "quality.json").read_text())["summary"]
+    )
+    assert [r["variant"] for r in csv.DictReader((out / "quality.csv").open())] == names
