@@ -1,7 +1,7 @@
 """Quality cost of a compressed document prefix, per codec preset, on the real embedded model.
 
-What is measured (SmolLM2-135M-Instruct, fp32 on CPU; text: Python's own ``pydoc_data.topics``,
-English documentation not written by this project):
+What is measured (SmolLM2-135M-Instruct in fp32, on CPU unless ``--device``; text: Python's
+own ``pydoc_data.topics``, English documentation not written by this project):
 
 1. **Perplexity of a continuation given a compressed prefix.** The token stream is cut into
    seeded windows of ``context + continuation + 1`` tokens. The first ``context`` tokens (the
