@@ -75,6 +75,7 @@ class KernelConfig:
     - ``num_warps``: warps per program.
     - ``programs_per_sm``: persistent programs per multiprocessor (the grid is
       ``min(tiles, programs_per_sm * SMs)``); 0 launches one program per tile.
+    - ``num_stages``: Triton's software-pipelining depth of the tile loop.
 
     Defaults tuned on an NVIDIA H100 80GB HBM3 (``benchmarks/kernel_bench.py``, see
     ``benchmarks/KERNELS.md``): Llama-3-8B shape, 4096 tokens, block size 16.
@@ -83,6 +84,7 @@ class KernelConfig:
     rows: int = 64
     num_warps: int = 4
     programs_per_sm: int = 4
+    num_stages: int = 3
 
     def __post_init__(self) -> None:
         if self.rows < 16 or self.rows & (self.rows - 1):
@@ -93,6 +95,8 @@ class KernelConfig:
             raise ValueError(
                 f"KernelConfig.num_warps={self.num_warps} is not allowed: use 1, 2, 4, 8 or 16."
             )
+        if self.num_stages < 1:
+            raise ValueError(f"KernelConfig.num_stages={self.num_stages} is not allowed: use >= 1.")
         if self.programs_per_sm < 0:
             raise ValueError(
                 f"KernelConfig.programs_per_sm={self.programs_per_sm} is not allowed: use >= 0 "
@@ -546,6 +550,7 @@ def _stream_launch(
         "ROWS": config.rows,
         "DP": _pow2(d),
         "num_warps": config.num_warps,
+        "num_stages": config.num_stages,
     }
     if encode:
         meta["IN_DTYPE"] = dtype
