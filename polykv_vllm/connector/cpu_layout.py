@@ -53,7 +53,9 @@ def split_cpu_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 class CpuBlockLayout:
     """How one block is packed: ``key_src[j]`` / ``value_src[j]`` is the index, in a token-major
     ``[block_size, kv_heads, head_dim]`` block, of the element stored at flat position ``j`` of the
-    packed ``[kv_heads, block_size, head_dim]`` key / value half. int64 ``[block_size*H*D]``."""
+    packed ``[kv_heads, block_size, head_dim]`` key / value half. int64 ``[block_size*H*D]``.
+    ``key_pos`` / ``value_pos`` are the inverse permutations (where token-major element ``i``
+    is stored), used to read with one ``index_select`` (about 4x faster than a scatter)."""
 
     block_size: int
     kv_heads: int
@@ -62,6 +64,8 @@ class CpuBlockLayout:
     isa: str
     key_src: torch.Tensor
     value_src: torch.Tensor
+    key_pos: torch.Tensor
+    value_pos: torch.Tensor
 
     def read(
         self, kv_cache: torch.Tensor, block_ids: torch.Tensor
@@ -71,10 +75,9 @@ class CpuBlockLayout:
         key, value = split_cpu_cache(kv_cache)
         ids = block_ids.to(torch.int64)
         out = []
-        for half, src in ((key, self.key_src), (value, self.value_src)):
+        for half, pos in ((key, self.key_pos), (value, self.value_pos)):
             packed = half.index_select(0, ids).reshape(ids.numel(), -1)
-            tokens = torch.empty_like(packed)
-            tokens[:, src] = packed
+            tokens = packed.index_select(1, pos)
             out.append(tokens.view(-1, self.kv_heads, self.head_dim))
         return out[0], out[1]
 
@@ -148,4 +151,6 @@ def _probe(
         isa=isa,
         key_src=found[0],
         value_src=found[1],
+        key_pos=torch.argsort(found[0]),
+        value_pos=torch.argsort(found[1]),
     )
