@@ -341,11 +341,13 @@ def main(argv: list[str] | None = None) -> int:
             cfg = KernelConfig(rows=rows_, num_warps=warps, programs_per_sm=pps, num_stages=st)
             candidates.append((f"sweep_decompress_r{rows_}_w{warps}_p{pps}_s{st}", {"config": cfg}))
     # keys (memory-bound copy) on a side stream, concurrently with values (arithmetic-bound)
-    for vpps, vst in ((1, 3), (2, 3), (4, 3), (1, 1), (2, 1)):
-        vcfg = KernelConfig(rows=64, num_warps=4, programs_per_sm=vpps, num_stages=vst)
+    for vpps, vst in ((4, 3), (8, 1)):
+        vcfg = KernelConfig(
+            rows=64, num_warps=4, programs_per_sm=vpps, num_stages=vst, direct_unpack=True
+        )
         candidates.append(
             (
-                f"decompress_concurrent_v_p{vpps}_s{vst}",
+                f"decompress_concurrent_v_p{vpps}_s{vst}_d1",
                 {"config": default, "value_config": vcfg, "concurrent": True},
             )
         )

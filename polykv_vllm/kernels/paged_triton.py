@@ -76,6 +76,8 @@ class KernelConfig:
     - ``programs_per_sm``: persistent programs per multiprocessor (the grid is
       ``min(tiles, programs_per_sm * SMs)``); 0 launches one program per tile.
     - ``num_stages``: Triton's software-pipelining depth of the tile loop.
+    - ``direct_unpack`` (decode): read each code's two bytes per column instead of assembling
+      one word per 8-code group and reshaping.
 
     Defaults tuned on an NVIDIA H100 80GB HBM3 (``benchmarks/kernel_bench.py``, see
     ``benchmarks/KERNELS.md``): Llama-3-8B shape, 4096 tokens, block size 16.
@@ -85,6 +87,7 @@ class KernelConfig:
     num_warps: int = 4
     programs_per_sm: int = 4
     num_stages: int = 3
+    direct_unpack: bool = False
 
     def __post_init__(self) -> None:
         if self.rows < 16 or self.rows & (self.rows - 1):
@@ -132,6 +135,7 @@ def _decode_kernel(
     BITS: tl.constexpr,
     ALIGNED: tl.constexpr,
     NORM_CORR: tl.constexpr,
+    DIRECT_UNPACK: tl.constexpr,
     OUT_DTYPE: tl.constexpr,
     ROWS: tl.constexpr,
     DP: tl.constexpr,
@@ -171,15 +175,26 @@ def _decode_kernel(
             codes = tl.load(codes_tab + layer).to(tl.pointer_type(tl.uint8))
             if ALIGNED:
                 codes = tl.multiple_of(codes, 16)
-            # 8 codes of BITS bits = BITS bytes, little-endian: assemble one word per group.
-            gmask = rmask[:, None] & (g[None, :] * 8 < head_dim)
-            gp = codes + rows[:, None] * row_bytes + g[None, :] * BITS
-            w = tl.zeros((ROWS, G), dtype=tl.int32)
-            for i in tl.static_range(BITS):
-                byte = tl.load(gp + i, mask=gmask, other=0).to(tl.int32)
-                w = w | (byte << (8 * i))
-            c = (w[:, :, None] >> (k8[None, None, :] * BITS)) & ((1 << BITS) - 1)
-            c = tl.reshape(c, (ROWS, DP))
+            if DIRECT_UNPACK:
+                # Each column reads the (at most) two bytes holding its code straight into the
+                # [ROWS, DP] layout: no 3-D reshape (a shared-memory round trip) per tile.
+                bit = cols * BITS
+                lo_b = bit // 8
+                bp = codes + rows[:, None] * row_bytes + lo_b[None, :]
+                b0 = tl.load(bp, mask=omask, other=0).to(tl.int32)
+                m1 = omask & ((lo_b + 1) < row_bytes)[None, :]
+                b1 = tl.load(bp + 1, mask=m1, other=0).to(tl.int32)
+                c = ((b0 | (b1 << 8)) >> (bit % 8)[None, :]) & ((1 << BITS) - 1)
+            else:
+                # 8 codes of BITS bits = BITS bytes, little-endian: one word per group.
+                gmask = rmask[:, None] & (g[None, :] * 8 < head_dim)
+                gp = codes + rows[:, None] * row_bytes + g[None, :] * BITS
+                w = tl.zeros((ROWS, G), dtype=tl.int32)
+                for i in tl.static_range(BITS):
+                    byte = tl.load(gp + i, mask=gmask, other=0).to(tl.int32)
+                    w = w | (byte << (8 * i))
+                c = (w[:, :, None] >> (k8[None, None, :] * BITS)) & ((1 << BITS) - 1)
+                c = tl.reshape(c, (ROWS, DP))
             # Centroid lookup as a chain of selects on 2**BITS fp16 scalars (the matmul takes
             # fp16 anyway). A gather from global memory here became 4-byte cp.async copies
             # through shared memory and made this kernel ~9x slower than the key kernel (H100,
@@ -556,6 +571,7 @@ def _stream_launch(
         meta["IN_DTYPE"] = dtype
     else:
         meta["NORM_CORR"] = spec.norm_correction
+        meta["DIRECT_UNPACK"] = config.direct_unpack
         meta["OUT_DTYPE"] = dtype
     args = (
         table[0],
