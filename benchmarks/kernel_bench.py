@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     # --- decompress ---
-    default = KernelConfig()
+    default = paged_triton.DEFAULT_DECODE_CONFIG
     # API call: validation, address tables and launches on every call (what a caller pays)
     ms = bench(rotating(decode_triton(default)), args.rep_ms)
     record("decompress_api_default", ms, moved, f"{default}")
@@ -330,24 +330,30 @@ def main(argv: list[str] | None = None) -> int:
     best: tuple[float, dict[str, Any]] = (result["decompress_gpu_ms"], {"config": default})
     candidates: list[tuple[str, dict[str, Any]]] = []
     if args.sweep:
-        for rows_, warps, pps, st in (
-            (64, 4, 8, 3),
-            (64, 4, 4, 1),
-            (64, 4, 4, 2),
-            (64, 4, 8, 1),
-            (64, 8, 4, 1),
-            (128, 8, 4, 1),
+        for rows_, warps, pps, st, direct in (
+            (64, 4, 8, 3, False),
+            (64, 4, 4, 1, False),
+            (64, 4, 8, 1, False),
+            (64, 8, 4, 1, False),
+            (128, 8, 4, 1, False),
+            (64, 4, 4, 3, True),
+            (64, 4, 8, 1, True),
         ):
-            cfg = KernelConfig(rows=rows_, num_warps=warps, programs_per_sm=pps, num_stages=st)
-            candidates.append((f"sweep_decompress_r{rows_}_w{warps}_p{pps}_s{st}", {"config": cfg}))
+            cfg = KernelConfig(
+                rows=rows_,
+                num_warps=warps,
+                programs_per_sm=pps,
+                num_stages=st,
+                direct_unpack=direct,
+            )
+            label = f"sweep_decompress_r{rows_}_w{warps}_p{pps}_s{st}_d{int(direct)}"
+            candidates.append((label, {"config": cfg}))
     # keys (memory-bound copy) on a side stream, concurrently with values (arithmetic-bound)
-    for vpps, vst in ((4, 3), (8, 1)):
-        vcfg = KernelConfig(
-            rows=64, num_warps=4, programs_per_sm=vpps, num_stages=vst, direct_unpack=True
-        )
+    for vpps, vst in ((4, 3), (2, 3)):
+        vcfg = KernelConfig(rows=64, num_warps=4, programs_per_sm=vpps, num_stages=vst)
         candidates.append(
             (
-                f"decompress_concurrent_v_p{vpps}_s{vst}_d1",
+                f"decompress_concurrent_v_p{vpps}_s{vst}",
                 {"config": default, "value_config": vcfg, "concurrent": True},
             )
         )
@@ -460,9 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     ms = bench(encode_api, args.rep_ms)
     record("compress_api_default", ms, moved)
     result["compress_api_ms"] = ms
-    ms = bench(graphed(encode_plans(KernelConfig())), args.rep_ms)
+    ms = bench(graphed(encode_plans(paged_triton.DEFAULT_ENCODE_CONFIG)), args.rep_ms)
     record("compress_gpu_default", ms, moved, "CUDA graph")
-    cbest = (ms, KernelConfig())
+    cbest = (ms, paged_triton.DEFAULT_ENCODE_CONFIG)
     if args.sweep:
         for rows_, warps, pps in ((32, 8, 4), (32, 8, 0), (32, 8, 8), (64, 4, 4)):
             cfg = KernelConfig(rows=rows_, num_warps=warps, programs_per_sm=pps)
