@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -325,8 +326,8 @@ def ppl_variants(num_layers: int) -> dict[str, Quant]:
     out["K4V2 keep 0,1,last"] = codec_quant(
         KVCodec(config=COMBOS["K4V2"].replace(keep_layers=(0, 1, -1)), num_layers=num_layers)
     )
-    out["K4V2 norm-corrected, keep first/last"] = codec_quant(
-        KVCodec(config=lite.replace(norm_correction=True), num_layers=num_layers)
+    out["K4V2 without norm correction, keep first/last"] = codec_quant(
+        KVCodec(config=lite.replace(norm_correction=False), num_layers=num_layers)
     )
     return out
 
@@ -384,8 +385,7 @@ def main() -> None:
             "combos_all_layers_no_keep": measure_combos(layers, COMBOS),
         }
     result = {
-        "command": "python benchmarks/codec_alternatives.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "command": " ".join(["python", *sys.argv]),
         "config": {k: str(v) for k, v in vars(args).items()},
         "host": {"torch": torch.__version__, "machine": platform.machine()},
         "seconds": round(time.time() - t0, 1),
