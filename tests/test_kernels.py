@@ -26,7 +26,7 @@ import sys
 import pytest
 import torch
 
-from polykv_vllm.core import KVCodec, LayerSpec, PackedKV, lloyd_max
+from polykv_vllm.core import CodecConfig, KVCodec, LayerSpec, PackedKV, get_preset, lloyd_max
 from polykv_vllm.core.bitpack import unpack
 from polykv_vllm.core.hadamard import fwht, rotate
 from polykv_vllm.kernels import (
@@ -51,10 +51,26 @@ NO_TRITON_DEVICE = (
 )
 
 
+# Codec settings under test, independent of how the named presets evolve: the default preset,
+# rotated 4-bit keys / 2-bit values with norm correction (layers 0 and -1 kept at K8/V3, as the
+# aggressive preset does), and rotated 3-bit keys / 4-bit values without norm correction.
+CONFIGS = {
+    "polykv": get_preset("polykv"),
+    "k4v2nc": CodecConfig(
+        key_bits=4, key_mode="rotated", value_bits=2, norm_correction=True, keep_layers=(0, -1)
+    ),
+    "k3v4": CodecConfig(key_bits=3, key_mode="rotated", value_bits=4),
+}
+
+
+def _codec(name: str, num_layers: int) -> KVCodec:
+    return KVCodec(config=CONFIGS[name], num_layers=num_layers)
+
+
 def _layer_case(
-    preset: str, head_dim: int, tokens: int, heads: int, layer: int, device: str
+    setting: str, head_dim: int, tokens: int, heads: int, layer: int, device: str
 ) -> tuple[KVCodec, LayerSpec, PackedKV, torch.Tensor, torch.Tensor]:
-    codec = KVCodec(preset, num_layers=4)
+    codec = _codec(setting, 4)
     spec = codec.layer_spec(layer, head_dim)
     g = torch.Generator().manual_seed(tokens * 131 + head_dim)
     k = torch.randn(tokens, heads, head_dim, generator=g) * (
@@ -192,25 +208,25 @@ def test_split_kv_cache_legacy_5d_and_errors() -> None:
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 REF_DECODE_CASES = [
-    # (preset, layer, head_dim, block_size, tokens, dtype, layout)
+    # (setting, layer, head_dim, block_size, tokens, dtype, layout)
     ("polykv", 0, 128, 16, 1025, BF16, "NHD"),
     ("polykv", 0, 80, 128, 1025, FP16, "HND"),
     ("polykv", 0, 64, 16, 7, BF16, "HND"),
     ("polykv", 0, 128, 128, 130, FP16, "HND"),
-    ("polykv-lite", 1, 128, 128, 1, FP16, "NHD"),
-    ("polykv-lite", 1, 80, 16, 1025, BF16, "NHD"),
-    ("polykv-lite", 3, 64, 128, 1025, BF16, "HND"),
-    ("polykv-lite", 1, 64, 16, 33, FP16, "NHD"),
+    ("k4v2nc", 1, 128, 128, 1, FP16, "NHD"),
+    ("k4v2nc", 1, 80, 16, 1025, BF16, "NHD"),
+    ("k4v2nc", 3, 64, 128, 1025, BF16, "HND"),
+    ("k3v4", 1, 64, 16, 33, FP16, "NHD"),
 ]
 
 
 @pytest.mark.parametrize(
-    "preset,layer,head_dim,block_size,tokens,dtype,layout",
+    "setting,layer,head_dim,block_size,tokens,dtype,layout",
     REF_DECODE_CASES,
     ids=lambda c: str(c).replace("torch.", ""),
 )
 def test_ref_decompress_equals_codec_decode_scattered(
-    preset: str,
+    setting: str,
     layer: int,
     head_dim: int,
     block_size: int,
@@ -219,7 +235,7 @@ def test_ref_decompress_equals_codec_decode_scattered(
     layout: str,
 ) -> None:
     heads = 2
-    codec, spec, packed, _, _ = _layer_case(preset, head_dim, tokens, heads, layer, "cpu")
+    codec, spec, packed, _, _ = _layer_case(setting, head_dim, tokens, heads, layer, "cpu")
     num_blocks = -(-tokens // block_size) + 3
     kv, kc, vc = _paged_cache(num_blocks, heads, block_size, head_dim, dtype, layout, "cpu")
     bids = _block_ids(tokens, block_size, num_blocks, tokens + head_dim, "cpu")
@@ -233,22 +249,22 @@ def test_ref_decompress_equals_codec_decode_scattered(
 
 
 @pytest.mark.parametrize(
-    "preset,layer,head_dim,block_size,tokens,dtype",
+    "setting,layer,head_dim,block_size,tokens,dtype",
     [
         ("polykv", 0, 128, 16, 1025, BF16),
         ("polykv", 0, 80, 128, 130, FP32),
         ("polykv", 0, 64, 16, 1, BF16),
-        ("polykv-lite", 1, 128, 128, 1025, FP32),
-        ("polykv-lite", 1, 80, 16, 33, BF16),
-        ("polykv-lite", 1, 64, 128, 1025, BF16),
+        ("k4v2nc", 1, 128, 128, 1025, FP32),
+        ("k3v4", 1, 80, 16, 33, BF16),
+        ("k4v2nc", 1, 64, 128, 1025, BF16),
     ],
     ids=lambda c: str(c).replace("torch.", ""),
 )
 def test_ref_compress_equals_codec_encode_of_gathered(
-    preset: str, layer: int, head_dim: int, block_size: int, tokens: int, dtype: torch.dtype
+    setting: str, layer: int, head_dim: int, block_size: int, tokens: int, dtype: torch.dtype
 ) -> None:
     heads = 3
-    codec = KVCodec(preset, num_layers=4)
+    codec = _codec(setting, 4)
     spec = codec.layer_spec(layer, head_dim)
     num_blocks = -(-tokens // block_size) + 2
     kv, kc, vc = _paged_cache(num_blocks, heads, block_size, head_dim, dtype, "NHD", "cpu")
@@ -262,8 +278,8 @@ def test_ref_compress_equals_codec_encode_of_gathered(
 
 
 def test_ref_layers_roundtrip_with_per_layer_specs() -> None:
-    """polykv-lite keeps layers 0 and -1 at K8/V3: specs differ per layer; out= is honoured."""
-    codec = KVCodec("polykv-lite", num_layers=3)
+    """Layers 0 and -1 kept at K8/V3, layer 1 rotated: specs differ per layer; out= is honoured."""
+    codec = _codec("k4v2nc", 3)
     d, h, bs, t = 64, 2, 16, 40
     specs = [codec.layer_spec(i, d) for i in range(3)]
     assert {s.key_mode for s in specs} == {"int8", "rotated"}
@@ -334,13 +350,13 @@ def test_triton_on_cpu_without_interpreter_says_how_to_fix() -> None:
 # --- Triton vs the reference ------------------------------------------------------------------
 
 TRITON_CASES = [
-    # (preset, layer, head_dim, block_size, tokens, layout)
+    # (setting, layer, head_dim, block_size, tokens, layout)
     ("polykv", 0, 128, 16, 1025, "NHD"),
     ("polykv", 0, 80, 128, 1025, "HND"),
     ("polykv", 0, 64, 16, 33, "HND"),
-    ("polykv-lite", 1, 128, 128, 300, "NHD"),
-    ("polykv-lite", 1, 80, 16, 1025, "NHD"),
-    ("polykv-lite", 2, 64, 128, 1, "HND"),
+    ("k4v2nc", 1, 128, 128, 300, "NHD"),
+    ("k3v4", 1, 80, 16, 1025, "NHD"),
+    ("k4v2nc", 2, 64, 128, 1, "HND"),
 ]
 if CHILD:
     # The interpreter is slow (minutes on 2 cores): one T = 1025 case and shorter documents
@@ -359,9 +375,9 @@ def test_triton_decompress_parity(
     case: tuple[str, int, int, int, int, str], dtype: torch.dtype
 ) -> None:
     assert TRITON_DEVICE is not None
-    preset, layer, head_dim, block_size, tokens, layout = case
+    setting, layer, head_dim, block_size, tokens, layout = case
     heads = 2
-    codec, spec, packed, _, _ = _layer_case(preset, head_dim, tokens, heads, layer, TRITON_DEVICE)
+    codec, spec, packed, _, _ = _layer_case(setting, head_dim, tokens, heads, layer, TRITON_DEVICE)
     num_blocks = -(-tokens // block_size) + 3
     kv, kc, vc = _paged_cache(num_blocks, heads, block_size, head_dim, dtype, layout, TRITON_DEVICE)
     bids = _block_ids(tokens, block_size, num_blocks, 11, TRITON_DEVICE).to(torch.int32)
@@ -385,7 +401,7 @@ def test_triton_decompress_layers_matches_single_layer_calls() -> None:
     """One multi-layer call (grouped launches, per-layer specs) == per-layer reference calls."""
     assert TRITON_DEVICE is not None
     dev = TRITON_DEVICE
-    codec = KVCodec("polykv-lite", num_layers=3)
+    codec = _codec("k4v2nc", 3)
     d, h, bs, t = 64, 2, 16, 70
     specs = [codec.layer_spec(i, d) for i in range(3)]
     g = torch.Generator().manual_seed(3)
@@ -430,9 +446,9 @@ def test_triton_compress_parity(
     case: tuple[str, int, int, int, int, str], dtype: torch.dtype
 ) -> None:
     assert TRITON_DEVICE is not None
-    preset, layer, head_dim, block_size, tokens, layout = case
+    setting, layer, head_dim, block_size, tokens, layout = case
     heads = 2
-    codec = KVCodec(preset, num_layers=4)
+    codec = _codec(setting, 4)
     spec = codec.layer_spec(layer, head_dim)
     num_blocks = -(-tokens // block_size) + 3
     kv, kc, vc = _paged_cache(num_blocks, heads, block_size, head_dim, dtype, layout, TRITON_DEVICE)
