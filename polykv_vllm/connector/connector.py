@@ -187,13 +187,11 @@ class PolyKVConnector(KVConnectorBase_V1):
         self.worker: PolyKVWorker | None = None
         self._last_saved: StepPlan | None = None
         self._gauges: dict[str, float] = {}
-        placement = self.config.placement or ("cpu" if _is_cpu() else "gpu")
+        on_device = (self.config.placement or "gpu") == "gpu" and not _is_cpu()
         if _HAS_CACHE_HIT_SOURCE:
             from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-            self._cache_hit_source = (
-                CacheHitSource.DEVICE if placement == "gpu" else CacheHitSource.HOST
-            )
+            self._cache_hit_source = CacheHitSource.DEVICE if on_device else CacheHitSource.HOST
         if role == KVConnectorRole.SCHEDULER:
             geometry = store_geometry(self.codec, self.facts)
             self.index = StoreIndex(
@@ -218,7 +216,7 @@ class PolyKVConnector(KVConnectorBase_V1):
                 num_layers=self.facts.num_layers,
                 kv_heads=self.facts.kv_heads,
                 head_dim=self.facts.head_dim,
-                pin_host=placement == "cpu" and not _is_cpu(),
+                pin_host=not on_device and not _is_cpu(),
             )
 
     # --- properties vLLM reads -------------------------------------------------------------
