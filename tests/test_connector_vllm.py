@@ -197,24 +197,3 @@ def test_stats_report_store_size_and_compression(llm: LLM) -> None:
     assert 5.0 < ratio < 6.0, f"fp32 cache vs K8/V3 at head dim 64: {ratio:.2f}x"
     per_block = index.real_bytes / sum(1 for e in index._lru.values() if e.ready)
     assert per_block == index.geometry.block_bytes, "measured bytes == the budget's accounting"
-
-
-def test_polykv_stats_aggregate() -> None:
-    from polykv_vllm.connector.metrics import PolyKVStats
-
-    a = PolyKVStats()
-    a.add("hits", 1)
-    a.sample("load_seconds", 0.5)
-    a.set_gauge("stored_bytes", 10)
-    b = PolyKVStats()
-    b.add("hits", 2)
-    b.sample("load_seconds", 0.25)
-    b.set_gauge("stored_bytes", 20)
-    a.aggregate(b)
-    assert a.data == {"hits": 3, "load_seconds": [0.5, 0.25], "stored_bytes": 20}
-    assert a.reduce() == {
-        "hits": 3,
-        "load_seconds_count": 2,
-        "load_seconds_sum": 0.75,
-        "stored_bytes": 20,
-    }
