@@ -49,8 +49,8 @@ def llm(baseline: Any) -> Iterator[LLM]:
         yield llm
 
 
-def first_visit(llm: LLM, doc: list[int], **kw: Any) -> Any:
-    (out,) = vh.run(llm, [doc], GEN, **kw)
+def first_visit(llm: LLM, doc: list[int], n: int = GEN, **kw: Any) -> Any:
+    (out,) = vh.run(llm, [doc], n, **kw)
     assert vh.polykv_params(out)["tokens_from_store"] == 0
     return out
 
@@ -91,7 +91,7 @@ def test_many_agents_on_one_document_decompress_it_once(llm: LLM, pool: list[lis
     worker = vh.worker_connector().worker
     assert index is not None and worker is not None
     doc = pool[3][: 5 * BS]
-    first_visit(llm, doc + [13] * 10, params=[{"doc_id": "shared"}])
+    first_visit(llm, doc + [13] * 10, 4, params=[{"doc_id": "shared"}])
     llm.reset_prefix_cache()
     entries = index.num_entries
     loads = len(worker.totals.load_seconds)
@@ -115,7 +115,7 @@ def test_churn_through_a_small_budget_stays_within_it(
     worker = vh.worker_connector().worker
     assert index is not None and worker is not None
     pinned = pool[4][: 3 * BS + 20]
-    first_visit(llm, pinned, params=[{"doc_id": "pinned", "pin": True}])
+    first_visit(llm, pinned, 4, params=[{"doc_id": "pinned", "pin": True}])
     docs = [d[: 3 * BS + 20] for d in pool[5:13]]
     with caplog.at_level(logging.INFO, logger="polykv_vllm"):
         for doc in docs:
@@ -137,7 +137,7 @@ def test_churn_through_a_small_budget_stays_within_it(
 
 def test_cache_salt_isolates_tenants(llm: LLM, pool: list[list[int]]) -> None:
     doc = pool[13]
-    first_visit(llm, doc, salts=["alice"])
+    first_visit(llm, doc, 4, salts=["alice"])
     llm.reset_prefix_cache()
     (bob,) = vh.run(llm, [doc], 4, salts=["bob"])
     (anon,) = vh.run(llm, [doc], 4)
@@ -163,7 +163,7 @@ def test_lost_or_corrupt_store_entry_is_recomputed(
     worker = vh.worker_connector().worker
     assert index is not None and worker is not None
     doc = pool[15 if damage == "missing" else 16]
-    base = first_visit(llm, doc, params=[{"doc_id": f"damaged-{damage}"}])
+    base = first_visit(llm, doc, 16, params=[{"doc_id": f"damaged-{damage}"}])
     llm.reset_prefix_cache()
     keys = index._docs[f"damaged-{damage}"].keys
     slots = [index._lru[k].slot for k in keys]
@@ -175,10 +175,10 @@ def test_lost_or_corrupt_store_entry_is_recomputed(
         nan = torch.full_like(part.k_scale, float("nan"))
         worker.store[slots[bad]][7] = dataclasses.replace(part, k_scale=nan)
     with caplog.at_level(logging.WARNING, logger="polykv_vllm"):
-        (again,) = vh.run(llm, [doc], GEN, params=[{"doc_id": f"damaged-{damage}"}])
+        (again,) = vh.run(llm, [doc], 16, params=[{"doc_id": f"damaged-{damage}"}])
     word = "missing" if damage == "missing" else "invalid"
     assert any(word in r.getMessage() for r in caplog.records)
-    assert again.finished and len(again.outputs[0].token_ids) == GEN
+    assert again.finished and len(again.outputs[0].token_ids) == 16
     assert vh.polykv_params(again)["tokens_from_store"] == bad * BS
     if bad == 0:  # everything recomputed: exactly the baseline
         assert again.outputs[0].token_ids == base.outputs[0].token_ids
