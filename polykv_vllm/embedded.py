@@ -148,6 +148,8 @@ def load_embedded_model(
 
     path = embedded_model_dir(install=install)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
-    model.to(device or "cpu").eval()
+    # transformers types ``PreTrainedModel.to`` through a decorator mypy cannot see through.
+    model = model.to(torch.device(device or "cpu"))  # type: ignore[arg-type]
+    model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
