@@ -99,7 +99,7 @@ def doc(seed: int) -> list[int]:
 def test_revisit_is_served_from_the_store_on_cuda(llm: Any) -> None:
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
-    conn = get_kv_transfer_group()
+    conn: Any = get_kv_transfer_group()
     worker = conn.worker
     index = llm.llm_engine.engine_core.engine_core.scheduler.connector.index
     bs = index.geometry.block_size
@@ -129,7 +129,7 @@ def test_decompressed_blocks_equal_the_codec_decode(llm: Any) -> None:
     connector's own I/O and compare with the codec's torch decode."""
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
-    conn = get_kv_transfer_group()
+    conn: Any = get_kv_transfer_group()
     worker = conn.worker
     io = worker.io
     slot, parts = next(iter(worker.store.items()))
