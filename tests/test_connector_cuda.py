@@ -114,11 +114,12 @@ def test_revisit_is_served_from_the_store_on_cuda(llm: Any) -> None:
     assert again.kv_transfer_params["polykv"]["tokens_from_store"] == expected
     assert again.num_cached_tokens == expected
     assert worker.totals.tokens_decompressed - before == expected
-    # every stored entry lives where the placement says
-    parts = next(iter(worker.store.values()))
-    assert parts[0].k_codes.device.type == ("cuda" if worker.pin_host is False else "cpu")
-    if worker.pin_host:
-        assert parts[0].k_codes.is_pinned()
+    # the store lives where the placement says
+    slab = worker.store.layers[0].k_codes
+    placement = conn.config.placement
+    assert slab.device.type == ("cuda" if placement == "gpu" else "cpu")
+    if placement == "cpu":
+        assert slab.is_pinned()
     assert worker.nbytes == index.real_bytes
     ratio = index.raw_bytes / index.real_bytes
     assert 2.7 < ratio < 2.9, f"bf16 cache vs K8/V3 at head dim 64: {ratio:.2f}x"
@@ -132,7 +133,8 @@ def test_decompressed_blocks_equal_the_codec_decode(llm: Any) -> None:
     conn: Any = get_kv_transfer_group()
     worker = conn.worker
     io = worker.io
-    slot, parts = next(iter(worker.store.items()))
+    slot = worker.store.slots()[0]
+    parts = worker.store.get([slot])
     scratch = io.key_caches[0].shape[0] - 1  # the last block: free in a nearly idle engine
     io.load(parts, [scratch])
     for layer in (0, 15, 29):

@@ -8,7 +8,6 @@ document is its first visit (nothing to load yet: asserted) and, once, a plugin-
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -169,11 +168,10 @@ def test_lost_or_corrupt_store_entry_is_recomputed(
     slots = [index._lru[k].slot for k in keys]
     bad = 2 if damage == "missing" else 0
     if damage == "missing":
-        del worker.store[slots[bad]]
-    else:
-        part = worker.store[slots[bad]][7]
-        nan = torch.full_like(part.k_scale, float("nan"))
-        worker.store[slots[bad]][7] = dataclasses.replace(part, k_scale=nan)
+        worker.store.drop(slots[bad])
+    else:  # a NaN scale in layer 7 of the block's row
+        with torch.inference_mode():  # the slab may have been allocated in inference mode
+            worker.store.layers[7].k_scale[worker.store.row(slots[bad])] = float("nan")
     with caplog.at_level(logging.WARNING, logger="polykv_vllm"):
         (again,) = vh.run(llm, [doc], 16, params=[{"doc_id": f"damaged-{damage}"}])
     word = "missing" if damage == "missing" else "invalid"

@@ -32,6 +32,7 @@ from polykv_vllm.connector.metadata import StepPlan, WorkerReport
 from polykv_vllm.connector.metrics import PolyKVPromMetrics, PolyKVStats
 from polykv_vllm.connector.paged_io import CpuPagedIO, FlashPagedIO, PagedIO
 from polykv_vllm.connector.scheduler import ScheduledReq, StoreGeometry, StoreIndex
+from polykv_vllm.connector.slab import BlockSlab
 from polykv_vllm.connector.worker import PolyKVWorker
 from polykv_vllm.core import KVCodec
 
@@ -211,13 +212,8 @@ class PolyKVConnector(KVConnectorBase_V1):
                 self.config.preset,
             )
         else:
-            self.worker = PolyKVWorker(
-                block_size=self.facts.block_size,
-                num_layers=self.facts.num_layers,
-                kv_heads=self.facts.kv_heads,
-                head_dim=self.facts.head_dim,
-                pin_host=not on_device and not _is_cpu(),
-            )
+            self.worker = PolyKVWorker(block_size=self.facts.block_size)
+            self._on_device = on_device
 
     # --- properties vLLM reads -------------------------------------------------------------
 
@@ -251,7 +247,19 @@ class PolyKVConnector(KVConnectorBase_V1):
             io = FlashPagedIO(
                 self.codec, caches, layers, self.facts.head_dim, self.facts.block_size
             )
-        worker.bind(io)
+        # as many rows as the scheduler's budget can hold blocks
+        capacity = self.config.store_bytes // store_geometry(self.codec, self.facts).block_bytes
+        store = BlockSlab(
+            self.codec,
+            layers,
+            capacity=max(capacity, 1),
+            block_size=self.facts.block_size,
+            kv_heads=self.facts.kv_heads,
+            head_dim=self.facts.head_dim,
+            device=caches[0].device if self._on_device else torch.device("cpu"),
+            pin=not self._on_device and not _is_cpu(),
+        )
+        worker.bind(io, store)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -288,7 +296,7 @@ class PolyKVConnector(KVConnectorBase_V1):
         return None if report is None else PolyKVWorkerMetadata(report)
 
     def shutdown(self) -> None:
-        if self.worker is not None:
+        if self.worker is not None and self.worker.io is not None:
             self.worker.store.clear()
 
     # --- scheduler side --------------------------------------------------------------------

@@ -1,16 +1,16 @@
 """Worker side of the connector: the compressed store and the transfers into/out of the cache.
 
-The store maps a slot (an int from the scheduler, never reused) to one block of one document:
-a list of :class:`~polykv_vllm.core.PackedKV`, one per layer, each ``block_size`` tokens of this
-rank's kv heads. It lives on the cache's device (``placement="gpu"``) or in pinned host memory
-(``placement="cpu"`` on CUDA; on a CPU build both are host memory).
+The store (:class:`~.slab.BlockSlab`) maps a slot (an int from the scheduler, never reused) to
+one row per layer holding one block of one document, this rank's kv heads. It lives on the
+cache's device (``placement="gpu"``) or in pinned host memory (``placement="cpu"`` on CUDA; on
+a CPU build both are host memory).
 
 Per step (the :class:`~.metadata.StepPlan` bound by vLLM): :meth:`PolyKVWorker.start_load`
 decompresses the planned loads into their paged blocks and drops evicted slots;
 :meth:`PolyKVWorker.save` compresses the blocks the step just computed. A slot that is missing
-or fails validation is not loaded: its blocks and every later block of that request are reported
-through :meth:`PolyKVWorker.take_load_errors`, so vLLM (``kv_load_failure_policy="recompute"``)
-recomputes them.
+or whose scales are not finite is not loaded: its blocks and every later block of that request
+are reported through :meth:`PolyKVWorker.take_load_errors`, so vLLM
+(``kv_load_failure_policy="recompute"``) recomputes them.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 
 from polykv_vllm.connector.metadata import BlockJob, StepPlan, WorkerReport
 from polykv_vllm.connector.paged_io import PagedIO
-from polykv_vllm.core import PackedKV
+from polykv_vllm.connector.slab import BlockSlab
 
 __all__ = ["PolyKVWorker", "WorkerCounters"]
 
@@ -44,34 +44,34 @@ class WorkerCounters:
 class PolyKVWorker:
     """Holds one rank's compressed store and applies step plans to the paged cache.
 
-    ``io``: the platform's :class:`~.paged_io.PagedIO`, set by :meth:`bind` once vLLM registered
-    its caches. ``block_size``: logical tokens per block; ``kv_heads``/``head_dim``: this rank's
-    cache shape (used to validate entries); ``pin_host``: keep entries in pinned host memory.
+    ``io`` (the platform's :class:`~.paged_io.PagedIO`) and ``store`` (the
+    :class:`~.slab.BlockSlab`) are set by :meth:`bind` once vLLM registered its caches.
+    ``block_size``: logical tokens per block.
     """
 
-    def __init__(
-        self, block_size: int, num_layers: int, kv_heads: int, head_dim: int, pin_host: bool
-    ) -> None:
+    def __init__(self, block_size: int) -> None:
         self.block_size = block_size
-        self.num_layers = num_layers
-        self.kv_heads = kv_heads
-        self.head_dim = head_dim
-        self.pin_host = pin_host
         self.io: PagedIO | None = None
-        self.store: dict[int, list[PackedKV]] = {}
+        self._store: BlockSlab | None = None
         self._report = WorkerReport()
         self._load_errors: set[int] = set()
         self.counters = WorkerCounters()
         #: the same, never reset (for tests and benchmarks in the engine's process)
         self.totals = WorkerCounters()
 
-    def bind(self, io: PagedIO) -> None:
+    def bind(self, io: PagedIO, store: BlockSlab) -> None:
         self.io = io
+        self._store = store
+
+    @property
+    def store(self) -> BlockSlab:
+        assert self._store is not None, "register_kv_caches must run first"
+        return self._store
 
     @property
     def nbytes(self) -> int:
-        """Bytes of all tensors in this rank's store (measured)."""
-        return sum(p.nbytes for parts in self.store.values() for p in parts)
+        """Bytes of this rank's stored blocks (measured row size times rows in use)."""
+        return self._store.nbytes if self._store is not None else 0
 
     # --- per-step hooks --------------------------------------------------------------------
 
@@ -80,12 +80,12 @@ class PolyKVWorker:
         for job in plan.loads:
             self._load(job)
         for slot in plan.evictions:
-            self.store.pop(slot, None)
+            self.store.drop(slot)
 
     def save(self, plan: StepPlan) -> None:
         """Compress ``plan.stores`` (blocks computed by this step's forward) into the store."""
         for job in plan.stores:
-            self._store(job)
+            self._save(job)
 
     def take_report(self) -> WorkerReport | None:
         report, self._report = self._report, WorkerReport()
@@ -103,89 +103,57 @@ class PolyKVWorker:
 
     def _load(self, job: BlockJob) -> None:
         assert self.io is not None, "register_kv_caches must run before the first load"
-        good = 0
-        for slot in job.slots:
-            if not self._valid(slot):
-                break
-            good += 1
+        start = time.perf_counter()
+        store = self.store
+        good = next((i for i, s in enumerate(job.slots) if s not in store), len(job.slots))
+        reason = "missing"
+        per_layer = store.get(job.slots[:good]) if good else []
+        if good:
+            bad = store.first_invalid(job.slots[:good], per_layer)
+            if bad is not None:
+                good, reason = bad, "invalid"
+                per_layer = [p.slice(0, good * self.block_size) for p in per_layer]
         if good < len(job.slots):
-            bad = job.slots[good]
+            slot = job.slots[good]
             logger.warning(
                 "polykv: store entry %d (block %d of request %s) is %s; recomputing %d blocks",
-                bad,
+                slot,
                 good,
                 job.req_id,
-                "missing" if bad not in self.store else "invalid",
+                reason,
                 len(job.slots) - good,
             )
-            self.store.pop(bad, None)
-            self._report.failed_slots.add(bad)
-            self._load_errors.update(job.block_ids[good:])
+            store.drop(slot)
+            self._report.failed_slots.add(slot)
             self._report.unloaded_tokens[job.req_id] = (len(job.slots) - good) * self.block_size
+            self._load_errors.update(job.block_ids[good:])
             self.counters.load_failures += 1
             self.totals.load_failures += 1
         if good == 0:
             return
-        start = time.perf_counter()
-        parts = [self.store[s] for s in job.slots[:good]]
-        per_layer = [PackedKV.cat([p[layer] for p in parts]) for layer in range(self.num_layers)]
         self.io.load(per_layer, job.block_ids[:good])
-        _sync(per_layer[0].device)
+        _sync()
         seconds = time.perf_counter() - start
         for c in (self.counters, self.totals):
             c.load_seconds.append(seconds)
             c.tokens_decompressed += good * self.block_size
 
-    def _store(self, job: BlockJob) -> None:
+    def _save(self, job: BlockJob) -> None:
         assert self.io is not None, "register_kv_caches must run before the first store"
         start = time.perf_counter()
         per_layer = self.io.store(job.block_ids)
-        bs = self.block_size
-        for i, slot in enumerate(job.slots):
-            parts = [_own(p.slice(i * bs, (i + 1) * bs), self.pin_host) for p in per_layer]
-            self.store[slot] = parts
-            self._report.stored[slot] = [sum(p.nbytes for p in parts), 1]
-        _sync(per_layer[0].device)
+        self.store.put(job.slots, per_layer)
+        row_bytes = self.store.row_bytes
+        for slot in job.slots:
+            self._report.stored[slot] = [row_bytes, 1]
+        _sync()
         seconds = time.perf_counter() - start
         for c in (self.counters, self.totals):
             c.store_seconds.append(seconds)
-            c.tokens_compressed += len(job.slots) * bs
-
-    def _valid(self, slot: int) -> bool:
-        parts = self.store.get(slot)
-        if parts is None or len(parts) != self.num_layers:
-            return False
-        for p in parts:
-            t, h, d = self.block_size, self.kv_heads, self.head_dim
-            if (p.tokens, p.kv_heads, p.head_dim) != (t, h, d):
-                return False
-            if p.k_codes.shape[:2] != (t, h) or p.v_codes.shape[:2] != (t, h):
-                return False
-            if p.k_scale.shape != (t, h) or p.v_norm.shape != (t, h):
-                return False
-            if not (bool(torch.isfinite(p.k_scale).all()) and bool(torch.isfinite(p.v_norm).all())):
-                return False
-        return True
+            c.tokens_compressed += len(job.slots) * self.block_size
 
 
-def _own(packed: PackedKV, pin_host: bool) -> PackedKV:
-    """A copy of ``packed`` owning its memory (a slice must not keep its parent alive), moved to
-    pinned host memory when ``pin_host``."""
-
-    def own(t: torch.Tensor) -> torch.Tensor:
-        if pin_host:
-            return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
-        return t.clone()
-
-    return dataclasses.replace(
-        packed,
-        k_codes=own(packed.k_codes),
-        k_scale=own(packed.k_scale),
-        v_codes=own(packed.v_codes),
-        v_norm=own(packed.v_norm),
-    )
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _sync() -> None:
+    """Wait for queued GPU work, so the timers measure it (a no-op on CPU builds)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
