@@ -564,7 +564,7 @@ def render_table(cfg: DemoConfig, on: RunResult | None, off: RunResult | None) -
     rows.append(("server start-up", *both("startup_s", "{:.1f} s".format)))
     if on and off:
         same = [a.text == b.text for a, b in zip(on.records, off.records, strict=True)]
-        differ = [f"#{r.index}" for r, s in zip(on.records, same, strict=True) if not s]
+        differ = [f"#{r.index + 1}" for r, s in zip(on.records, same, strict=True) if not s]
         rows.append(
             (
                 "answers equal to plugin off (greedy)",
