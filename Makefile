@@ -4,7 +4,7 @@ export VLLM_CPU_OMP_THREADS_BIND ?= 0-1
 export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: env demo test lint fallback-demo
+.PHONY: env demo test test-fast lint fallback-demo
 
 env:
 	@bash scripts/setup-env.sh
@@ -22,3 +22,7 @@ lint: env
 
 test: lint
 	$(VENV)/python -m pytest -q -rs tests
+
+# Everything but the real-engine tests (no vLLM servers or engines started): about a minute.
+test-fast: lint
+	$(VENV)/python -m pytest -q -rs -m "not vllm" tests
