@@ -23,6 +23,6 @@ lint: env
 test: lint
 	$(VENV)/python -m pytest -q -rs tests
 
-# Everything but the real-engine tests (no vLLM servers or engines started): about a minute.
+# Everything but the real-engine tests (no vLLM servers or engines started).
 test-fast: lint
 	$(VENV)/python -m pytest -q -rs -m "not vllm" tests
