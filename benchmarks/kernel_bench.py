@@ -98,22 +98,6 @@ def make_docs(
     return docs
 
 
-def with_tensors(p: PackedKV, tensors: list[torch.Tensor]) -> PackedKV:
-    """``p``'s metadata with other tensors (e.g. pinned host copies)."""
-    k_codes, k_scale, v_codes, v_norm = tensors
-    return PackedKV(
-        k_codes=k_codes,
-        k_scale=k_scale,
-        v_codes=v_codes,
-        v_norm=v_norm,
-        tokens=p.tokens,
-        kv_heads=p.kv_heads,
-        head_dim=p.head_dim,
-        key_bits=p.key_bits,
-        value_bits=p.value_bits,
-    )
-
-
 def diagnose(out: Path, plan: Any, name: str, result: dict[str, Any]) -> None:
     """Compile and run ``plan``'s launches once; record the compiler's resource report."""
     import re
@@ -400,10 +384,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- pinned-CPU placement: H2D of the compressed bytes, then decompress ---
     pinned = [
-        [with_tensors(p, [t.cpu().pin_memory() for t in p.tensors()]) for p in doc] for doc in docs
+        [p.with_tensors([t.cpu().pin_memory() for t in p.tensors()]) for p in doc] for doc in docs
     ]
     staging = [[torch.empty_like(t) for t in p.tensors()] for p in docs[0]]
-    staged = [with_tensors(p, ts) for ts, p in zip(staging, docs[0], strict=True)]
+    staged = [p.with_tensors(ts) for ts, p in zip(staging, docs[0], strict=True)]
     pcount = [0]
 
     def h2d() -> None:

@@ -163,19 +163,8 @@ def _decode_in_dtype(
 
 def _filled_like(p: PackedKV, int_fill: int, float_fill: float) -> PackedKV:
     """A PackedKV shaped like ``p`` whose tensors all hold one poison value."""
-    k_codes, k_scale, v_codes, v_norm = (
-        torch.full_like(x, float_fill if x.is_floating_point() else int_fill) for x in p.tensors()
-    )
-    return PackedKV(
-        k_codes=k_codes,
-        k_scale=k_scale,
-        v_codes=v_codes,
-        v_norm=v_norm,
-        tokens=p.tokens,
-        kv_heads=p.kv_heads,
-        head_dim=p.head_dim,
-        key_bits=p.key_bits,
-        value_bits=p.value_bits,
+    return p.with_tensors(
+        [torch.full_like(x, float_fill if x.is_floating_point() else int_fill) for x in p.tensors()]
     )
 
 

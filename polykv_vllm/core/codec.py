@@ -103,7 +103,7 @@ class PackedKV:
         if all(t.device == dev for t in self.tensors()):
             return self
         moved = [t.to(dev, non_blocking=non_blocking) for t in self.tensors()]
-        return self._with_tensors(moved, tokens=self.tokens)
+        return self.with_tensors(moved, tokens=self.tokens)
 
     def slice(self, start: int | None, end: int | None) -> PackedKV:
         """Tokens ``[start, end)`` (views; Python slice rules: negative, None, clamped)."""
@@ -111,7 +111,7 @@ class PackedKV:
         if idx.step != 1:  # pragma: no cover - range slicing with no step keeps step 1
             raise AssertionError("unexpected slice step")
         s = slice(idx.start, idx.stop)
-        return self._with_tensors([t[s] for t in self.tensors()], tokens=len(idx))
+        return self.with_tensors([t[s] for t in self.tensors()], tokens=len(idx))
 
     @staticmethod
     def cat(parts: Sequence[PackedKV]) -> PackedKV:
@@ -134,16 +134,18 @@ class PackedKV:
                     "move them with .to(device) first."
                 )
         cols = [torch.cat(ts, dim=0) for ts in zip(*(p.tensors() for p in parts), strict=True)]
-        return first._with_tensors(cols, tokens=sum(p.tokens for p in parts))
+        return first.with_tensors(cols, tokens=sum(p.tokens for p in parts))
 
-    def _with_tensors(self, tensors: Sequence[torch.Tensor], tokens: int) -> PackedKV:
+    def with_tensors(self, tensors: Sequence[torch.Tensor], tokens: int | None = None) -> PackedKV:
+        """This object's metadata with other tensors, in ``tensors()`` order (e.g. pinned host
+        copies); ``tokens`` defaults to this object's."""
         k_codes, k_scale, v_codes, v_norm = tensors
         return PackedKV(
             k_codes=k_codes,
             k_scale=k_scale,
             v_codes=v_codes,
             v_norm=v_norm,
-            tokens=tokens,
+            tokens=self.tokens if tokens is None else tokens,
             kv_heads=self.kv_heads,
             head_dim=self.head_dim,
             key_bits=self.key_bits,
