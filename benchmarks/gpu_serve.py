@@ -9,10 +9,15 @@ Phases per configuration (one engine each):
 - ``throughput``: ``--docs`` documents x ``--agents`` agents, round-robin order, ``--out-tokens``
   output tokens, all submitted at once: requests/s and output tok/s.
 
+- ``noreuse``: ``--noreuse-docs`` distinct documents read once, ``--noreuse-out-tokens`` output
+  tokens each, all at once: requests/s, output tok/s and mean inter-token latency.
+
 Configurations (``--configs``): ``bf16`` (prefix caching), ``fp8`` (``kv_cache_dtype=fp8``),
+``turboquant`` (``kv_cache_dtype=turboquant_k8v4``, needs FlashAttention-2),
 ``offload`` (vLLM's native CPU offloading, ``--offload-gib``), ``polykv-gpu`` (store on the GPU,
 ``--store-gib``; with ``--equal-gpu-memory`` it is taken out of the KV cache), ``polykv-cpu``
-(store in pinned host memory, ``--offload-gib`` of it, equal CPU memory with ``offload``).
+(store in pinned host memory, ``--offload-gib`` of it, equal CPU memory with ``offload``);
+``polykv-gpu:lite`` / ``polykv-cpu:lite`` use the polykv-lite preset.
 
 Usage (GPU host with vLLM 0.26 installed)::
 
@@ -73,23 +78,37 @@ def _engine_kwargs(name: str, args: argparse.Namespace) -> dict[str, Any]:
     kw: dict[str, Any] = {}
     if name == "fp8":
         kw["kv_cache_dtype"] = "fp8"
+    elif name == "turboquant":
+        kw["kv_cache_dtype"] = "turboquant_k8v4"
     elif name == "offload":
         kw["kv_offloading_size"] = args.offload_gib
         kw["kv_offloading_backend"] = "native"
     elif name.startswith("polykv"):
         from polykv_vllm.connector.config import kv_transfer_config
 
-        placement = "gpu" if name == "polykv-gpu" else "cpu"
+        # polykv-gpu, polykv-cpu; a ":lite" suffix selects the polykv-lite preset
+        base, _, variant = name.partition(":")
+        placement = {"polykv-gpu": "gpu", "polykv-cpu": "cpu"}[base]
+        preset = "polykv-lite" if variant == "lite" else args.preset
         store = args.store_gib if placement == "gpu" else args.offload_gib
         if placement == "gpu" and args.equal_gpu_memory:
             kv -= int(args.store_gib * GIB)  # the store comes out of the KV cache
         kw["kv_transfer_config"] = kv_transfer_config(
-            placement=placement, store_bytes=int(store * GIB), preset=args.preset
+            placement=placement, store_bytes=int(store * GIB), preset=preset
         )
     elif name != "bf16":
         raise SystemExit(f"unknown config {name!r}")
     kw["kv_cache_memory_bytes"] = kv
     return kw
+
+
+def _polykv_worker() -> Any:
+    """The in-process polykv worker (VLLM_ENABLE_V1_MULTIPROCESSING=0), or None."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+    if not has_kv_transfer_group():
+        return None
+    return getattr(get_kv_transfer_group(), "worker", None)
 
 
 def run_one(name: str, args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
@@ -105,17 +124,23 @@ def run_one(name: str, args: argparse.Namespace, model_dir: str) -> dict[str, An
         max_model_len=args.doc_tokens + args.query_tokens + args.out_tokens + 64,
         enable_prefix_caching=True,
         enforce_eager=args.eager,
+        disable_log_stats=False,  # per-request timestamps (ITL)
         seed=0,
         **kw,
     )
     start_s = time.perf_counter() - t0
     one = SamplingParams(max_tokens=1, temperature=0, detokenize=False)
 
+    from_store: dict[int, int] = {}
+
     def ttft(doc: int, query: int) -> float:
         prompt = TokensPrompt(prompt_token_ids=_doc(doc, args.doc_tokens) + _query(query, 64))
         t = time.perf_counter()
-        llm.generate([prompt], one, use_tqdm=False)
-        return (time.perf_counter() - t) * 1000
+        (out,) = llm.generate([prompt], one, use_tqdm=False)
+        ms = (time.perf_counter() - t) * 1000
+        params = (out.kv_transfer_params or {}).get("polykv", {})
+        from_store[query] = int(params.get("tokens_from_store", 0))
+        return ms
 
     # Warm-up: a first read (stores, for polykv), then the same document after vLLM's prefix
     # cache was emptied (loads, for polykv), so one-time Triton compiles stay out of the figures.
@@ -130,6 +155,17 @@ def run_one(name: str, args: argparse.Namespace, model_dir: str) -> dict[str, An
         ttft(d, 100 + d)
     res["ttft_revisit_ms"] = ttft(0, 3)
     res["ttft_revisit2_ms"] = ttft(0, 4)  # the revisit's blocks now sit in the prefix cache again
+    res["revisit_tokens_from_store"] = from_store.get(3, 0)
+    worker = _polykv_worker()
+    if worker is not None:
+        # the worker's own timers (GPU-synchronised): the revisit's load is the last one
+        worker.flush_timers()
+        t = worker.totals
+        res["revisit_load_ms"] = t.load_seconds[-1] * 1000 if t.load_seconds else None
+        res["store_ms_median"] = sorted(t.store_seconds)[len(t.store_seconds) // 2] * 1000
+        res["store_ms_all"] = [round(x * 1000, 2) for x in t.store_seconds]
+        res["load_ms_all"] = [round(x * 1000, 2) for x in t.load_seconds]
+        res["store_bytes_per_doc_token"] = worker.store.row_bytes / worker.block_size
 
     sp = SamplingParams(max_tokens=args.out_tokens, temperature=0, ignore_eos=True)
     base = 2000
@@ -162,6 +198,35 @@ def run_one(name: str, args: argparse.Namespace, model_dir: str) -> dict[str, An
         throughput_pass2_out_tok_s=sum(len(o.outputs[0].token_ids) for o in outs2) / wall2,
         requests=len(prompts),
     )
+    # 0% reuse: distinct documents, each read once, longer answers (throughput and ITL)
+    sp_long = SamplingParams(max_tokens=args.noreuse_out_tokens, temperature=0, ignore_eos=True)
+    fresh = [
+        TokensPrompt(prompt_token_ids=_doc(50000 + d, args.doc_tokens) + _query(d, 64))
+        for d in range(args.noreuse_docs)
+    ]
+    t = time.perf_counter()
+    outs3 = llm.generate(fresh, sp_long, use_tqdm=False)
+    wall3 = time.perf_counter() - t
+    itl = []
+    for o in outs3:
+        m = getattr(o, "metrics", None)
+        n = len(o.outputs[0].token_ids)
+        if m is not None and n > 1 and getattr(m, "last_token_ts", 0) > 0:
+            itl.append((m.last_token_ts - m.first_token_ts) / (n - 1) * 1000)
+    res.update(
+        noreuse_req_s=len(fresh) / wall3,
+        noreuse_out_tok_s=sum(len(o.outputs[0].token_ids) for o in outs3) / wall3,
+        noreuse_mean_itl_ms=sum(itl) / len(itl) if itl else None,
+    )
+    # bytes held per document: vLLM's KV cache (GPU) from its own block count, the tier's
+    cache = llm.llm_engine.vllm_config.cache_config
+    tokens = (cache.num_gpu_blocks or 0) * cache.block_size
+    kv_bytes = int(kw["kv_cache_memory_bytes"])
+    res["kv_cache_tokens"] = tokens
+    res["kv_bytes_per_doc"] = kv_bytes / tokens * args.doc_tokens if tokens else None
+    if worker is not None:
+        res["store_bytes_per_doc"] = worker.store.row_bytes / worker.block_size * args.doc_tokens
+        res["store_device"] = str(worker.store.device)
     import torch
 
     res["gpu_max_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
@@ -187,12 +252,15 @@ def main() -> None:
     ap.add_argument("--others", type=int, default=12)
     ap.add_argument("--docs", type=int, default=24)
     ap.add_argument("--agents", type=int, default=4)
+    ap.add_argument("--noreuse-docs", type=int, default=32)
+    ap.add_argument("--noreuse-out-tokens", type=int, default=128)
     ap.add_argument("--eager", action="store_true", help="enforce_eager (faster start)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.child:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the worker's timers in-process
         res = run_one(args.child, args, args.model_dir)
         print("RESULT " + json.dumps(res), flush=True)
         return
@@ -217,10 +285,23 @@ def main() -> None:
 
     summary = {"device": torch.cuda.get_device_name(), "args": vars(args), "results": results}
     Path(args.out).write_text(json.dumps(summary, indent=1))
-    keys = ["ttft_cold_ms", "ttft_prefix_hit_ms", "ttft_revisit_ms", "throughput_pass2_req_s"]
-    print("config".ljust(12) + "".join(k[:22].rjust(24) for k in keys))
+    keys = [
+        "ttft_cold_ms",
+        "ttft_prefix_hit_ms",
+        "ttft_revisit_ms",
+        "revisit_load_ms",
+        "throughput_pass1_req_s",
+        "throughput_pass2_req_s",
+        "noreuse_req_s",
+        "noreuse_mean_itl_ms",
+    ]
+    print("config".ljust(16) + "".join(k[:14].rjust(15) for k in keys))
     for r in results:
-        print(r["config"].ljust(12) + "".join(f"{r.get(k, float('nan')):24.2f}" for k in keys))
+        cells = [r.get(k) for k in keys]
+        print(
+            r["config"].ljust(16)
+            + "".join(f"{c:15.2f}" if isinstance(c, float | int) else f"{'-':>15}" for c in cells)
+        )
 
 
 if __name__ == "__main__":

@@ -93,6 +93,7 @@ def test_many_agents_on_one_document_decompress_it_once(llm: LLM, pool: list[lis
     first_visit(llm, doc + [13] * 10, 4, params=[{"doc_id": "shared"}])
     llm.reset_prefix_cache()
     entries = index.num_entries
+    worker.flush_timers()
     loads = len(worker.totals.load_seconds)
     tok = llm.get_tokenizer()
     questions = [
@@ -102,6 +103,7 @@ def test_many_agents_on_one_document_decompress_it_once(llm: LLM, pool: list[lis
     from_store = sorted(vh.polykv_params(o)["tokens_from_store"] for o in outs)
     assert from_store == [0] * 5 + [5 * BS], "one agent loads, the others share its blocks"
     assert all(o.num_cached_tokens == 5 * BS for o in outs)
+    worker.flush_timers()
     assert len(worker.totals.load_seconds) == loads + 1, "exactly one decompression"
     assert index.num_entries == entries, "no second copy of the document"
     assert index.document("shared") == {"blocks": 5, "ready_blocks": 5, "pinned": False}

@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     block_bf16_bytes = sum(c[0].to(torch.bfloat16).numel() * 2 for c in caches)
     phases: dict[str, list[float]] = {"recompute_on": [], "cold": [], "store": [], "apc": []}
     loaded: list[int] = []
+    worker.flush_timers()
     loads_before = len(worker.totals.load_seconds)
     stores_before = len(worker.totals.store_seconds)
     for i, doc in enumerate(docs[:-1]):
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         phases["store"].append(seconds)
         loaded.append(int(params.get("tokens_from_store", 0)))
         phases["apc"].append(_ttft(llm, doc, tag=f"doc-{i}")[0])
+    worker.flush_timers()
     result = {
         "config": vars(args),
         "load_average": os.getloadavg(),

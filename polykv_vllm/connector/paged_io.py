@@ -39,9 +39,15 @@ class PagedIO(Protocol):
     def load(self, packed: Sequence[PackedKV], block_ids: Sequence[int]) -> None:
         """Decode ``packed[layer]`` (``T = len(block_ids) * block_size`` tokens) into the blocks."""
 
-    def store(self, block_ids: Sequence[int]) -> list[PackedKV]:
+    @property
+    def device(self) -> torch.device:
+        """The caches' device."""
+
+    def store(
+        self, block_ids: Sequence[int], out: Sequence[PackedKV] | None = None
+    ) -> list[PackedKV]:
         """Encode the blocks (all layers); returns one :class:`PackedKV` per layer, on the
-        cache's device, tokens in ``block_ids`` order."""
+        cache's device, tokens in ``block_ids`` order (written into ``out`` when given)."""
 
 
 class CpuPagedIO:
@@ -63,6 +69,7 @@ class CpuPagedIO:
         self.layers = list(layers)
         self.ratio = logical_block_size // kernel_bs
         self.layout: CpuBlockLayout = probe_layout(first.dtype, kernel_bs, heads, two_d // 2)
+        self.device = first.device
 
     def load(self, packed: Sequence[PackedKV], block_ids: Sequence[int]) -> None:
         ids = expand_block_ids(block_ids, self.ratio)
@@ -70,13 +77,20 @@ class CpuPagedIO:
             k, v = self.codec.decode(p, dtype=cache.dtype, device=cache.device)
             self.layout.write(cache, ids, k, v)
 
-    def store(self, block_ids: Sequence[int]) -> list[PackedKV]:
+    def store(
+        self, block_ids: Sequence[int], out: Sequence[PackedKV] | None = None
+    ) -> list[PackedKV]:
         ids = expand_block_ids(block_ids, self.ratio)
-        out = []
+        result = []
         for layer, cache in zip(self.layers, self.kv_caches, strict=True):
             k, v = self.layout.read(cache, ids)
-            out.append(self.codec.encode(k, v, layer))
-        return out
+            result.append(self.codec.encode(k, v, layer))
+        if out is None:
+            return result
+        for dst, src in zip(out, result, strict=True):
+            for d, s in zip(dst.tensors(), src.tensors(), strict=True):
+                d.copy_(s)
+        return list(out)
 
 
 class FlashPagedIO:
@@ -110,8 +124,15 @@ class FlashPagedIO:
             moved, self.specs, self.key_caches, self.value_caches, ids
         )
 
-    def store(self, block_ids: Sequence[int]) -> list[PackedKV]:
+    def store(
+        self, block_ids: Sequence[int], out: Sequence[PackedKV] | None = None
+    ) -> list[PackedKV]:
         ids = expand_block_ids(block_ids, self.ratio).to(self.device, non_blocking=True)
         return self.kernels.compress_layers_from_paged(
-            self.specs, self.key_caches, self.value_caches, ids, len(block_ids) * self.block_size
+            self.specs,
+            self.key_caches,
+            self.value_caches,
+            ids,
+            len(block_ids) * self.block_size,
+            out,
         )

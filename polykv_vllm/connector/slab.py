@@ -2,15 +2,24 @@
 
 A row holds one block (``block_size`` tokens, this rank's kv heads) of one layer in the codec's
 own tensors (``docs/FORMAT.md``): ``k_codes [rows, bs, H, kw]``, ``k_scale [rows, bs, H]``,
-``v_codes [rows, bs, H, vw]``, ``v_norm [rows, bs, H]``. Storing or loading a request's blocks
-is one ``index_copy_`` / ``index_select`` per tensor and layer, whatever the number of blocks
-(vLLM's CUDA blocks are 16 tokens: a 4K-token document is 256 blocks, so per-block tensors
-would mean thousands of tiny copies and allocations). Rows are recycled through a free list;
-the scheduler's budget guarantees a free row for every store it plans.
+``v_codes [rows, bs, H, vw]``, ``v_norm [rows, bs, H]``.
+Rows are handed out in runs of consecutive rows (:meth:`BlockSlab.alloc`: never-used rows first,
+then the first free run that fits, else any free rows), so the blocks of a document stored by one
+request are usually one run. A run is read and written through zero-copy views
+(:meth:`BlockSlab.view`): the kernels decode straight from a GPU-resident run and encode straight
+into it, and a pinned host run moves to the GPU in one copy per tensor and layer (vLLM's CUDA
+blocks are 16 tokens: a 4K-token document is 256 blocks, so per-block tensors would mean
+thousands of tiny copies). The scheduler's budget guarantees a free row for every store it plans.
+
+Pinned host slabs are written from the GPU on a side stream (:meth:`BlockSlab.write`), so the
+device-to-host copy of a stored document overlaps the next steps' compute; every later reader
+orders itself after it (:meth:`BlockSlab.ready_for_device` on the GPU,
+:meth:`BlockSlab.ready_for_host` on the CPU).
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,7 +27,17 @@ import torch
 
 from polykv_vllm.core import KVCodec, PackedKV
 
-__all__ = ["BlockSlab"]
+__all__ = ["BlockSlab", "Run", "first_invalid_block"]
+
+
+@dataclass(frozen=True)
+class Run:
+    """``length`` blocks at ``offset`` in a request's slot list that sit in the consecutive slab
+    rows ``row .. row + length - 1``."""
+
+    offset: int
+    row: int
+    length: int
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,8 +97,12 @@ class BlockSlab:
         self.row_bytes = sum(
             t[0].numel() * t.element_size() for s in self.layers for t in s.tensors()
         )
+        self.capacity = capacity
         self._rows: dict[int, int] = {}
-        self._free = list(range(capacity - 1, -1, -1))
+        self._fresh = 0  # rows >= this were never used
+        self._free: list[int] = []  # recycled rows, sorted
+        self._pending: torch.cuda.Event | None = None  # last side-stream write to a host slab
+        self._side: torch.cuda.Stream | None = None
 
     def __contains__(self, slot: int) -> bool:
         return slot in self._rows
@@ -98,23 +121,118 @@ class BlockSlab:
     def row(self, slot: int) -> int:
         return self._rows[slot]
 
+    @property
+    def free_rows(self) -> int:
+        return self.capacity - len(self._rows)
+
+    def alloc(self, slots: Sequence[int]) -> list[Run]:
+        """Give each of ``slots`` (new) a free row, consecutive where possible; the runs."""
+        n = len(slots)
+        assert self.free_rows >= n, "the scheduler planned more blocks than fit"
+        assert not any(s in self._rows for s in slots), "slot stored twice"
+        if self._fresh + n <= self.capacity:
+            rows = list(range(self._fresh, self._fresh + n))
+            self._fresh += n
+        else:
+            rows = self._take_recycled(n)
+        for slot, row in zip(slots, rows, strict=True):
+            self._rows[slot] = row
+        return self.runs(slots)
+
+    def _take_recycled(self, n: int) -> list[int]:
+        """``n`` rows: never-used ones plus recycled ones, as one run when a run fits."""
+        free = self._free + list(range(self._fresh, self.capacity))  # sorted
+        start = next((i for i in range(len(free) - n + 1) if free[i + n - 1] - free[i] == n - 1), 0)
+        rows = free[start : start + n]
+        taken = set(rows)
+        self._fresh = self.capacity
+        self._free = [r for r in free if r not in taken]
+        return rows
+
+    def runs(self, slots: Sequence[int]) -> list[Run]:
+        """``slots`` (all present) split into runs of consecutive rows, in order."""
+        out: list[Run] = []
+        start = 0
+        for i in range(1, len(slots) + 1):
+            if i == len(slots) or self._rows[slots[i]] != self._rows[slots[i - 1]] + 1:
+                out.append(Run(start, self._rows[slots[start]], i - start))
+                start = i
+        return out
+
+    def view(self, row: int, length: int) -> list[PackedKV]:
+        """Rows ``row .. row + length - 1`` per layer, as zero-copy :class:`PackedKV` views
+        (``length * block_size`` tokens). Host views written from the GPU are valid on the host
+        only after :meth:`ready_for_host`, on the GPU's current stream after
+        :meth:`ready_for_device`."""
+        tokens = length * self.block_size
+        out = []
+        for slab in self.layers:
+            k_codes, k_scale, v_codes, v_norm = (
+                t.narrow(0, row, length).reshape(tokens, *t.shape[2:]) for t in slab.tensors()
+            )
+            out.append(
+                PackedKV(
+                    k_codes=k_codes,
+                    k_scale=k_scale,
+                    v_codes=v_codes,
+                    v_norm=v_norm,
+                    tokens=tokens,
+                    kv_heads=self.kv_heads,
+                    head_dim=self.head_dim,
+                    key_bits=slab.key_bits,
+                    value_bits=slab.value_bits,
+                )
+            )
+        return out
+
+    def write(self, run: Run, per_layer: Sequence[PackedKV], offset: int = 0) -> None:
+        """Copy tokens ``offset ..`` of ``per_layer`` (one entry per layer) into ``run``'s rows.
+
+        GPU sources into a pinned host slab are copied on a side stream that first waits for the
+        current stream (the source is complete, and earlier readers of these rows are done);
+        later readers wait for it through :meth:`ready_for_device` / :meth:`ready_for_host`.
+        """
+        assert len(per_layer) == len(self.layers)
+        begin, tokens = offset, run.length * self.block_size
+        dsts = [t for p in self.view(run.row, run.length) for t in p.tensors()]
+        srcs = [t.narrow(0, begin, tokens) for p in per_layer for t in p.tensors()]
+        async_d2h = self.device.type == "cpu" and srcs[0].is_cuda
+        if not async_d2h:
+            for dst, src in zip(dsts, srcs, strict=True):
+                dst.copy_(src, non_blocking=True)
+            return
+        main = torch.cuda.current_stream(srcs[0].device)
+        if self._side is None:
+            self._side = torch.cuda.Stream(srcs[0].device)
+        self._side.wait_stream(main)
+        with torch.cuda.stream(self._side):
+            for dst, src in zip(dsts, srcs, strict=True):
+                dst.copy_(src, non_blocking=True)
+        for src in srcs:
+            src.record_stream(self._side)  # the allocator keeps it until the copy is done
+        self._pending = self._side.record_event()
+
+    def ready_for_device(self) -> None:
+        """Make the current CUDA stream wait for pending writes into a host slab."""
+        if self._pending is not None:
+            torch.cuda.current_stream().wait_event(self._pending)
+
+    def ready_for_host(self) -> None:
+        """Block until pending writes into a host slab are done (before reading it on the CPU)."""
+        if self._pending is not None:
+            self._pending.synchronize()
+            self._pending = None
+
     def put(self, slots: Sequence[int], per_layer: Sequence[PackedKV]) -> None:
         """Store ``per_layer[i]`` (``len(slots) * block_size`` tokens, blocks in ``slots``
         order) into fresh rows."""
-        assert len(per_layer) == len(self.layers)
-        assert len(self._free) >= len(slots), "the scheduler planned more blocks than fit"
-        rows = [self._free.pop() for _ in slots]
-        for slot, row in zip(slots, rows, strict=True):
-            self._rows[slot] = row
-        index = torch.tensor(rows, dtype=torch.int64, device=self.device)
-        n = len(rows)
-        for slab, packed in zip(self.layers, per_layer, strict=True):
-            for dst, src in zip(slab.tensors(), packed.tensors(), strict=True):
-                src = src.reshape(n, self.block_size, *src.shape[1:]).to(self.device)
-                dst.index_copy_(0, index, src)
+        for run in self.alloc(slots):
+            self.write(run, per_layer, offset=run.offset * self.block_size)
 
     def get(self, slots: Sequence[int]) -> list[PackedKV]:
-        """The blocks of ``slots`` (all present), per layer, tokens in ``slots`` order."""
+        """A copy of the blocks of ``slots`` (all present), per layer, tokens in ``slots``
+        order."""
+        self.ready_for_host()
         index = torch.tensor([self._rows[s] for s in slots], dtype=torch.int64)
         index = index.to(self.device)
         tokens = len(slots) * self.block_size
@@ -140,20 +258,26 @@ class BlockSlab:
 
     def first_invalid(self, slots: Sequence[int], per_layer: Sequence[PackedKV]) -> int | None:
         """Index in ``slots`` of the first block whose scales/norms are not finite in some
-        layer (one device sync for the whole request), or None."""
-        bad = torch.zeros(len(slots), dtype=torch.bool, device=per_layer[0].device)
-        for p in per_layer:
-            for t in (p.k_scale, p.v_norm):
-                rows = t.reshape(len(slots), -1)
-                bad |= ~torch.isfinite(rows).all(dim=1)
-        flags = bad.tolist()
-        return flags.index(True) if True in flags else None
+        layer, or None. ``per_layer`` holds the blocks in ``slots`` order (a copy, or views of
+        runs); a few kernels and one device sync for the whole request."""
+        return first_invalid_block(len(slots), per_layer)
 
     def drop(self, slot: int) -> None:
         row = self._rows.pop(slot, None)
         if row is not None:
-            self._free.append(row)
+            bisect.insort(self._free, row)
 
     def clear(self) -> None:
         for slot in list(self._rows):
             self.drop(slot)
+
+
+def first_invalid_block(blocks: int, per_layer: Sequence[PackedKV]) -> int | None:
+    """Index of the first of ``blocks`` equal-sized blocks whose scales or norms are not finite
+    in some layer of ``per_layer``, or None (one concatenation, one reduction, one sync)."""
+    if blocks == 0:
+        return None
+    scales = [t.reshape(blocks, -1) for p in per_layer for t in (p.k_scale, p.v_norm)]
+    good = torch.isfinite(torch.cat(scales, dim=1)).all(dim=1)
+    flags = good.tolist()
+    return flags.index(False) if False in flags else None

@@ -23,7 +23,8 @@ import torch
 
 from polykv_vllm.connector.metadata import BlockJob, StepPlan, WorkerReport
 from polykv_vllm.connector.paged_io import PagedIO
-from polykv_vllm.connector.slab import BlockSlab
+from polykv_vllm.connector.slab import BlockSlab, first_invalid_block
+from polykv_vllm.core import PackedKV
 
 __all__ = ["PolyKVWorker", "WorkerCounters"]
 
@@ -32,7 +33,12 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class WorkerCounters:
-    """What this worker did since the last :meth:`PolyKVWorker.take_counters`."""
+    """What this worker did since the last :meth:`PolyKVWorker.take_counters`.
+
+    Load and store times are the work's time on the device's stream (CUDA events, no host sync)
+    or wall time (CPU builds); a time appears once the GPU has finished that work
+    (:meth:`PolyKVWorker.flush_timers` waits for all).
+    """
 
     load_seconds: list[float] = dataclasses.field(default_factory=list)
     store_seconds: list[float] = dataclasses.field(default_factory=list)
@@ -58,6 +64,7 @@ class PolyKVWorker:
         self.counters = WorkerCounters()
         #: the same, never reset (for tests and benchmarks in the engine's process)
         self.totals = WorkerCounters()
+        self._spans: list[tuple[str, _Span]] = []  # timings the GPU has not finished yet
 
     def bind(self, io: PagedIO, store: BlockSlab) -> None:
         self.io = io
@@ -96,23 +103,52 @@ class PolyKVWorker:
         return errors
 
     def take_counters(self) -> WorkerCounters:
+        self._drain_spans(wait=False)
         out, self.counters = self.counters, WorkerCounters()
         return out
+
+    def flush_timers(self) -> None:
+        """Wait for the GPU work of every timed load/store and record the times."""
+        self._drain_spans(wait=True)
+
+    def _drain_spans(self, wait: bool) -> None:
+        pending = []
+        for kind, span in self._spans:
+            if wait or span.done():
+                seconds = span.seconds()
+                for c in (self.counters, self.totals):
+                    getattr(c, f"{kind}_seconds").append(seconds)
+            else:
+                pending.append((kind, span))
+        self._spans = pending
 
     # --- transfers -------------------------------------------------------------------------
 
     def _load(self, job: BlockJob) -> None:
         assert self.io is not None, "register_kv_caches must run before the first load"
-        start = time.perf_counter()
         store = self.store
+        timer = _Span.start(self.io.device)
         good = next((i for i, s in enumerate(job.slots) if s not in store), len(job.slots))
         reason = "missing"
-        per_layer = store.get(job.slots[:good]) if good else []
-        if good:
-            bad = store.first_invalid(job.slots[:good], per_layer)
+        runs = store.runs(job.slots[:good]) if good else []
+        if runs:
+            # the runs' rows on the cache's device: views of a GPU slab, one copy per tensor and
+            # layer from a pinned host slab
+            if self.io.device.type == "cuda":
+                store.ready_for_device()
+            else:
+                store.ready_for_host()
+            parts = [
+                [p.to(self.io.device, non_blocking=True) for p in store.view(r.row, r.length)]
+                for r in runs
+            ]
+            per_layer = [
+                PackedKV.cat(list(layer)) if len(parts) > 1 else layer[0]
+                for layer in zip(*parts, strict=True)
+            ]
+            bad = first_invalid_block(good, per_layer)
             if bad is not None:
                 good, reason = bad, "invalid"
-                per_layer = [p.slice(0, good * self.block_size) for p in per_layer]
         if good < len(job.slots):
             slot = job.slots[good]
             logger.warning(
@@ -131,29 +167,68 @@ class PolyKVWorker:
             self.totals.load_failures += 1
         if good == 0:
             return
+        if good * self.block_size < per_layer[0].tokens:
+            per_layer = [p.slice(0, good * self.block_size) for p in per_layer]
         self.io.load(per_layer, job.block_ids[:good])
-        _sync()
-        seconds = time.perf_counter() - start
-        for c in (self.counters, self.totals):
-            c.load_seconds.append(seconds)
-            c.tokens_decompressed += good * self.block_size
+        self._record("load", timer.stop(), good)
 
     def _save(self, job: BlockJob) -> None:
         assert self.io is not None, "register_kv_caches must run before the first store"
-        start = time.perf_counter()
-        per_layer = self.io.store(job.block_ids)
-        self.store.put(job.slots, per_layer)
-        row_bytes = self.store.row_bytes
+        store = self.store
+        timer = _Span.start(self.io.device)
+        runs = store.alloc(job.slots)
+        direct = len(runs) == 1 and store.device == self.io.device
+        if direct:  # one run on the cache's device: the kernels encode straight into it
+            self.io.store(job.block_ids, out=store.view(runs[0].row, runs[0].length))
+        else:
+            per_layer = self.io.store(job.block_ids)
+            for run in runs:
+                store.write(run, per_layer, offset=run.offset * self.block_size)
+        row_bytes = store.row_bytes
         for slot in job.slots:
             self._report.stored[slot] = [row_bytes, 1]
-        _sync()
-        seconds = time.perf_counter() - start
+        self._record("store", timer.stop(), len(job.slots))
+
+    def _record(self, kind: str, span: _Span, blocks: int) -> None:
+        self._spans.append((kind, span))
         for c in (self.counters, self.totals):
-            c.store_seconds.append(seconds)
-            c.tokens_compressed += len(job.slots) * self.block_size
+            if kind == "load":
+                c.tokens_decompressed += blocks * self.block_size
+            else:
+                c.tokens_compressed += blocks * self.block_size
 
 
-def _sync() -> None:
-    """Wait for queued GPU work, so the timers measure it (a no-op on CPU builds)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+class _Span:
+    """Time of a piece of work on the device's current stream (CUDA events: no host sync), or
+    wall time on the CPU. :meth:`seconds` waits for the end event."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._cuda = device.type == "cuda"
+        self._events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+        self._t0 = time.perf_counter()
+        self._t1: float | None = None
+        if self._cuda:
+            begin = torch.cuda.Event(enable_timing=True)
+            begin.record()
+            self._events = (begin, torch.cuda.Event(enable_timing=True))
+
+    @classmethod
+    def start(cls, device: torch.device) -> _Span:
+        return cls(device)
+
+    def stop(self) -> _Span:
+        if self._events is not None:
+            self._events[1].record()
+        else:
+            self._t1 = time.perf_counter()
+        return self
+
+    def done(self) -> bool:
+        return self._events is None or self._events[1].query()
+
+    def seconds(self) -> float:
+        if self._events is not None:
+            self._events[1].synchronize()
+            return self._events[0].elapsed_time(self._events[1]) / 1000
+        assert self._t1 is not None
+        return self._t1 - self._t0
