@@ -169,3 +169,22 @@ def test_worker_loads_a_request_spread_over_several_runs() -> None:
     worker.flush_timers()
     assert len(worker.totals.load_seconds) == 1 and len(worker.totals.store_seconds) == 2
     assert worker.totals.tokens_decompressed == 3 * bs
+
+
+def test_warm_up_touches_only_the_given_block() -> None:
+    """The start-up warm-up runs both kernels on one block (vLLM's null block 0) and leaves
+    every other block as it was."""
+    from polykv_vllm.connector.paged_io import FlashPagedIO
+
+    layers, heads, dim, bs, blocks = 2, 2, 64, 16, 4
+    codec = KVCodec("polykv", num_layers=layers, head_dim=dim)
+    g = torch.Generator().manual_seed(9)
+    caches = [torch.randn(blocks, heads, bs, 2 * dim, generator=g) for _ in range(layers)]
+    before = [c.clone() for c in caches]
+    io = FlashPagedIO(codec, caches, list(range(layers)), dim, bs)
+    assert io.warm_up(block_id=0) >= 0
+    for layer, (c, b) in enumerate(zip(caches, before, strict=True)):
+        assert torch.equal(c[1:], b[1:]), "other blocks untouched"
+        ref_k, ref_v = codec.decode(codec.encode(*_kv(b[[0]], dim), layer), torch.float32)
+        got_k, got_v = _kv(c[[0]], dim)
+        assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v)

@@ -244,9 +244,14 @@ class PolyKVConnector(KVConnectorBase_V1):
         if caches[0].device.type == "cpu" and _is_cpu():
             io = CpuPagedIO(self.codec, caches, layers, self.facts.block_size)
         else:
-            io = FlashPagedIO(
+            flash = FlashPagedIO(
                 self.codec, caches, layers, self.facts.head_dim, self.facts.block_size
             )
+            if caches[0].device.type == "cuda":
+                # vLLM's block 0 is its null block: no request's data lives there
+                seconds = flash.warm_up(block_id=0)
+                logger.info("polykv: kernels ready in %.1f s (compiled at start-up)", seconds)
+            io = flash
         # as many rows as the scheduler's budget can hold blocks
         capacity = self.config.store_bytes // store_geometry(self.codec, self.facts).block_bytes
         store = BlockSlab(

@@ -13,6 +13,7 @@ when the attention backend uses smaller physical blocks.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -116,6 +117,17 @@ class FlashPagedIO:
         self.block_size = logical_block_size
         self.device = self.key_caches[0].device
         self.specs: list[LayerSpec] = [codec.layer_spec(i, head_dim) for i in layers]
+
+    def warm_up(self, block_id: int = 0) -> float:
+        """Run the store and load kernels once on ``block_id`` (default vLLM's null block 0,
+        which holds no request's data), so Triton compiles them at start-up instead of inside
+        the first request that stores or loads (about a second each on an H100). Returns the
+        seconds it took."""
+        start = time.perf_counter()
+        self.load(self.store([block_id]), [block_id])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
 
     def load(self, packed: Sequence[PackedKV], block_ids: Sequence[int]) -> None:
         ids = expand_block_ids(block_ids, self.ratio).to(self.device, non_blocking=True)

@@ -125,7 +125,9 @@ DEFAULT_DECODE_CONFIG = KernelConfig(rows=64, num_warps=4, programs_per_sm=4)
 DEFAULT_ENCODE_CONFIG = KernelConfig(rows=32, num_warps=8, programs_per_sm=8)
 
 
-@triton.jit
+# Sizes are runtime values (no specialisation on them): one compile per model and setting,
+# whatever the document length, so a warm-up at start-up covers every later call.
+@triton.jit(do_not_specialize=["num_rows", "tiles_per_layer", "total_tiles"])
 def _decode_kernel(
     codes_tab,  # int64 [L]: address of each layer's codes (int8 [T,H,D] or uint8 [T,H,row_bytes])
     scale_tab,  # int64 [L]: address of each layer's fp16 [T,H] scale (int8) or norm (rotated)
@@ -230,7 +232,7 @@ def _decode_kernel(
         tl.store(cache + dst_row[:, None] + cols[None, :] * s_d, out.to(OUT_DTYPE), mask=omask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "tiles_per_layer", "total_tiles"])
 def _encode_kernel(
     cache_tab,  # int64 [L]: address of each layer's cache view [num_blocks, block_size, H, D]
     codes_tab,  # int64 [L]: output codes (int8 [T,H,D] or uint8 [T,H,row_bytes])
