@@ -68,3 +68,19 @@ def test_rotation_keeps_dtype_and_norm(dtype: torch.dtype) -> None:
         torch.linalg.vector_norm(x.float(), dim=-1),
         rtol=tol,
     )
+
+
+@pytest.mark.parametrize("dim", DIMS)
+def test_cpu_matrix_product_equals_the_butterfly(dim: int) -> None:
+    """On the CPU fwht is a product with hadamard_matrix; it must be the butterfly's transform."""
+    from polykv_vllm.core.hadamard import fwht_butterfly, hadamard_matrix
+
+    x = torch.randn(6, 3, dim, dtype=torch.float64)
+    assert torch.allclose(fwht(x), fwht_butterfly(x), atol=1e-12)
+    x32 = x.float()
+    assert torch.allclose(fwht(x32), fwht_butterfly(x32), atol=1e-5)
+    xb = x32.bfloat16()
+    got = fwht(xb)
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), fwht_butterfly(xb.float()), atol=2e-2)
+    assert torch.equal(hadamard_matrix(dim), fwht_butterfly(torch.eye(dim, dtype=torch.float64)))

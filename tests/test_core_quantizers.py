@@ -104,3 +104,12 @@ def test_zero_vectors_decode_to_zero() -> None:
     for corr in (False, True):
         out = rotated_decode(packed, norm, 3, signs, lloyd_max.centroids(3), corr)
         assert torch.equal(out, torch.zeros_like(v))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_codes_equal_bucketize_including_values_on_a_threshold(bits: int) -> None:
+    from polykv_vllm.core.quantizers import _bucket
+
+    bounds = lloyd_max.boundaries(bits).to(torch.float32)
+    z = torch.cat([torch.randn(4096) * 1.5, bounds, bounds.nextafter(torch.tensor(9.0))])
+    assert torch.equal(_bucket(z, bounds).to(torch.int64), torch.bucketize(z, bounds))

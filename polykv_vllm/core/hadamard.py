@@ -14,7 +14,15 @@ import math
 
 import torch
 
-__all__ = ["block_sizes", "fwht", "random_signs", "rotate", "unrotate"]
+__all__ = [
+    "block_sizes",
+    "fwht",
+    "fwht_butterfly",
+    "hadamard_matrix",
+    "random_signs",
+    "rotate",
+    "unrotate",
+]
 
 
 @functools.cache
@@ -60,12 +68,34 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
 
     ``x``: float ``[..., D]``; returns a new tensor of the same shape and dtype. The transform is
     symmetric and its own inverse (``fwht(fwht(x)) == x`` up to round-off).
+
+    On the CPU it is one matrix product with the transform's matrix (built once per ``D`` from
+    the butterfly below; 5-10x faster there than the butterfly's log2(D) passes), in float32 (or
+    float64 for float64 input); on other devices the butterfly itself, in the input's dtype.
+    Both agree to float round-off.
     """
+    if x.device.type == "cpu":
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return (x.to(compute) @ hadamard_matrix(x.shape[-1], compute)).to(x.dtype)
+    return fwht_butterfly(x)
+
+
+def fwht_butterfly(x: torch.Tensor) -> torch.Tensor:
+    """:func:`fwht` by butterflies (the definition; any device and dtype)."""
     blocks = block_sizes(x.shape[-1])
     if len(blocks) == 1:
         return _fwht_pow2(x)
     parts = torch.split(x, list(blocks), dim=-1)
     return torch.cat([_fwht_pow2(p) for p in parts], dim=-1)
+
+
+@functools.cache
+def hadamard_matrix(dim: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The symmetric ``[dim, dim]`` matrix ``H`` of :func:`fwht` (``fwht(x) == x @ H``), on the
+    CPU: the butterfly applied to the identity in float64, so entries are exactly
+    ``±1/sqrt(m)`` inside each block and 0 outside, then cast to ``dtype``."""
+    eye = torch.eye(dim, dtype=torch.float64)
+    return fwht_butterfly(eye).to(dtype)
 
 
 def rotate(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:

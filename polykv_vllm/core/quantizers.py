@@ -57,9 +57,25 @@ def rotated_encode(
     norm = torch.linalg.vector_norm(xf, dim=-1)
     safe = torch.where(norm > 0, norm, torch.ones_like(norm)).unsqueeze(-1)
     z = rotate(xf / safe, signs) * math.sqrt(d)
-    # bucketize(right=False): z equal to a threshold takes the lower code, like argmin |z - c|.
-    codes = torch.bucketize(z, boundaries.to(device=z.device, dtype=torch.float32))
-    return bitpack.pack(codes, bits), norm.to(torch.float16)
+    return bitpack.pack(_bucket(z, boundaries), bits), norm.to(torch.float16)
+
+
+def _bucket(z: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:
+    """The code of each value: how many thresholds lie strictly below it (a value equal to a
+    threshold takes the lower code, like argmin |z - c|) — ``torch.bucketize(z, boundaries)``.
+
+    Up to 15 thresholds (4 bits) it is one compare-and-add pass per threshold, which is 2-3x
+    faster than bucketize's per-element binary search on the CPU; the codes are identical.
+    """
+    bounds = boundaries.to(dtype=torch.float32)
+    if bounds.numel() > 15:
+        return torch.bucketize(z, bounds.to(z.device))
+    # thresholds as Python floats when they live on the CPU (no device sync), else 0-d tensors
+    values = bounds.tolist() if bounds.device.type == "cpu" else list(bounds.to(z.device))
+    codes = torch.zeros(z.shape, dtype=torch.uint8, device=z.device)
+    for b in values:
+        codes += z > b
+    return codes
 
 
 def rotated_decode(
