@@ -20,7 +20,7 @@ orders itself after it (:meth:`BlockSlab.ready_for_device` on the GPU,
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -164,26 +164,7 @@ class BlockSlab:
         (``length * block_size`` tokens). Host views written from the GPU are valid on the host
         only after :meth:`ready_for_host`, on the GPU's current stream after
         :meth:`ready_for_device`."""
-        tokens = length * self.block_size
-        out = []
-        for slab in self.layers:
-            k_codes, k_scale, v_codes, v_norm = (
-                t.narrow(0, row, length).reshape(tokens, *t.shape[2:]) for t in slab.tensors()
-            )
-            out.append(
-                PackedKV(
-                    k_codes=k_codes,
-                    k_scale=k_scale,
-                    v_codes=v_codes,
-                    v_norm=v_norm,
-                    tokens=tokens,
-                    kv_heads=self.kv_heads,
-                    head_dim=self.head_dim,
-                    key_bits=slab.key_bits,
-                    value_bits=slab.value_bits,
-                )
-            )
-        return out
+        return self._packed(lambda t: t.narrow(0, row, length), length)
 
     def write(self, run: Run, per_layer: Sequence[PackedKV], offset: int = 0) -> None:
         """Copy tokens ``offset ..`` of ``per_layer`` (one entry per layer) into ``run``'s rows.
@@ -235,11 +216,16 @@ class BlockSlab:
         self.ready_for_host()
         index = torch.tensor([self._rows[s] for s in slots], dtype=torch.int64)
         index = index.to(self.device)
-        tokens = len(slots) * self.block_size
+        return self._packed(lambda t: t.index_select(0, index), len(slots))
+
+    def _packed(self, rows: Callable[[torch.Tensor], torch.Tensor], blocks: int) -> list[PackedKV]:
+        """Per layer, the :class:`PackedKV` of ``blocks`` rows taken by ``rows`` from each slab
+        tensor (a view or a copy), tokens in row order."""
+        tokens = blocks * self.block_size
         out = []
         for slab in self.layers:
             k_codes, k_scale, v_codes, v_norm = (
-                t.index_select(0, index).reshape(tokens, *t.shape[2:]) for t in slab.tensors()
+                rows(t).reshape(tokens, *t.shape[2:]) for t in slab.tensors()
             )
             out.append(
                 PackedKV(
