@@ -70,8 +70,9 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     symmetric and its own inverse (``fwht(fwht(x)) == x`` up to round-off).
 
     On the CPU it is one matrix product with the transform's matrix (built once per ``D`` from
-    the butterfly below; 5-10x faster there than the butterfly's log2(D) passes), in float32 (or
-    float64 for float64 input); on other devices the butterfly itself, in the input's dtype.
+    the butterfly below; faster there than the butterfly's log2(D) passes, see
+    ``benchmarks/codec_cpu_speed.py``), in float32 (or float64 for float64 input); on other
+    devices the butterfly itself, in the input's dtype.
     Both agree to float round-off.
     """
     if x.device.type == "cpu":
