@@ -17,6 +17,9 @@ Configurations (``--configs``, each its own server, one after the other, same
 - ``polykv-gpu`` / ``polykv-cpu``: ``--kv-cache-plugin polykv --polykv-placement gpu|cpu
   --polykv-store-bytes ...`` (GPU store ``--store-gib``; CPU store ``--offload-gib``, the same
   host memory as ``offload``).
+- ``fp8+offload`` / ``tq+offload``: ``offload`` with ``--kv-cache-dtype fp8`` /
+  ``--turboquant-dtype``; ``polykv-gpu-fp8`` / ``polykv-cpu-fp8``: the polykv ones with
+  ``--kv-cache-dtype fp8``.
 
 The server runs as ``python -m polykv_vllm.cli serve`` (vLLM's CLI with the plugin registered
 explicitly, so ``--kv-cache-plugin`` works where the package is only on ``PYTHONPATH`` and its
@@ -74,7 +77,18 @@ from gpu_serve import LLAMA3_8B  # noqa: E402
 logger = logging.getLogger("gpu_bench_serve")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ("bf16", "fp8", "turboquant", "offload", "polykv-gpu", "polykv-cpu")
+CONFIGS = (
+    "bf16",
+    "fp8",
+    "turboquant",
+    "offload",
+    "polykv-gpu",
+    "polykv-cpu",
+    "fp8+offload",
+    "tq+offload",
+    "polykv-gpu-fp8",
+    "polykv-cpu-fp8",
+)
 GIB = 2**30
 # Files a HF tokenizer may consist of; whichever exist are copied.
 TOKENIZER_FILES = (
@@ -203,6 +217,11 @@ def default_tokenizer_dir() -> Path:
 def config_flags(name: str, a: argparse.Namespace) -> list[str]:
     """vLLM flags that make configuration ``name`` (the KV cache size included)."""
     kv = a.kv_cache_bytes
+    if name in ("fp8+offload", "tq+offload"):  # a quantized KV cache + native offloading
+        dtype = "fp8" if name == "fp8+offload" else a.turboquant_dtype
+        return ["--kv-cache-dtype", dtype, *config_flags("offload", a)]
+    if name in ("polykv-gpu-fp8", "polykv-cpu-fp8"):  # polykv behind an fp8 working cache
+        return ["--kv-cache-dtype", "fp8", *config_flags(name.removesuffix("-fp8"), a)]
     if name == "bf16":
         flags: list[str] = []
     elif name == "fp8":

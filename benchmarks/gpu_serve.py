@@ -20,7 +20,9 @@ Configurations (``--configs``): ``bf16`` (prefix caching), ``fp8`` (``kv_cache_d
 ``offload`` (vLLM's native CPU offloading, ``--offload-gib``), ``polykv-gpu`` (store on the GPU,
 ``--store-gib``; with ``--equal-gpu-memory`` it is taken out of the KV cache), ``polykv-cpu``
 (store in pinned host memory, ``--offload-gib`` of it, equal CPU memory with ``offload``);
-``polykv-gpu:lite`` / ``polykv-cpu:lite`` use the polykv-lite preset.
+``polykv-gpu:lite`` / ``polykv-cpu:lite`` use the polykv-lite preset; ``fp8+offload``,
+``tq+offload``, ``polykv-gpu-fp8``, ``polykv-cpu-fp8`` combine an fp8 / turboquant KV cache
+with the CPU tier (:data:`CONFIGS`).
 
 Usage (GPU host with vLLM 0.26 installed)::
 
@@ -77,33 +79,75 @@ def _query(i: int, n: int) -> list[int]:
     return [rng.randrange(1000, 120000) for _ in range(n)]
 
 
-def _engine_kwargs(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    kv = int(args.kv_gib * GIB)
+# name -> (kv_cache_dtype or None for the model's, CPU tier: None / "offload" / polykv placement)
+CONFIGS: dict[str, tuple[str | None, str | None]] = {
+    "bf16": (None, None),
+    "fp8": ("fp8", None),
+    "turboquant": ("turboquant_k8v4", None),
+    "offload": (None, "offload"),
+    "fp8+offload": ("fp8", "offload"),
+    "tq+offload": ("turboquant_k8v4", "offload"),
+    "polykv-gpu": (None, "gpu"),
+    "polykv-cpu": (None, "cpu"),
+    "polykv-gpu-fp8": ("fp8", "gpu"),
+    "polykv-cpu-fp8": ("fp8", "cpu"),
+}
+
+
+def engine_kwargs(
+    name: str,
+    *,
+    kv_gib: float,
+    cpu_gib: float,
+    store_gib: float,
+    preset: str = "polykv",
+    equal_gpu_memory: bool = False,
+) -> dict[str, Any]:
+    """``LLM(...)`` keyword arguments of configuration ``name`` (a key of :data:`CONFIGS`, a
+    polykv one optionally with ``:lite`` for the polykv-lite preset).
+
+    ``kv_gib``: GPU KV cache (``kv_cache_memory_bytes``); ``cpu_gib``: host memory of native
+    offloading and of the polykv CPU store; ``store_gib``: the polykv GPU store, taken out of
+    the KV cache when ``equal_gpu_memory``.
+    """
+    base, _, variant = name.partition(":")
+    if base not in CONFIGS or (variant and (variant != "lite" or not base.startswith("polykv"))):
+        raise SystemExit(
+            f"unknown config {name!r}: choose from {', '.join(CONFIGS)} "
+            "(polykv ones also with ':lite')"
+        )
+    dtype, tier = CONFIGS[base]
+    kv = int(kv_gib * GIB)
     kw: dict[str, Any] = {}
-    if name == "fp8":
-        kw["kv_cache_dtype"] = "fp8"
-    elif name == "turboquant":
-        kw["kv_cache_dtype"] = "turboquant_k8v4"
-    elif name == "offload":
-        kw["kv_offloading_size"] = args.offload_gib
+    if dtype is not None:
+        kw["kv_cache_dtype"] = dtype
+    if tier == "offload":
+        kw["kv_offloading_size"] = cpu_gib
         kw["kv_offloading_backend"] = "native"
-    elif name.startswith("polykv"):
+    elif tier in ("gpu", "cpu"):
         from polykv_vllm.connector.config import kv_transfer_config
 
-        # polykv-gpu, polykv-cpu; a ":lite" suffix selects the polykv-lite preset
-        base, _, variant = name.partition(":")
-        placement = {"polykv-gpu": "gpu", "polykv-cpu": "cpu"}[base]
-        preset = "polykv-lite" if variant == "lite" else args.preset
-        store = args.store_gib if placement == "gpu" else args.offload_gib
-        if placement == "gpu" and args.equal_gpu_memory:
-            kv -= int(args.store_gib * GIB)  # the store comes out of the KV cache
+        store = store_gib if tier == "gpu" else cpu_gib
+        if tier == "gpu" and equal_gpu_memory:
+            kv -= int(store_gib * GIB)  # the store comes out of the KV cache
         kw["kv_transfer_config"] = kv_transfer_config(
-            placement=placement, store_bytes=int(store * GIB), preset=preset
+            placement=tier,
+            store_bytes=int(store * GIB),
+            preset="polykv-lite" if variant == "lite" else preset,
         )
-    elif name != "bf16":
-        raise SystemExit(f"unknown config {name!r}")
     kw["kv_cache_memory_bytes"] = kv
     return kw
+
+
+def _engine_kwargs(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    return engine_kwargs(
+        name,
+        kv_gib=args.kv_gib,
+        cpu_gib=args.offload_gib,
+        store_gib=args.store_gib,
+        preset=args.preset,
+        equal_gpu_memory=args.equal_gpu_memory,
+    )
 
 
 def _polykv_worker() -> Any:

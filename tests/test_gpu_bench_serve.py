@@ -82,13 +82,15 @@ def test_server_command_parses_with_vllm(
     assert ns.enforce_eager and ns.gpu_memory_utilization == 0.5
     assert ns.kv_cache_memory_bytes == 1_000_000
     assert ns.max_model_len == 4096 + 64 + 32 + 128
-    expected_dtype = {"fp8": "fp8", "turboquant": "turboquant_k8v4"}.get(name, "auto")
+    expected_dtype = {"turboquant": "turboquant_k8v4", "tq+offload": "turboquant_k8v4"}.get(
+        name, "fp8" if "fp8" in name else "auto"
+    )
     assert ns.kv_cache_dtype == expected_dtype
-    assert (ns.kv_offloading_size == 6.0) == (name == "offload")
+    assert (ns.kv_offloading_size == 6.0) == name.endswith("offload")
     if name.startswith("polykv"):
         extra = ns.kv_transfer_config.kv_connector_extra_config
-        assert extra["placement"] == name.removeprefix("polykv-")
-        gib = 3.0 if name == "polykv-gpu" else 6.0
+        assert extra["placement"] == name.split("-")[1]
+        gib = 3.0 if name.startswith("polykv-gpu") else 6.0
         assert extra["store_bytes"] == int(gib * 2**30)
     else:
         assert ns.kv_transfer_config is None
