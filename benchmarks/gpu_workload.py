@@ -231,7 +231,13 @@ def run_config(name: str, a: argparse.Namespace, model_dir: str) -> dict[str, An
         **summarize(records, started),
         **tiers(deltas),
         "metric_deltas": {k: v for k, v in deltas.items() if v},
+        "args": {k: v for k, v in vars(a).items() if k != "child"},
     }
+    # vLLM's own means over the run (its histograms' sum / count), next to the client's figures
+    for key, metric in (("ttft", "time_to_first_token"), ("itl", "inter_token_latency")):
+        n = deltas.get(f"vllm:{metric}_seconds:count")
+        total = deltas.get(f"vllm:{metric}_seconds:sum")
+        res[f"engine_{key}_mean_ms"] = total / n * 1000 if n and total is not None else None
     if worker_after is not None and worker_before is not None:
         res["polykv_worker"] = {k: worker_after[k] - worker_before[k] for k in worker_after}
         res["polykv_worker"]["stored_bytes"] = worker_after["stored_bytes"]
