@@ -19,16 +19,23 @@ from polykv_vllm.apps.serving import ServerError
 __all__ = ["main"]
 
 
+def _show_harness_progress() -> None:
+    """The harness reports a server's start-up and its command through logging: show those
+    lines like :func:`say` (only the harness's logger; vLLM's own logging is left alone)."""
+    log = logging.getLogger("polykv_vllm.apps")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m polykv_vllm.demo [options]``; exit status 0, 1 (a server failed) or 2 (the
     plugin is missing or an option is bad)."""
     cfg = parse_args(argv)
-    # The harness reports server start-up and its command through logging: show it like say().
-    logging.basicConfig(
-        level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S",
-        stream=sys.stdout,
-    )  # fmt: skip
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    _show_harness_progress()
     if cfg.only != "baseline":
         problem = plugin_problem()
         if problem:
