@@ -13,7 +13,7 @@ demo: env
 	$(VENV)/python -m polykv_vllm.demo
 
 fallback-demo: env
-	$(VENV)/python -m polykv_vllm.hf.demo
+	$(VENV)/python -m polykv_vllm.apps.hf_demo
 
 lint: env
 	$(VENV)/ruff format --check polykv_vllm tests benchmarks

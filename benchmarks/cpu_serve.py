@@ -31,13 +31,15 @@ import json
 import logging
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import loadgen
 
-from polykv_vllm.demo import DemoConfig, running_server, server_command
+from polykv_vllm.apps.demo.options import DemoConfig, server_command
+from polykv_vllm.apps.serving import running_server
 from polykv_vllm.embedded import embedded_model_dir
 
 logger = logging.getLogger("cpu_serve")
@@ -96,6 +98,7 @@ def run_all(a: argparse.Namespace, modes: list[str], model_dir: Path) -> dict[st
     alternating between the modes, so background load on a shared machine hits both alike."""
     results: dict[str, Any] = {m: {"noreuse_rounds": []} for m in modes}
     ports = {m: a.port + i for i, m in enumerate(modes)}
+    logs = Path(tempfile.mkdtemp(prefix="polykv-cpu-serve-"))
     with contextlib.ExitStack() as stack:
         for mode in modes:
             demo = DemoConfig(
@@ -110,7 +113,12 @@ def run_all(a: argparse.Namespace, modes: list[str], model_dir: Path) -> dict[st
             )
             cmd = server_command(demo, model_dir, plugin=mode == "polykv")
             results[mode]["server_command"] = " ".join(shlex.quote(c) for c in cmd)
-            results[mode]["startup_s"] = stack.enter_context(running_server(demo, cmd, mode))
+            server = stack.enter_context(
+                running_server(
+                    cmd, ports[mode], logs / f"{mode}.log", timeout_s=a.startup_timeout, label=mode
+                )
+            )
+            results[mode]["startup_s"] = server.startup_s
         for mode in modes:
             cfg = scenario_config(a, mode, "reuse", ports[mode])
             results[mode]["reuse"] = run_scenario(a, cfg, mode)

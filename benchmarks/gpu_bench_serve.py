@@ -51,22 +51,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import csv
 import json
 import logging
 import math
-import os
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +68,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen  # noqa: E402 (benchmarks/ is not a package)
 from gpu_serve import LLAMA3_8B  # noqa: E402
 
+from polykv_vllm.apps.serving import (  # noqa: E402
+    ServerError,
+    free_port,
+    log_tail,
+    metric_totals,
+    read_metrics,
+    running_server,
+    server_env,
+)
+
 logger = logging.getLogger("gpu_bench_serve")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = (
     "bf16",
     "fp8",
@@ -464,94 +467,9 @@ def write_outputs(out: Path, summary: dict[str, Any]) -> tuple[Path, Path]:
 # Server and clients
 
 
-def http_get(url: str, timeout: float = 10.0) -> tuple[int, str]:
-    """``(status, body)``; status 0 when nothing answers."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, ""
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-        return 0, ""
-
-
 def scrape(port: int) -> dict[str, float]:
-    """``/metrics`` totals (loadgen's parser: ``_total`` stripped, ``source`` splits kept)."""
-    status, text = http_get(f"http://127.0.0.1:{port}/metrics", timeout=30)
-    if status != 200:
-        logger.warning("/metrics answered %s: no cache counters", status)
-        return {}
-    return loadgen.metric_totals(loadgen.parse_metrics(text))
-
-
-def log_tail(path: Path, lines: int = 40) -> str:
-    """The last ``lines`` lines of a log file."""
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def server_env() -> dict[str, str]:
-    """The server's environment: the repo on ``PYTHONPATH`` (engine processes import the
-    connector from it), fixed hash seed, engine in its own process."""
-    env = dict(os.environ)
-    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if str(REPO_ROOT) not in paths:
-        paths.insert(0, str(REPO_ROOT))
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    env.setdefault("PYTHONHASHSEED", "0")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # The Makefile's VLLM_ENABLE_V1_MULTIPROCESSING=0 slows the OpenAI server (see demo.py).
-    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
-    return env
-
-
-def stop(proc: subprocess.Popen[Any], grace_s: float = 60.0) -> None:
-    """SIGTERM to the server's own process group, SIGKILL after ``grace_s``."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-
-
-@contextlib.contextmanager
-def running_server(cmd: list[str], port: int, log: Path, timeout_s: float) -> Iterator[float]:
-    """Start the server, wait for ``/health``, yield the start-up seconds, always stop it."""
-    if http_get(f"http://127.0.0.1:{port}/health", timeout=2)[0] != 0:
-        raise BenchError(f"port {port} is already in use; pick another with --port")
-    logger.info("$ %s", shlex.join(cmd))
-    t0 = time.perf_counter()
-    with log.open("w") as f:
-        proc = subprocess.Popen(
-            cmd, stdout=f, stderr=subprocess.STDOUT, env=server_env(), start_new_session=True
-        )
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise BenchError(
-                    f"server exited with code {proc.returncode} while starting; last lines of "
-                    f"{log}:\n{log_tail(log)}"
-                )
-            if http_get(f"http://127.0.0.1:{port}/health", timeout=2)[0] == 200:
-                break
-            if time.perf_counter() - t0 > timeout_s:
-                raise BenchError(
-                    f"server gave no /health within {timeout_s:.0f} s (--startup-timeout); last "
-                    f"lines of {log}:\n{log_tail(log)}"
-                )
-            time.sleep(1.0)
-        startup = time.perf_counter() - t0
-        logger.info("server ready in %.1f s", startup)
-        yield startup
-    finally:
-        stop(proc)
+    """``/metrics`` totals (the harness's parser: ``_total`` stripped, ``source`` splits kept)."""
+    return metric_totals(read_metrics(f"http://127.0.0.1:{port}"))
 
 
 def run_bench(cmd: list[str], result: Path, log: Path, timeout_s: float) -> dict[str, Any]:
@@ -606,17 +524,9 @@ def run_client(
     return res
 
 
-def free_port(start: int) -> int:
-    """The first port from ``start`` on that nothing listens on."""
-    for port in range(start, start + 100):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) != 0:
-                return port
-    raise BenchError(f"no free port in {start}..{start + 99}")
-
-
 def run_config(name: str, a: argparse.Namespace, model_dir: Path, dummy: bool) -> dict[str, Any]:
-    """Start the server of ``name``, run every client, stop it; never raises BenchError."""
+    """Start the server of ``name``, run every client, stop it; never raises BenchError or
+    ServerError (a failure is the result's ``status`` and ``error``)."""
     out = Path(a.out)
     res: dict[str, Any] = {"config": name, "clients": {}}
     try:
@@ -624,13 +534,14 @@ def run_config(name: str, a: argparse.Namespace, model_dir: Path, dummy: bool) -
         cmd = server_command(name, a, model_dir, port, dummy)
         res["server_command"] = shlex.join(cmd)
         res["server_log"] = str(out / f"{name}_server.log")
-        with running_server(cmd, port, out / f"{name}_server.log", a.startup_timeout) as start:
-            res["startup_s"] = round(start, 1)
+        log = out / f"{name}_server.log"
+        with running_server(cmd, port, log, timeout_s=a.startup_timeout, label=name) as server:
+            res["startup_s"] = round(server.startup_s, 1)
             for client in a.clients:
                 res["clients"][client] = run_client(client, name, a, model_dir, port)
         failed = [c for c, r in res["clients"].items() if r["status"] != "ok"]
         res["status"] = "ok" if not failed else "client failed: " + ",".join(failed)
-    except BenchError as exc:
+    except (BenchError, ServerError) as exc:
         res.update(status="failed", error=str(exc))
         logger.error("[%s] %s", name, exc)
     return res

@@ -36,7 +36,6 @@ import json
 import logging
 import math
 import random
-import re
 import shlex
 import sys
 import time
@@ -48,22 +47,19 @@ from urllib.parse import urlparse
 
 import httpx
 
+from polykv_vllm.apps.serving import metric_totals, parse_metrics
+from polykv_vllm.apps.workload import (
+    agent_question,
+    corpus_text,
+    make_prompt,
+    split_documents,
+)
+
 logger = logging.getLogger("loadgen")
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 CHARS_PER_TOKEN = 4.0  # estimate used only when the server has no /tokenize endpoint
 MAX_REQUESTS_CAP = 10_000
-QUESTIONS = (
-    "Summarize the document above in one sentence.",
-    "List three technical terms defined in the document above.",
-    "What is the main topic of the document above? Answer in a few words.",
-    "Give one example of Python code related to the document above.",
-    "Which Python keyword is discussed first in the document above?",
-    "Name one common mistake the document above warns about.",
-    "Explain the document above to a beginner in two sentences.",
-    "What question would a student ask after reading the document above?",
-)
-DOC_HEADER = "Read the following Python documentation.\n\n"
 CACHE_METRICS = (
     "vllm:prefix_cache_queries",
     "vllm:prefix_cache_hits",
@@ -90,54 +86,6 @@ def percentile(values: Sequence[float], q: float) -> float:
     lo = math.floor(pos)
     hi = min(lo + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
-_SAMPLE_RE = re.compile(
-    r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})?\s+(?P<value>\S+)(?:\s+\S+)?$"
-)
-_LABEL_RE = re.compile(r'(?P<key>[a-zA-Z_][a-zA-Z0-9_]*)="(?P<val>(?:[^"\\]|\\.)*)"')
-
-
-def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
-    """Parse Prometheus text exposition into ``(name, labels, value)`` samples.
-
-    Comment lines and lines that are not samples are skipped; values such as ``NaN`` and ``+Inf``
-    are parsed by ``float``.
-    """
-    samples = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        m = _SAMPLE_RE.match(line)
-        if m is None:
-            continue
-        try:
-            value = float(m.group("value"))
-        except ValueError:
-            continue
-        labels = {lm.group("key"): lm.group("val") for lm in _LABEL_RE.finditer(m["labels"] or "")}
-        samples.append((m.group("name"), labels, value))
-    return samples
-
-
-def metric_totals(samples: Sequence[tuple[str, dict[str, str], float]]) -> dict[str, float]:
-    """Sum samples by metric name over all label sets; counters lose their ``_total`` suffix.
-
-    Samples of one label dimension that matters here (``source`` of
-    ``vllm:prompt_tokens_by_source``) are also kept as ``name[source=value]``. ``_created``
-    timestamps are dropped.
-    """
-    totals: dict[str, float] = {}
-    for name, labels, value in samples:
-        if name.endswith("_created"):
-            continue
-        key = name.removesuffix("_total")
-        totals[key] = totals.get(key, 0.0) + value
-        if "source" in labels:
-            sub = f"{key}[source={labels['source']}]"
-            totals[sub] = totals.get(sub, 0.0) + value
-    return totals
 
 
 def cache_report(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
@@ -210,13 +158,6 @@ def build_workload(
     return items
 
 
-def agent_question(agent: int) -> str:
-    """A distinct question for every agent index (cycles the list with a numbered variant)."""
-    base = QUESTIONS[agent % len(QUESTIONS)]
-    cycle = agent // len(QUESTIONS)
-    return base if cycle == 0 else f"(Variant {cycle + 1}) {base}"
-
-
 def poisson_arrivals(n: int, rate: float, seed: int) -> list[float]:
     """Arrival offsets in seconds of ``n`` requests of a Poisson process of ``rate`` per second."""
     if rate <= 0:
@@ -227,29 +168,6 @@ def poisson_arrivals(n: int, rate: float, seed: int) -> list[float]:
         out.append(t)
         t += rng.expovariate(rate)
     return out
-
-
-def corpus_text() -> str:
-    """Real English text: Python's ``pydoc_data.topics``, topics in sorted order (~465K chars)."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k].strip() for k in sorted(topics))
-
-
-def split_documents(token_ids: Sequence[int], documents: int, tokens: int) -> list[list[int]]:
-    """Cut ``documents`` consecutive, disjoint windows of ``tokens`` ids out of ``token_ids``."""
-    need = documents * tokens
-    if len(token_ids) < need:
-        raise ValueError(
-            f"corpus has {len(token_ids)} tokens, {documents} documents x {tokens} tokens need "
-            f"{need}; lower --documents or --doc-tokens"
-        )
-    return [list(token_ids[i * tokens : (i + 1) * tokens]) for i in range(documents)]
-
-
-def make_prompt(document: str, question: str) -> str:
-    """The user message: the shared document first, the agent's question last."""
-    return f"{DOC_HEADER}{document}\n\nQuestion: {question}"
 
 
 def summarize(rows: Sequence[dict[str, Any]], wall_s: float) -> dict[str, Any]:

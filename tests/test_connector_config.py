@@ -1,12 +1,24 @@
-"""Option parsing of the connector (``PolyKVConfig``) and the ``KVTransferConfig`` it builds."""
+"""Option parsing of the connector (``PolyKVConfig``), the ``KVTransferConfig`` it builds, the
+option table the ``--polykv-*`` flags come from, and the defaults it resolves."""
 
 from __future__ import annotations
 
+import argparse
+from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from polykv_vllm.connector.config import PolyKVConfig, kv_transfer_config, parse_size
+from polykv_vllm.connector import plugin
+from polykv_vllm.connector.config import (
+    PolyKVConfig,
+    ResolvedConfig,
+    format_size,
+    kv_transfer_config,
+    option_specs,
+    parse_size,
+)
 
 
 @pytest.mark.parametrize(
@@ -79,3 +91,102 @@ def test_kv_transfer_config_selects_the_connector() -> None:
     }
     with pytest.raises(ValueError, match="unknown polykv option"):
         kv_transfer_config(budget="1GiB")
+
+
+# --- one option table: flags, argument lists, docs ---------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+NON_DEFAULT: dict[str, Any] = {
+    "preset": "polykv-lite",
+    "store_bytes": 3 * 2**20 + 1,
+    "placement": "cpu",
+    "store": "tagged",
+    "min_store_tokens": 64,
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--kv-transfer-config", default=None)
+    return plugin.add_polykv_cli_args(parser)
+
+
+def test_every_field_has_a_flag_with_help() -> None:
+    names = [f.name for f in fields(PolyKVConfig)]
+    specs = option_specs()
+    assert [s.name for s in specs] == names
+    parser = _parser()
+    for spec in specs:
+        assert spec.flag == "--polykv-" + spec.name.replace("_", "-")
+        assert spec.flag in parser._option_string_actions, spec.flag
+        assert spec.help, (
+            f"PolyKVConfig.{spec.name} has no '- ``{spec.name}``: ...' docstring bullet"
+        )
+    assert set(plugin.OPTION_FLAGS) == set(names)
+    assert set(NON_DEFAULT) == set(names), "give the new option a non-default value here"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, *({k: v} for k, v in NON_DEFAULT.items()), NON_DEFAULT],
+    ids=["defaults", *NON_DEFAULT, "all"],
+)
+def test_cli_args_round_trip_to_the_same_config(options: dict[str, Any]) -> None:
+    pytest.importorskip("vllm")
+    config = PolyKVConfig(**options)
+    argv = plugin.polykv_cli_args(config)
+    assert argv[:2] == ["--kv-cache-plugin", "polykv"]
+    assert len(argv) == 2 + 2 * len(options)  # only what differs from the defaults
+    ns = _parser().parse_args(argv)
+    assert PolyKVConfig.from_extra_config(ns.kv_transfer_config.kv_connector_extra_config) == config
+
+
+@pytest.mark.parametrize("n", [1, 4096, 3 * 2**20, 3 * 2**20 + 1, 2**30, 5 * 2**40, 1500])
+def test_format_size_reads_back(n: int) -> None:
+    assert parse_size(format_size(n)) == n
+
+
+def test_every_option_is_in_the_docs_table() -> None:
+    docs = (ROOT / "docs" / "CONNECTOR.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    for spec in option_specs():
+        assert f"| `{spec.name}` |" in docs, f"docs/CONNECTOR.md options table lacks {spec.name}"
+        assert f"| `{spec.name}` |" in readme, f"README options table lacks {spec.name}"
+
+
+# --- defaults resolved once ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("placement", "cpu_platform", "expected"),
+    [(None, True, "cpu"), ("gpu", True, "cpu"), ("cpu", True, "cpu"),
+     (None, False, "gpu"), ("gpu", False, "gpu"), ("cpu", False, "cpu")],
+)  # fmt: skip
+def test_resolve_placement(placement: str | None, cpu_platform: bool, expected: str) -> None:
+    resolved = PolyKVConfig(placement=placement).resolve(  # type: ignore[arg-type]
+        block_size=16, cpu_platform=cpu_platform
+    )
+    assert isinstance(resolved, ResolvedConfig) and resolved.placement == expected
+
+
+@pytest.mark.parametrize(("given", "block_size", "expected"), [(None, 16, 16), (None, 128, 128),
+                                                               (300, 16, 300)])  # fmt: skip
+def test_resolve_min_store_tokens(given: int | None, block_size: int, expected: int) -> None:
+    resolved = PolyKVConfig(min_store_tokens=given).resolve(
+        block_size=block_size, cpu_platform=False
+    )
+    assert resolved.min_store_tokens == expected
+
+
+def test_resolve_keeps_every_other_option() -> None:
+    config = PolyKVConfig(preset="polykv-lite", store_bytes=12345, store="tagged")
+    resolved = config.resolve(block_size=16, cpu_platform=False)
+    for f in fields(PolyKVConfig):
+        if f.name not in ("placement", "min_store_tokens"):
+            assert getattr(resolved, f.name) == getattr(config, f.name), f.name
+    assert (
+        not resolved.store_all
+        and PolyKVConfig().resolve(block_size=16, cpu_platform=True).store_all
+    )
+    with pytest.raises(ValueError, match="block_size"):
+        config.resolve(block_size=0, cpu_platform=False)

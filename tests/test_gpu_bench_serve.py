@@ -225,7 +225,7 @@ def test_server_that_dies_is_reported_with_its_log(tmp_path: Path) -> None:
     cmd = [sys.executable, "-c", "print('config rejected: bad flag'); raise SystemExit(3)"]
     port = gbs.free_port(8990)
     with (
-        pytest.raises(gbs.BenchError, match="code 3") as err,
+        pytest.raises(gbs.ServerError, match="code 3") as err,
         gbs.running_server(cmd, port, tmp_path / "s.log", timeout_s=60),
     ):
         pass

@@ -1,4 +1,5 @@
-"""Unit tests of the pure parts of benchmarks/loadgen.py (no server needed)."""
+"""Unit tests of the pure parts of benchmarks/loadgen.py and of what it shares with the demo
+(``polykv_vllm.apps.serving``'s /metrics parser, ``polykv_vllm.apps.workload``); no server."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from polykv_vllm.apps import workload
 
 
 def _load_loadgen() -> ModuleType:
@@ -150,7 +153,7 @@ def test_build_workload_rejects_bad_sizes(field: str, args: tuple[int, int]) -> 
 
 
 def test_agent_questions_are_distinct() -> None:
-    questions = [lg.agent_question(a) for a in range(3 * len(lg.QUESTIONS))]
+    questions = [lg.agent_question(a) for a in range(3 * len(workload.QUESTIONS))]
     assert len(set(questions)) == len(questions)
 
 
@@ -181,7 +184,7 @@ def test_prompts_share_the_document_prefix() -> None:
     doc = lg.corpus_text()[:2000]
     p0, p1 = (lg.make_prompt(doc, lg.agent_question(a)) for a in (0, 1))
     assert p0 != p1
-    shared = len(lg.DOC_HEADER) + len(doc)
+    shared = len(workload.DOC_HEADER) + len(doc)
     assert p0[:shared] == p1[:shared]
     assert len(lg.corpus_text()) > 200_000
 

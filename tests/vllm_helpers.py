@@ -125,20 +125,10 @@ def worker_connector() -> PolyKVConnector:
 def documents(llm: LLM, n: int, tokens: int, skip: int = 0) -> list[list[int]]:
     """``n`` distinct documents of exactly ``tokens`` token ids each (Python's documentation
     topics, concatenated until long enough)."""
-    from pydoc_data.topics import topics
+    from polykv_vllm.apps.workload import token_documents
 
     tok = llm.get_tokenizer()
-    names = sorted(topics)[skip:]
-    out: list[list[int]] = []
-    buf: list[int] = []
-    for name in names:
-        buf += tok(topics[name])["input_ids"]
-        if len(buf) >= tokens:
-            out.append(buf[:tokens])
-            buf = []
-            if len(out) == n:
-                return out
-    raise ValueError(f"not enough text for {n} documents of {tokens} tokens")
+    return token_documents(lambda text: list(tok(text)["input_ids"]), n, tokens, skip)
 
 
 def run(

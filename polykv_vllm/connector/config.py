@@ -8,10 +8,12 @@ selects the connector (the only place this module imports vLLM). Options and the
 
 from __future__ import annotations
 
+import inspect
 import re
+import types
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import asdict, dataclass, fields, replace
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from polykv_vllm.core import PRESETS
 
@@ -21,8 +23,12 @@ if TYPE_CHECKING:
 __all__ = [
     "CONNECTOR_CLASS",
     "CONNECTOR_MODULE",
+    "OptionSpec",
     "PolyKVConfig",
+    "ResolvedConfig",
+    "format_size",
     "kv_transfer_config",
+    "option_specs",
     "parse_size",
 ]
 
@@ -150,6 +156,37 @@ class PolyKVConfig:
         """The dict :meth:`from_extra_config` reads back (unset options left out)."""
         return {k: v for k, v in asdict(self).items() if v is not None}
 
+    def resolve(self, *, block_size: int, cpu_platform: bool) -> ResolvedConfig:
+        """This config with the defaults that depend on the engine filled in, once.
+
+        ``placement``: on a CPU build the store can only live in host memory, so it resolves to
+        ``"cpu"`` whatever was asked; elsewhere unset means ``"gpu"``. ``min_store_tokens``:
+        unset means one block of ``block_size`` tokens. Every other field is kept as given.
+        """
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size={block_size!r} must be a positive number of tokens.")
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["placement"] = "cpu" if cpu_platform else (self.placement or "gpu")
+        values["min_store_tokens"] = self.min_store_tokens or block_size
+        return ResolvedConfig(**values)
+
+
+@dataclass(frozen=True)
+class ResolvedConfig(PolyKVConfig):
+    """A :class:`PolyKVConfig` after :meth:`PolyKVConfig.resolve`: no option is left unset.
+
+    ``placement`` is ``"gpu"`` (the KV cache's device) or ``"cpu"`` (host memory; pinned on
+    CUDA), ``min_store_tokens`` a number of tokens.
+    """
+
+    placement: Placement = "gpu"
+    min_store_tokens: int = 1
+
+    @property
+    def store_all(self) -> bool:
+        """Store every prompt's full blocks (``store="all"``), not only tagged requests'."""
+        return self.store == "all"
+
 
 def kv_transfer_config(**options: Any) -> KVTransferConfig:
     """The vLLM ``KVTransferConfig`` selecting the polykv connector with ``options``.
@@ -167,3 +204,112 @@ def kv_transfer_config(**options: Any) -> KVTransferConfig:
         kv_load_failure_policy="recompute",
         kv_connector_extra_config=config.to_extra_config(),
     )
+
+
+# --- the option table: CLI flags, argument lists and docs come from PolyKVConfig's fields -----
+
+CLI_PREFIX = "--polykv-"
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """How one :class:`PolyKVConfig` field is spelled on the command line and in the docs.
+
+    Built by :func:`option_specs` from the field itself: its type (``Literal`` gives the
+    choices, ``int`` an integer flag), its default, and its bullet in the class docstring
+    (``help``); :data:`_SPEC_OVERRIDES` only adds what a type cannot say.
+    """
+
+    name: str  # the field, i.e. the kv_connector_extra_config key
+    flag: str  # --polykv-<name with - for _>
+    help: str
+    default: Any
+    default_text: str
+    choices: tuple[str, ...] | None = None
+    value_type: type = str  # what argparse turns the flag's text into
+    metavar: str | None = None
+
+    def format(self, value: Any) -> str:
+        """``value`` as this flag's text (sizes as ``512MiB`` where exact)."""
+        return format_size(value) if self.name == "store_bytes" else str(value)
+
+
+# What a field's type cannot say: computed choices, a size that is typed as text, a default
+# that depends on the platform.
+_SPEC_OVERRIDES: dict[str, dict[str, Any]] = {
+    "preset": {"choices": lambda: tuple(sorted(PRESETS))},
+    "store_bytes": {"value_type": str, "metavar": "SIZE"},
+    "placement": {"default_text": "gpu on CUDA, cpu on CPU"},
+    "min_store_tokens": {"default_text": "one block"},
+}
+_BINARY_UNITS = (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024))
+
+
+def format_size(n: int) -> str:
+    """``n`` bytes in the largest binary unit that divides it exactly (``"512MiB"``), else
+    the plain number; :func:`parse_size` reads it back to ``n``."""
+    for unit, size in _BINARY_UNITS:
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def _docstring_bullets(cls: type) -> dict[str, str]:
+    """``{field: text}`` from the ``- ``name``: text`` bullets of ``cls``'s docstring."""
+    bullets: dict[str, str] = {}
+    name = None
+    for line in inspect.cleandoc(cls.__doc__ or "").splitlines():
+        m = re.match(r"^- ``(\w+)``: (.*)$", line)
+        if m:
+            name = m.group(1)
+            bullets[name] = m.group(2)
+        elif name is not None and line.startswith("  "):
+            bullets[name] += " " + line.strip()
+        else:
+            name = None
+    return {k: v.replace("``", "") for k, v in bullets.items()}
+
+
+def _unwrap_optional(hint: Any) -> Any:
+    if get_origin(hint) in (Union, types.UnionType):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
+
+
+def option_specs() -> list[OptionSpec]:
+    """One :class:`OptionSpec` per :class:`PolyKVConfig` field, in field order.
+
+    A ``Literal`` of strings becomes a choice, ``int`` / ``float`` / ``str`` a typed flag, any
+    other type a text flag that :meth:`PolyKVConfig.from_extra_config` parses and validates.
+    """
+    hints = get_type_hints(PolyKVConfig)
+    bullets = _docstring_bullets(PolyKVConfig)
+    specs = []
+    for f in fields(PolyKVConfig):
+        hint = _unwrap_optional(hints[f.name])
+        spec: dict[str, Any] = {}
+        if get_origin(hint) is Literal:
+            spec["choices"] = tuple(str(a) for a in get_args(hint))
+        elif hint in (int, float, str):
+            spec["value_type"] = hint
+            spec["metavar"] = {int: "N", float: "X", str: None}[hint]
+        else:  # e.g. int | str: the text goes to from_extra_config, which validates it
+            spec["metavar"] = "VALUE"
+        spec.update(_SPEC_OVERRIDES.get(f.name, {}))
+        if callable(spec.get("choices")):
+            spec["choices"] = spec["choices"]()
+        default_text = spec.pop("default_text", None)
+        option = OptionSpec(
+            name=f.name,
+            flag=CLI_PREFIX + f.name.replace("_", "-"),
+            help=bullets.get(f.name, ""),
+            default=f.default,
+            default_text="",
+            **spec,
+        )
+        if default_text is None:
+            default_text = "unset" if f.default is None else option.format(f.default)
+        specs.append(replace(option, default_text=default_text))
+    return specs

