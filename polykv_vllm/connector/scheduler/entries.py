@@ -89,6 +89,10 @@ class EntryTable:
     def values(self) -> Iterator[Entry]:
         return iter(list(self._by_key.values()))
 
+    def keys_present(self, keys: Iterable[Hashable]) -> int:
+        """How many of ``keys`` have a listed entry."""
+        return sum(1 for k in keys if k in self._by_key)
+
     # --- life of an entry ------------------------------------------------------------------
 
     def add(self, key: Hashable) -> Entry:
@@ -182,7 +186,3 @@ class EntryTable:
         self.rows.free(entry.row)
         self.used_bytes -= entry.nbytes  # a failed entry's bytes count until its row is free
         self._freed_rows.append(entry.row)
-
-    def keys_present(self, keys: Iterable[Hashable]) -> int:
-        """How many of ``keys`` have a listed entry."""
-        return sum(1 for k in keys if k in self._by_key)

@@ -81,7 +81,7 @@ class LoadInFlight:
     req_id: str
     entries: list[Entry]
     ranks_done: int = 0
-    loaded_blocks: int = 0
+    loaded_blocks: int = field(init=False)  # the minimum over the ranks that reported
     failed_rows: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
