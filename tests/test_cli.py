@@ -76,6 +76,9 @@ def _connector_fields(config: Any) -> dict[str, Any]:
         (["--polykv-placement", "gpu"], {"placement": "gpu"}),
         (["--polykv-store", "tagged"], {"store": "tagged"}),
         (["--polykv-min-store-tokens", "64"], {"min_store_tokens": 64}),
+        (["--polykv-pin", "token"], {"pin": "token"}),
+        (["--polykv-pin", "off", "--polykv-pin-quota", "256MiB"],
+         {"pin": "off", "pin_quota": "256MiB"}),
         (["--polykv_store_bytes=2GiB", "--polykv_store=tagged"],
          {"store_bytes": "2GiB", "store": "tagged"}),
         (
@@ -165,6 +168,8 @@ def test_without_the_flag_vllm_args_are_unchanged(serve_parser: argparse.Argumen
         ([*PLUGIN, "--polykv-min-store-tokens", "0"], "min_store_tokens=0 must be an integer >= 1"),
         ([*PLUGIN, "--polykv-store-bytes", "12XB"], "store_bytes='12XB' is not a size"),
         ([*PLUGIN, "--polykv-store-bytes", "-5"], "is not a size"),
+        ([*PLUGIN, "--polykv-pin", "some"], "invalid choice: 'some'"),
+        ([*PLUGIN, "--polykv-pin-quota", "12XB"], "pin_quota='12XB' is not a size"),
         (["--polykv-store-bytes", "1GiB"], "--polykv-store-bytes only apply with --kv-cache"),
         ([*PLUGIN, "--kv-transfer-config", OTHER_CONNECTOR], "cannot be combined with"),
     ],

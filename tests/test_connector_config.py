@@ -51,6 +51,10 @@ def test_defaults_and_round_trip() -> None:
         {"preset": "polykv-lite", "store_bytes": "256MiB", "store": "tagged", "placement": "cpu"}
     )
     assert PolyKVConfig.from_extra_config(c2.to_extra_config()) == c2
+    assert c.pin == "any" and c.pin_quota_bytes() == 2**29, "default quota: half the store"
+    c3 = PolyKVConfig.from_extra_config({"pin": "token", "pin_quota": "16MiB"})
+    assert c3.pin_quota_bytes() == 16 * 2**20
+    assert PolyKVConfig.from_extra_config(c3.to_extra_config()) == c3
 
 
 @pytest.mark.parametrize(
@@ -63,6 +67,10 @@ def test_defaults_and_round_trip() -> None:
         ({"store": "some"}, "store"),
         ({"min_store_tokens": 0}, "min_store_tokens"),
         ({"min_store_tokens": "many"}, "min_store_tokens"),
+        ({"pin": "some"}, "pin"),
+        ({"pin": True}, "pin"),
+        ({"pin_quota": "lots"}, "pin_quota"),
+        ({"pin_quota": 0}, "pin_quota"),
     ],
 )
 def test_bad_options_name_the_field(extra: dict[str, Any], field: str) -> None:
@@ -88,6 +96,7 @@ def test_kv_transfer_config_selects_the_connector() -> None:
         "store_bytes": 64 * 2**20,
         "store": "all",
         "min_store_tokens": 256,
+        "pin": "any",
     }
     with pytest.raises(ValueError, match="unknown polykv option"):
         kv_transfer_config(budget="1GiB")
@@ -102,6 +111,8 @@ NON_DEFAULT: dict[str, Any] = {
     "placement": "cpu",
     "store": "tagged",
     "min_store_tokens": 64,
+    "pin": "token",
+    "pin_quota": 5 * 2**20,
 }
 
 

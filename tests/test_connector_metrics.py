@@ -12,6 +12,7 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram  # noqa: E402
 
 from polykv_vllm.connector.metrics import (  # noqa: E402
     COUNTERS,
+    DEPRECATED_GAUGES,
     GAUGES,
     SAMPLES,
     PolyKVPromMetrics,
@@ -52,6 +53,8 @@ def test_prometheus_metrics_are_registered_and_observed() -> None:
     stats.add("tokens_loaded", 1408)
     stats.set_gauge("stored_documents", 3)
     stats.set_gauge("stored_bytes", 38154240)
+    stats.set_gauge("stored_cache_dtype_bytes", 212336640)
+    stats.add("store_rejected_blocks", 7)
     stats.sample("load_seconds", 0.17)
     stats.sample("load_seconds", 0.33)
     prom.observe(stats.data, engine_idx=0)
@@ -61,8 +64,12 @@ def test_prometheus_metrics_are_registered_and_observed() -> None:
     assert get("vllm:polykv_tokens_loaded_total", labels) == 1408
     assert get("vllm:polykv_stored_documents", labels) == 3
     assert get("vllm:polykv_stored_bytes", labels) == 38154240
+    assert get("vllm:polykv_stored_cache_dtype_bytes", labels) == 212336640
+    assert get("vllm:polykv_stored_bf16_bytes", labels) == 212336640, "deprecated alias"
+    assert get("vllm:polykv_store_rejected_blocks_total", labels) == 7
     assert get("vllm:polykv_load_seconds_count", labels) == 2
     assert get("vllm:polykv_load_seconds_sum", labels) == pytest.approx(0.5)
     names = {m.name for m in REGISTRY.collect()}
-    for name, _ in (*COUNTERS.values(), *GAUGES.values(), *SAMPLES.values()):
+    groups = (COUNTERS, GAUGES, DEPRECATED_GAUGES, SAMPLES)
+    for name, _ in (v for group in groups for v in group.values()):
         assert name in names, name

@@ -2,124 +2,28 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from scheduler_helpers import (
+    BLOCK_BYTES,
+    BS,
+    RAW_BYTES,
+    Engine,
+    FakeRequest,
+    chain,
+    doc,
+    make_index,
+)
 
-from polykv_vllm.connector.metadata import StepPlan, WorkerReport
+from polykv_vllm.connector.metadata import WorkerReport
 from polykv_vllm.connector.scheduler import (
     ScheduledReq,
     StoreGeometry,
     StoreIndex,
     parse_doc_params,
 )
-
-BS = 16
-BLOCK_BYTES = 1000
-RAW_BYTES = 5000
-
-
-def chain(tokens: list[int], salt: str | None = None) -> list[bytes]:
-    """Chained block hashes of full blocks, like vLLM's (salt in the first block)."""
-    out: list[bytes] = []
-    prev = b""
-    for i in range(len(tokens) // BS):
-        extra = f"salt={salt}" if (i == 0 and salt) else ""
-        prev = hashlib.sha256(prev + repr((tokens[i * BS : (i + 1) * BS], extra)).encode()).digest()
-        out.append(prev)
-    return out
-
-
-@dataclass
-class FakeRequest:
-    request_id: str
-    prompt: list[int]
-    kv_transfer_params: dict[str, Any] | None = None
-    salt: str | None = None
-    block_hashes: list[bytes] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.block_hashes = chain(self.prompt, self.salt)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt)
-
-
-def doc(seed: int, blocks: float) -> list[int]:
-    n = int(blocks * BS)
-    return [(seed * 7919 + i * 31) % 50000 for i in range(n)]
-
-
-def make_index(budget_blocks: int = 100, world_size: int = 1, **kw: Any) -> StoreIndex:
-    geo = StoreGeometry(
-        block_size=BS, block_bytes=BLOCK_BYTES, block_raw_bytes=RAW_BYTES, world_size=world_size
-    )
-    kw.setdefault("store_all", True)
-    kw.setdefault("min_store_tokens", BS)
-    return StoreIndex(geo, budget_bytes=budget_blocks * BLOCK_BYTES, **kw)
-
-
-class Engine:
-    """Drives the index like vLLM's scheduler: admit, plan, run (the worker), report."""
-
-    def __init__(self, index: StoreIndex, world_size: int = 1) -> None:
-        self.index = index
-        self.world_size = world_size
-        self.next_block = 0
-        self.worker_slots: set[int] = set()
-        self.loaded_slots: list[int] = []
-
-    def admit(self, req: FakeRequest, local_hit: int = 0) -> int:
-        """Lookup + alloc; returns the external tokens granted."""
-        n = self.index.lookup(req, local_hit)
-        blocks = list(range(self.next_block, self.next_block + -(-req.num_tokens // BS)))
-        self.next_block += len(blocks)
-        self.index.on_alloc(req, blocks, n)
-        self._blocks = getattr(self, "_blocks", {})
-        self._blocks[req.request_id] = (blocks, local_hit + n)
-        return n
-
-    def step(self, reqs: list[FakeRequest], confirm: bool = True) -> StepPlan:
-        sched = []
-        for r in reqs:
-            blocks, computed = self._blocks[r.request_id]
-            sched.append(
-                ScheduledReq(r.request_id, tuple(blocks), replace=True, computed_after=r.num_tokens)
-            )
-        plan = self.index.plan_step(sched)
-        self.apply(plan, confirm)
-        return plan
-
-    def apply(self, plan: StepPlan, confirm: bool = True) -> None:
-        for job in plan.loads:
-            assert set(job.slots) <= self.worker_slots, "load from a slot the worker dropped"
-            self.loaded_slots.extend(job.slots)
-        self.worker_slots -= set(plan.evictions)
-        report = WorkerReport()
-        for job in plan.stores:
-            for slot in job.slots:
-                self.worker_slots.add(slot)
-                report.stored[slot] = [BLOCK_BYTES // self.world_size, 1]
-        if confirm:
-            merged = report
-            for _ in range(self.world_size - 1):
-                merged = merged.merge(report)
-            self.index.on_report(merged)
-
-    def run(self, req: FakeRequest, local_hit: int = 0) -> dict[str, Any]:
-        n = self.admit(req, local_hit)
-        self.step([req])
-        params = self.index.finish(req)
-        assert params["polykv"]["tokens_from_store"] == n
-        return params
 
 
 @pytest.mark.parametrize(
@@ -138,7 +42,7 @@ def test_revisit_hits_whole_blocks_but_never_the_last_token(
     plan = eng.step([revisit])
     if expected_blocks:
         (job,) = plan.loads
-        assert len(job.slots) == expected_blocks
+        assert len(job.rows) == expected_blocks
         assert job.block_ids == tuple(eng._blocks["b"][0][:expected_blocks])
     else:
         assert plan.loads == []
@@ -172,11 +76,11 @@ def test_entry_serves_only_after_every_rank_confirmed(world_size: int) -> None:
     a = FakeRequest("a", prompt)
     eng.admit(a)
     plan = eng.step([a], confirm=False)
-    slots = plan.stores[0].slots
+    rows = plan.stores[0].rows
     assert index.lookup(FakeRequest("x", prompt), 0) == 0, "pending entries must not serve"
     for rank in range(world_size):
         assert index.lookup(FakeRequest("x", prompt), 0) == 0
-        index.on_report(WorkerReport(stored={s: [BLOCK_BYTES // world_size, 1] for s in slots}))
+        index.on_report(WorkerReport(stored={r: [BLOCK_BYTES // world_size, 1] for r in rows}))
         del rank
     assert index.lookup(FakeRequest("x", prompt), 0) == 3 * BS
     assert index.real_bytes == 3 * BLOCK_BYTES
@@ -189,7 +93,7 @@ def test_blocks_already_stored_are_not_stored_twice() -> None:
     eng.admit(FakeRequest("b", prompt + [1, 2, 3] * BS))
     plan = eng.step([FakeRequest("b", prompt + [1, 2, 3] * BS)])
     (store,) = plan.stores
-    assert len(store.slots) == 3, "only the three new blocks of the longer prompt"
+    assert len(store.rows) == 3, "only the three new blocks of the longer prompt"
     assert eng.index.num_entries == 7
 
 
@@ -203,9 +107,12 @@ def test_churn_never_exceeds_the_budget_and_trims_documents_from_the_tail(
     for i, p in enumerate(prompts * 2):
         eng.run(FakeRequest(f"r{i}", p))
         assert index.used_bytes <= index.budget_bytes
-        assert eng.worker_slots == {e.slot for e in index._lru.values()}
+        assert eng.worker_rows == {e.row for e in index.entries.values()}
+        assert index.entries.rows.free_rows == index.budget_bytes // BLOCK_BYTES - len(
+            index.entries
+        ), "one row per entry, every other row free"
         for q in prompts:
-            present = [h in index._lru for h in chain(q)]
+            present = [h in index.entries for h in chain(q)]
             # what survives of a document is a prefix of it
             assert present == sorted(present, reverse=True)
     assert index.take_counters().blocks_evicted > 0
@@ -221,14 +128,14 @@ def test_entries_being_loaded_are_not_evicted_in_the_same_step() -> None:
     assert eng.admit(reader) == 4 * BS
     eng.admit(newcomer)
     plan = eng.step([reader, newcomer])
-    loaded = set(plan.loads[0].slots)
-    assert not loaded & set(plan.evictions)
-    assert plan.stores == [] or not plan.stores[0].slots
+    loaded = set(plan.loads[0].rows)
+    assert not loaded & set(plan.freed_rows)
+    assert plan.stores == [] or not plan.stores[0].rows
     assert index.take_counters().store_rejected_blocks == 2
 
 
 def test_pinned_documents_survive_churn_until_unpinned() -> None:
-    index = make_index(budget_blocks=6)
+    index = make_index(budget_blocks=6, quota_blocks=3)
     eng = Engine(index)
     pinned = doc(8, 3.5)
     pin = {"polykv": {"doc_id": "contract", "pin": True}}
@@ -236,7 +143,12 @@ def test_pinned_documents_survive_churn_until_unpinned() -> None:
     assert params["polykv"]["pinned"] is True
     for i in range(10):
         eng.run(FakeRequest(f"x{i}", doc(200 + i, 2.5)))
-        assert index.document("contract") == {"blocks": 3, "ready_blocks": 3, "pinned": True}
+        assert index.document("contract") == {
+            "total_blocks": 3,
+            "stored_blocks": 3,
+            "ready_blocks": 3,
+            "pinned": True,
+        }
         assert index.used_bytes <= index.budget_bytes
     unpin = {"polykv": {"doc_id": "contract", "pin": False}}
     params = eng.run(FakeRequest("u", pinned, unpin))
@@ -245,6 +157,8 @@ def test_pinned_documents_survive_churn_until_unpinned() -> None:
         "tokens_from_store": 3 * BS,
         "tokens_stored": 0,
         "pinned": False,
+        "stored_blocks": 3,
+        "total_blocks": 3,
     }
     for i in range(10):
         eng.run(FakeRequest(f"y{i}", doc(300 + i, 3.5)))
@@ -252,9 +166,10 @@ def test_pinned_documents_survive_churn_until_unpinned() -> None:
 
 
 def test_store_full_of_pins_rejects_new_documents_without_exceeding_the_budget() -> None:
-    index = make_index(budget_blocks=3)
+    index = make_index(budget_blocks=3, quota_blocks=3)
     eng = Engine(index)
-    eng.run(FakeRequest("p", doc(9, 3.5), {"polykv": {"doc_id": "d", "pin": True}}))
+    p = eng.run(FakeRequest("p", doc(9, 3.5), {"polykv": {"doc_id": "d", "pin": True}}))
+    assert p["polykv"]["pinned"] is True
     params = eng.run(FakeRequest("q", doc(10, 2.5)))
     assert params["polykv"]["tokens_stored"] == 0
     assert index.used_bytes == 3 * BLOCK_BYTES
@@ -269,7 +184,7 @@ def test_many_agents_on_one_document_share_one_entry_per_block() -> None:
         eng.run(FakeRequest(f"a{i}", shared + [i + 10] * 5, {"polykv": {"doc_id": "d"}}))
     assert index.num_entries == 4
     assert index.num_documents == 1
-    assert len(set(eng.loaded_slots)) == 4
+    assert len(set(eng.loaded_rows)) == 4
 
 
 def test_salt_isolates_identical_prompts() -> None:
@@ -281,16 +196,51 @@ def test_salt_isolates_identical_prompts() -> None:
     assert eng.index.lookup(FakeRequest("d", prompt, salt="alice"), 0) == 3 * BS
 
 
-def test_failed_load_drops_the_entry_and_tells_the_worker() -> None:
+def test_failed_load_drops_the_entry_on_one_path() -> None:
+    """The worker only reports the bad row; the index drops the entry once (on the load's
+    completion), counts only the blocks loaded, and frees the row to the worker exactly once."""
     index = make_index()
     eng = Engine(index)
     prompt = doc(13, 4.5)
     eng.run(FakeRequest("a", prompt))
-    slots = [index._lru[h].slot for h in chain(prompt)]
-    index.on_report(WorkerReport(failed_slots={slots[2]}))
-    assert index.lookup(FakeRequest("b", prompt), 0) == 2 * BS
+    rows = [index.entries.get(h).row for h in chain(prompt)]  # type: ignore[union-attr]
+    reader = FakeRequest("b", prompt)
+    assert eng.admit(reader) == 4 * BS
+    (load,) = index.plan_step([]).loads
+    assert load.rows == tuple(rows)
+    assert all(index.entries.get(h).refs == 1 for h in chain(prompt))  # type: ignore[union-attr]
+    index.on_report(WorkerReport(loads={load.load_id: [1, 2]}, failed_rows={rows[2]}))
+    assert all(e.refs == 0 for e in index.entries.values()), "refs released by complete_load"
+    assert index.lookup(FakeRequest("c", prompt), 0) == 2 * BS
+    assert index.finish(reader)["polykv"]["tokens_from_store"] == 2 * BS
     plan = index.plan_step([])
-    assert plan.evictions == [slots[2]]
+    assert plan.freed_rows == [rows[2]]
+    assert index.plan_step([]).freed_rows == [], "freed once"
+    assert index.num_entries == 3
+
+
+def test_refs_hold_until_every_rank_reported_the_load() -> None:
+    """An entry being loaded is not evicted before its load completed, even steps later."""
+    index = make_index(budget_blocks=4, world_size=2)
+    eng = Engine(index, world_size=2)
+    old = doc(30, 4.5)
+    eng.run(FakeRequest("a", old))
+    reader = FakeRequest("b", old)
+    assert eng.admit(reader) == 4 * BS
+    (load,) = index.plan_step([ScheduledReq("b", (90, 91, 92, 93, 94), True, 4 * BS)]).loads
+    newcomer = FakeRequest("c", doc(31, 2.5))
+    eng.admit(newcomer)
+    eng.step([newcomer], confirm=False)
+    assert index.take_counters().store_rejected_blocks == 2, "the loading entries stay"
+    index.on_report(WorkerReport(loads={load.load_id: [1, 4]}))  # one rank of two
+    assert all(e.refs == 1 for e in index.entries.values())
+    index.on_report(WorkerReport(loads={load.load_id: [1, 4]}))
+    assert all(e.refs == 0 for e in index.entries.values())
+    later = FakeRequest("d", doc(32, 2.5))
+    eng.admit(later)
+    plan = eng.step([later])
+    assert len(plan.stores[0].rows) == 2 and len(plan.freed_rows) == 2
+    assert set(plan.stores[0].rows) == set(plan.freed_rows), "the evicted rows are reused"
 
 
 def test_store_policy_tagged_and_min_store_tokens() -> None:
@@ -309,7 +259,7 @@ def test_chunked_prefill_stores_blocks_as_they_complete() -> None:
     index.lookup(req, 0)
     index.on_alloc(req, [0, 1, 2], 0)
     plan = index.plan_step([ScheduledReq("a", (0, 1, 2), True, computed_after=40)])
-    assert [len(j.slots) for j in plan.stores] == [2]
+    assert [len(j.rows) for j in plan.stores] == [2]
     plan = index.plan_step([ScheduledReq("a", (3, 4, 5), False, computed_after=len(prompt))])
     assert plan.stores[0].block_ids == (2, 3, 4)
 
@@ -351,9 +301,11 @@ def test_budget_smaller_than_one_block_is_refused() -> None:
 
 
 def test_worker_report_merge_sums_bytes_and_ranks() -> None:
-    a = WorkerReport(stored={1: [10, 1], 2: [5, 1]}, failed_slots={7})
-    b = WorkerReport(stored={1: [10, 1]}, failed_slots={8})
+    a = WorkerReport(stored={1: [10, 1], 2: [5, 1]}, loads={3: [1, 4]}, failed_rows={7})
+    b = WorkerReport(stored={1: [10, 1]}, loads={3: [1, 2], 4: [1, 1]}, failed_rows={8})
     m = a.merge(b)
     assert m.stored == {1: [20, 2], 2: [5, 1]}
-    assert m.failed_slots == {7, 8}
+    assert m.loads == {3: [2, 2], 4: [1, 1]}, "ranks summed, loaded blocks the minimum"
+    assert m.failed_rows == {7, 8}
     assert a.stored == {1: [10, 1], 2: [5, 1]}, "merge must not mutate its inputs"
+    assert a.loads == {3: [1, 4]}

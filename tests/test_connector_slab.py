@@ -1,11 +1,14 @@
-"""The worker's slab store: rows of compressed blocks, put/get/drop, validation."""
+"""The worker's slab store: rows of compressed blocks, written and read by row, validation;
+and the scheduler side's row placement (:class:`RowAllocator`)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from slab_helpers import gather, put
 
-from polykv_vllm.connector.slab import BlockSlab, Run
+from polykv_vllm.connector.scheduler import RowAllocator
+from polykv_vllm.connector.slab import BlockSlab, Run, first_invalid_block, runs
 from polykv_vllm.core import KVCodec, PackedKV
 
 
@@ -36,10 +39,10 @@ def same(a: PackedKV, b: PackedKV) -> bool:
 def test_put_get_round_trip_in_any_order(preset: str) -> None:
     codec, slab = make(preset)
     packed = encode(codec, 3)
-    slab.put([10, 11, 12], packed)
-    got = slab.get([10, 11, 12])
+    put(slab, [3, 4, 5], packed)
+    got = gather(slab, [3, 4, 5])
     assert all(same(g, p) for g, p in zip(got, packed, strict=True))
-    got = slab.get([12, 10])  # another order: blocks 2 then 0
+    got = gather(slab, [5, 3])  # another order: blocks 2 then 0
     for g, p in zip(got, packed, strict=True):
         assert same(g, PackedKV.cat([p.slice(32, 48), p.slice(0, 16)]))
     assert len(slab) == 3
@@ -47,36 +50,46 @@ def test_put_get_round_trip_in_any_order(preset: str) -> None:
     assert slab.row_bytes == sum(p.slice(0, 16).nbytes for p in packed), "measured bytes"
 
 
-def test_drop_recycles_rows_up_to_capacity() -> None:
+def test_rows_are_marked_filled_and_empty_and_reused_up_to_capacity() -> None:
     codec, slab = make("polykv", capacity=4)
-    slab.put([1, 2, 3, 4], encode(codec, 4))
+    allocator = RowAllocator(4)
+    rows = allocator.alloc(4)
+    put(slab, rows, encode(codec, 4))
+    assert allocator.free_rows == 0
     with pytest.raises(AssertionError):
-        slab.put([5], encode(codec, 1))
-    slab.drop(2)
-    slab.drop(2)  # dropping twice is harmless
-    assert 2 not in slab and len(slab) == 3
+        allocator.alloc(1)
+    with pytest.raises(AssertionError):
+        slab.check_rows([4])  # a row the slab does not have
+    allocator.free(rows[1])
+    slab.mark_empty([rows[1]])
+    slab.mark_empty([rows[1]])  # marking twice is harmless
+    assert rows[1] not in slab and len(slab) == 3 and slab.nbytes == 3 * slab.row_bytes
+    with pytest.raises(AssertionError):
+        allocator.free(rows[1])  # freeing a free row is a bug
+    (again,) = allocator.alloc(1)
+    assert again == rows[1]
     fresh = encode(codec, 1, seed=7)
-    slab.put([5], fresh)
-    assert all(same(g, p) for g, p in zip(slab.get([5]), fresh, strict=True))
+    put(slab, [again], fresh)
+    assert all(same(g, p) for g, p in zip(gather(slab, [again]), fresh, strict=True))
     slab.clear()
     assert len(slab) == 0 and slab.nbytes == 0
 
 
 def test_first_invalid_finds_the_first_non_finite_block() -> None:
     codec, slab = make("polykv")
-    slab.put([1, 2, 3], encode(codec, 3))
-    assert slab.first_invalid([1, 2, 3], slab.get([1, 2, 3])) is None
-    slab.layers[2].v_norm[slab.row(3)][5, 1] = float("inf")
-    slab.layers[0].k_scale[slab.row(2)][0, 0] = float("nan")
-    assert slab.first_invalid([1, 2, 3], slab.get([1, 2, 3])) == 1
-    assert slab.first_invalid([3, 1], slab.get([3, 1])) == 0
+    put(slab, [1, 2, 3], encode(codec, 3))
+    assert first_invalid_block(3, gather(slab, [1, 2, 3])) is None
+    slab.layers[2].v_norm[3][5, 1] = float("inf")
+    slab.layers[0].k_scale[2][0, 0] = float("nan")
+    assert first_invalid_block(3, gather(slab, [1, 2, 3])) == 1
+    assert first_invalid_block(2, gather(slab, [3, 1])) == 0
 
 
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 def test_worker_round_trip_through_the_flash_layout(layout: str) -> None:
     """The CUDA path (FlashAttention cache views, the kernels' torch backend) on CPU tensors:
-    store two blocks, load them elsewhere, compare with the codec; a missing slot is reported."""
-    from polykv_vllm.connector.metadata import BlockJob, StepPlan
+    store two blocks, load them elsewhere, compare with the codec; an empty row is reported."""
+    from polykv_vllm.connector.metadata import BlockJob, LoadJob, StepPlan
     from polykv_vllm.connector.paged_io import FlashPagedIO
     from polykv_vllm.connector.worker import PolyKVWorker
 
@@ -94,20 +107,23 @@ def test_worker_round_trip_through_the_flash_layout(layout: str) -> None:
     worker = PolyKVWorker(block_size=bs)
     worker.bind(io, slab)
     src = [caches[1][[5, 2]].clone()]
-    worker.save(StepPlan(stores=[BlockJob("r", (7, 8), (5, 2))]))
+    worker.save(StepPlan(stores=[BlockJob("r", (1, 2), (5, 2))]))
     report = worker.take_report()
-    assert report is not None and report.stored == {7: [slab.row_bytes, 1], 8: [slab.row_bytes, 1]}
-    worker.start_load(StepPlan(loads=[BlockJob("q", (7, 8), (0, 6))]))
+    assert report is not None and report.stored == {1: [slab.row_bytes, 1], 2: [slab.row_bytes, 1]}
+    worker.start_load(StepPlan(loads=[LoadJob("q", (1, 2), (0, 6), load_id=0)]))
     assert worker.take_load_errors() == set()
+    report = worker.take_report()
+    assert report is not None and report.loads == {0: [1, 2]} and not report.failed_rows
     ref_k, ref_v = codec.decode(codec.encode(*_kv(src[0], dim), 1), dtype=torch.float32)
     got_k, got_v = _kv(caches[1][[0, 6]], dim)
     assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v)
-    worker.start_load(StepPlan(loads=[BlockJob("q2", (7, 9), (1, 3))], evictions=[8]))
+    worker.start_load(StepPlan(loads=[LoadJob("q2", (1, 3), (1, 3), load_id=1)], freed_rows=[2]))
     assert worker.take_load_errors() == {3}
     report = worker.take_report()
-    assert report is not None and report.failed_slots == {9}
-    assert report.unloaded_tokens == {"q2": bs}
-    assert 8 not in slab and 7 in slab
+    assert report is not None and report.failed_rows == {3}, "row 3 holds no block"
+    assert report.loads == {1: [1, 1]}, "one of its two blocks loaded"
+    assert 2 not in slab and 1 in slab, "freed row marked empty, the loaded one kept"
+    assert 3 not in slab and len(slab) == 1, "a failed load changes nothing in the store"
 
 
 def _kv(blocks: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,25 +133,28 @@ def _kv(blocks: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_alloc_hands_out_runs_and_reuses_a_fitting_free_run() -> None:
-    codec, slab = make("polykv", capacity=8)
-    assert [(r.offset, r.row, r.length) for r in slab.alloc([1, 2, 3])] == [(0, 0, 3)]
-    assert [(r.row, r.length) for r in slab.alloc([4, 5, 6])] == [(3, 3)]
-    for slot in (1, 2, 4, 5):  # free rows 0, 1, 3, 4; never used: 6, 7
-        slab.drop(slot)
-    assert [(r.row, r.length) for r in slab.alloc([7, 8])] == [(6, 2)], "never-used rows first"
-    assert [(r.row, r.length) for r in slab.alloc([9, 10])] == [(0, 2)], "the first free run"
-    slab.drop(7)  # free: 3, 4, 6: no run of three -> any rows, split into runs
-    runs = slab.alloc([11, 12, 13])
-    assert [(r.offset, r.row, r.length) for r in runs] == [(0, 3, 2), (2, 6, 1)]
-    assert slab.runs([13, 11, 12]) == [Run(0, 6, 1), Run(1, 3, 2)]
+    rows = RowAllocator(8)
+    a = rows.alloc(3)
+    assert [(r.offset, r.row, r.length) for r in runs(a)] == [(0, 0, 3)]
+    b = rows.alloc(3)
+    assert [(r.row, r.length) for r in runs(b)] == [(3, 3)]
+    for row in (0, 1, 3, 4):  # free rows 0, 1, 3, 4; never used: 6, 7
+        rows.free(row)
+    c = rows.alloc(2)
+    assert [(r.row, r.length) for r in runs(c)] == [(6, 2)], "never-used rows first"
+    assert [(r.row, r.length) for r in runs(rows.alloc(2))] == [(0, 2)], "the first free run"
+    rows.free(6)  # free: 3, 4, 6: no run of three -> any rows, split into runs
+    got = rows.alloc(3)
+    assert [(r.offset, r.row, r.length) for r in runs(got)] == [(0, 3, 2), (2, 6, 1)]
+    assert runs([6, 3, 4]) == [Run(0, 6, 1), Run(1, 3, 2)]
     with pytest.raises(AssertionError):
-        slab.alloc([14])  # full
+        rows.alloc(1)  # full
 
 
 def test_view_is_zero_copy_and_write_fills_a_run() -> None:
     codec, slab = make("polykv")
     packed = encode(codec, 2)
-    (run,) = slab.alloc([1, 2])
+    (run,) = runs([1, 2])
     slab.write(run, packed)
     views = slab.view(run.row, run.length)
     assert views[0].k_codes.data_ptr() == slab.layers[0].k_codes[run.row].data_ptr()
@@ -145,7 +164,7 @@ def test_view_is_zero_copy_and_write_fills_a_run() -> None:
 def test_worker_loads_a_request_spread_over_several_runs() -> None:
     """Blocks stored by different requests (separate runs, out of row order) load in the
     request's order, and the result equals the codec's decode."""
-    from polykv_vllm.connector.metadata import BlockJob, StepPlan
+    from polykv_vllm.connector.metadata import BlockJob, LoadJob, StepPlan
     from polykv_vllm.connector.paged_io import FlashPagedIO
     from polykv_vllm.connector.worker import PolyKVWorker
 
@@ -158,9 +177,9 @@ def test_worker_loads_a_request_spread_over_several_runs() -> None:
     worker = PolyKVWorker(block_size=bs)
     worker.bind(io, slab)
     worker.save(StepPlan(stores=[BlockJob("a", (1, 2), (0, 1))]))
-    worker.save(StepPlan(stores=[BlockJob("b", (3,), (2,))]))
+    worker.save(StepPlan(stores=[BlockJob("b", (4,), (2,))]))
     src = [c[[2, 0, 1]].clone() for c in caches]
-    worker.start_load(StepPlan(loads=[BlockJob("q", (3, 1, 2), (7, 8, 9))]))
+    worker.start_load(StepPlan(loads=[LoadJob("q", (4, 1, 2), (7, 8, 9), load_id=0)]))
     assert worker.take_load_errors() == set()
     for layer in range(layers):
         ref_k, ref_v = codec.decode(codec.encode(*_kv(src[layer], dim), layer), torch.float32)

@@ -75,6 +75,8 @@ def test_revisit_after_eviction_loads_from_the_store_and_matches_the_baseline(
             "tokens_from_store": 5 * BS,
             "tokens_stored": 0,
             "pinned": False,
+            "stored_blocks": 5,
+            "total_blocks": 5,
         }
         assert again.num_cached_tokens == 5 * BS, "only the last 60 prompt tokens are computed"
         assert worker.totals.tokens_decompressed - loaded_before == 5 * BS
@@ -106,7 +108,12 @@ def test_many_agents_on_one_document_decompress_it_once(llm: LLM, pool: list[lis
     worker.flush_timers()
     assert len(worker.totals.load_seconds) == loads + 1, "exactly one decompression"
     assert index.num_entries == entries, "no second copy of the document"
-    assert index.document("shared") == {"blocks": 5, "ready_blocks": 5, "pinned": False}
+    assert index.document("shared") == {
+        "total_blocks": 5,
+        "stored_blocks": 5,
+        "ready_blocks": 5,
+        "pinned": False,
+    }
 
 
 def test_churn_through_a_small_budget_stays_within_it(
@@ -126,7 +133,12 @@ def test_churn_through_a_small_budget_stays_within_it(
             assert worker.nbytes <= STORE_BYTES, "real bytes held by the worker"
             assert worker.nbytes == index.real_bytes
     assert any("evicted" in r.getMessage() for r in caplog.records)
-    assert index.document("pinned") == {"blocks": 3, "ready_blocks": 3, "pinned": True}
+    assert index.document("pinned") == {
+        "total_blocks": 3,
+        "stored_blocks": 3,
+        "ready_blocks": 3,
+        "pinned": True,
+    }
     llm.reset_prefix_cache()
     newest, oldest = vh.run(llm, [docs[-1], docs[0]], 4)
     assert vh.polykv_params(newest)["tokens_from_store"] == 3 * BS
@@ -166,14 +178,15 @@ def test_lost_or_corrupt_store_entry_is_recomputed(
     doc = pool[15 if damage == "missing" else 16]
     base = first_visit(llm, doc, 16, params=[{"doc_id": f"damaged-{damage}"}])
     llm.reset_prefix_cache()
-    keys = index._docs[f"damaged-{damage}"].keys
-    slots = [index._lru[k].slot for k in keys]
+    damaged = index.documents.get(None, f"damaged-{damage}")
+    assert damaged is not None
+    rows = [damaged.entries[k].row for k in damaged.keys]
     bad = 2 if damage == "missing" else 0
     if damage == "missing":
-        worker.store.drop(slots[bad])
+        worker.store.mark_empty([rows[bad]])
     else:  # a NaN scale in layer 7 of the block's row
         with torch.inference_mode():  # the slab may have been allocated in inference mode
-            worker.store.layers[7].k_scale[worker.store.row(slots[bad])] = float("nan")
+            worker.store.layers[7].k_scale[rows[bad]] = float("nan")
     with caplog.at_level(logging.WARNING, logger="polykv_vllm"):
         (again,) = vh.run(llm, [doc], 16, params=[{"doc_id": f"damaged-{damage}"}])
     word = "missing" if damage == "missing" else "invalid"
@@ -195,5 +208,5 @@ def test_stats_report_store_size_and_compression(llm: LLM) -> None:
     assert index.real_bytes > 0
     ratio = index.raw_bytes / index.real_bytes
     assert 5.0 < ratio < 6.0, f"fp32 cache vs K8/V3 at head dim 64: {ratio:.2f}x"
-    per_block = index.real_bytes / sum(1 for e in index._lru.values() if e.ready)
+    per_block = index.real_bytes / sum(1 for e in index.entries.values() if e.ready)
     assert per_block == index.geometry.block_bytes, "measured bytes == the budget's accounting"

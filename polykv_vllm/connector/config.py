@@ -24,6 +24,7 @@ __all__ = [
     "CONNECTOR_CLASS",
     "CONNECTOR_MODULE",
     "OptionSpec",
+    "PIN_TOKEN_ENV",
     "PolyKVConfig",
     "ResolvedConfig",
     "format_size",
@@ -37,6 +38,11 @@ CONNECTOR_MODULE = "polykv_vllm.connector.connector"
 
 Placement = Literal["gpu", "cpu"]
 StorePolicy = Literal["all", "tagged"]
+PinMode = Literal["off", "any", "token"]
+
+#: the environment variable holding the secret of ``pin="token"`` (never a config value: the
+#: engine logs its configuration)
+PIN_TOKEN_ENV = "POLYKV_PIN_TOKEN"
 
 _UNITS = {
     "": 1,
@@ -91,6 +97,11 @@ class PolyKVConfig:
     - ``store``: ``"all"`` stores every prompt's full blocks, ``"tagged"`` only prompts of
       requests carrying a ``polykv.doc_id``.
     - ``min_store_tokens``: prompts shorter than this are not stored (None: one block).
+    - ``pin``: who may pin documents: ``"off"`` (nobody), ``"any"`` (any request, the default,
+      as before), ``"token"`` (requests carrying ``polykv.pin_token`` equal to the secret in the
+      environment variable ``POLYKV_PIN_TOKEN``).
+    - ``pin_quota``: compressed bytes one tenant (``cache_salt``; no salt is one tenant) may
+      keep pinned; None: half of ``store_bytes`` (:meth:`pin_quota_bytes`).
     """
 
     preset: str = "polykv"
@@ -98,6 +109,8 @@ class PolyKVConfig:
     placement: Placement | None = None
     store: StorePolicy = "all"
     min_store_tokens: int | None = None
+    pin: PinMode = "any"
+    pin_quota: int | None = None
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -129,6 +142,26 @@ class PolyKVConfig:
                 f"polykv option min_store_tokens={self.min_store_tokens!r} must be an integer "
                 ">= 1 (or unset for one block)."
             )
+        if self.pin not in ("off", "any", "token"):
+            raise ValueError(
+                f"polykv option pin={self.pin!r} is invalid: allowed are 'off' (nobody pins), "
+                "'any' (any request pins) and 'token' (requests carrying the secret of "
+                f"{PIN_TOKEN_ENV})."
+            )
+        if self.pin_quota is not None and (
+            isinstance(self.pin_quota, bool)
+            or not isinstance(self.pin_quota, int)
+            or self.pin_quota <= 0
+        ):
+            raise ValueError(
+                f"polykv option pin_quota={self.pin_quota!r} must be a positive number of bytes "
+                "(or unset for half of store_bytes); pass an int or a size string such as "
+                "'256MiB' to from_extra_config."
+            )
+
+    def pin_quota_bytes(self) -> int:
+        """The per-tenant pinned-bytes quota: ``pin_quota``, or half of ``store_bytes``."""
+        return self.pin_quota if self.pin_quota is not None else self.store_bytes // 2
 
     @classmethod
     def from_extra_config(cls, extra: Mapping[str, Any] | None) -> PolyKVConfig:
@@ -143,6 +176,8 @@ class PolyKVConfig:
             )
         if "store_bytes" in extra:
             extra["store_bytes"] = parse_size(extra["store_bytes"])
+        if extra.get("pin_quota") is not None:
+            extra["pin_quota"] = parse_size(extra["pin_quota"], field="pin_quota")
         if "min_store_tokens" in extra and isinstance(extra["min_store_tokens"], str):
             text = extra["min_store_tokens"]
             if not text.strip().isdigit():
@@ -231,7 +266,7 @@ class OptionSpec:
 
     def format(self, value: Any) -> str:
         """``value`` as this flag's text (sizes as ``512MiB`` where exact)."""
-        return format_size(value) if self.name == "store_bytes" else str(value)
+        return format_size(value) if self.name in _SIZE_FIELDS else str(value)
 
 
 # What a field's type cannot say: computed choices, a size that is typed as text, a default
@@ -241,7 +276,9 @@ _SPEC_OVERRIDES: dict[str, dict[str, Any]] = {
     "store_bytes": {"value_type": str, "metavar": "SIZE"},
     "placement": {"default_text": "gpu on CUDA, cpu on CPU"},
     "min_store_tokens": {"default_text": "one block"},
+    "pin_quota": {"value_type": str, "metavar": "SIZE", "default_text": "half of store_bytes"},
 }
+_SIZE_FIELDS = frozenset({"store_bytes", "pin_quota"})
 _BINARY_UNITS = (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024))
 
 

@@ -13,6 +13,7 @@ float16/bfloat16/float32 KV cache; anything else is refused at start-up with the
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -31,7 +32,13 @@ from polykv_vllm.connector.config import PolyKVConfig
 from polykv_vllm.connector.metadata import StepPlan, WorkerReport
 from polykv_vllm.connector.metrics import PolyKVPromMetrics, PolyKVStats
 from polykv_vllm.connector.paged_io import CpuPagedIO, FlashPagedIO, PagedIO
-from polykv_vllm.connector.scheduler import ScheduledReq, StoreGeometry, StoreIndex
+from polykv_vllm.connector.scheduler import (
+    PinPolicy,
+    ScheduledReq,
+    StoreGeometry,
+    StoreIndex,
+    store_rows,
+)
 from polykv_vllm.connector.slab import BlockSlab
 from polykv_vllm.connector.worker import PolyKVWorker
 from polykv_vllm.core import KVCodec
@@ -200,6 +207,7 @@ class PolyKVConnector(KVConnectorBase_V1):
                 budget_bytes=self.config.store_bytes,
                 store_all=self.config.store == "all",
                 min_store_tokens=self.config.min_store_tokens or self.facts.block_size,
+                pins=PinPolicy.from_config(self.config),
             )
             logger.info(
                 "polykv: store of %d bytes, %d bytes per %d-token block (%.2fx smaller than the "
@@ -252,12 +260,12 @@ class PolyKVConnector(KVConnectorBase_V1):
                 seconds = flash.warm_up(block_id=0)
                 logger.info("polykv: kernels ready in %.1f s (compiled at start-up)", seconds)
             io = flash
-        # as many rows as the scheduler's budget can hold blocks
-        capacity = self.config.store_bytes // store_geometry(self.codec, self.facts).block_bytes
+        # the same rows the scheduler side places blocks in (one rule: store_rows)
+        block_bytes = store_geometry(self.codec, self.facts).block_bytes
         store = BlockSlab(
             self.codec,
             layers,
-            capacity=max(capacity, 1),
+            capacity=store_rows(self.config.store_bytes, block_bytes),
             block_size=self.facts.block_size,
             kv_heads=self.facts.kv_heads,
             head_dim=self.facts.head_dim,
@@ -344,13 +352,13 @@ class PolyKVConnector(KVConnectorBase_V1):
                 stats.add("load_failures", w.load_failures)
         if self.index is not None:
             c = self.index.take_counters()
-            for key in ("hits", "tokens_loaded", "tokens_stored", "blocks_evicted"):
-                if getattr(c, key):
-                    stats.add(key, getattr(c, key))
-            gauges: dict[str, float] = {
+            for key, value in dataclasses.asdict(c).items():
+                if value:
+                    stats.add(key, value)
+            gauges: dict[str, float] = {  # running totals of the index: no scan per call
                 "stored_documents": self.index.num_documents,
                 "stored_bytes": self.index.real_bytes,
-                "stored_bf16_bytes": self.index.raw_bytes,
+                "stored_cache_dtype_bytes": self.index.raw_bytes,
                 "capacity_bytes": self.index.budget_bytes,
             }
             if gauges != self._gauges:

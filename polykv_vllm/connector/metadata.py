@@ -1,75 +1,89 @@
 """Small picklable messages between the scheduler side and the worker side.
 
-Scheduler → worker (:class:`StepPlan`, one per engine step): which stored entries to decompress
-into which paged blocks (loads), which freshly computed blocks to compress into which new entries
-(stores), and which entries to drop (evictions). Worker → scheduler (:class:`WorkerReport`): which
-stores landed, with their real byte counts, and which loads failed. Only ints travel: entry ids
-(``slot``, never reused) and vLLM block numbers; never tensors.
+Scheduler → worker (:class:`StepPlan`, one per engine step): which slab rows to decompress into
+which paged blocks (loads), which freshly computed blocks to compress into which rows (stores),
+and which rows no longer hold a stored block (freed). The scheduler side decides every row
+(:mod:`~.scheduler.rows`); the worker executes the plan and keeps no placement of its own.
+Worker → scheduler (:class:`WorkerReport`): which stores landed, with their real byte counts,
+and how each load went. Only ints travel: slab rows, load ids and vLLM block numbers; never
+tensors. (A *row* is one stored block in the compressed store; the kernels' *slots* are token
+positions in the paged cache: the two words never mean the same thing.)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["BlockJob", "StepPlan", "WorkerReport"]
+__all__ = ["BlockJob", "LoadJob", "StepPlan", "WorkerReport"]
 
 
 @dataclass(frozen=True)
 class BlockJob:
-    """One request's transfer: ``slots[i]`` ↔ paged block ``block_ids[i]``, in token order.
-
-    Each slot holds exactly one full block of ``block_size`` tokens (all layers).
-    """
+    """One request's transfer: slab row ``rows[i]`` ↔ paged block ``block_ids[i]``, in token
+    order. Each row holds exactly one full block of ``block_size`` tokens (all layers)."""
 
     req_id: str
-    slots: tuple[int, ...]
+    rows: tuple[int, ...]
     block_ids: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        assert len(self.slots) == len(self.block_ids), "one slot per block"
+        assert len(self.rows) == len(self.block_ids), "one row per block"
+
+
+@dataclass(frozen=True)
+class LoadJob(BlockJob):
+    """A load; ``load_id`` names it in the worker's report (:attr:`WorkerReport.loads`)."""
+
+    load_id: int
 
 
 @dataclass
 class StepPlan:
-    """The work of one step, applied by the worker in this order: loads (before the forward),
-    stores (after it, in ``wait_for_save``), evictions (after the loads)."""
+    """The work of one step, applied by the worker in this order: loads (in ``start_load_kv``),
+    then ``freed_rows`` (marked empty), then stores (after the forward, in ``wait_for_save``)."""
 
-    loads: list[BlockJob] = field(default_factory=list)
+    loads: list[LoadJob] = field(default_factory=list)
     stores: list[BlockJob] = field(default_factory=list)
-    evictions: list[int] = field(default_factory=list)
+    freed_rows: list[int] = field(default_factory=list)
 
     def is_empty(self) -> bool:
-        return not (self.loads or self.stores or self.evictions)
+        return not (self.loads or self.stores or self.freed_rows)
 
 
 @dataclass
 class WorkerReport:
     """What the workers did in one step, merged over ranks by :meth:`merge`.
 
-    - ``stored``: slot → ``[bytes, ranks]``: real compressed bytes summed over ranks, and how
-      many ranks confirmed the slot (a slot is ready once all ranks did).
-    - ``failed_slots``: slots a load found missing or invalid (the scheduler drops them).
-    - ``unloaded_tokens``: request id → tokens of its planned load that were not loaded (and are
-      recomputed); the maximum over ranks.
+    - ``stored``: row → ``[bytes, ranks]``: real compressed bytes summed over ranks, and how
+      many ranks confirmed the row (its entry is ready once all ranks did).
+    - ``loads``: load id → ``[ranks, loaded_blocks]``: how many ranks ran the load, and how many
+      of its blocks (from the first) every one of them loaded (the minimum over ranks; the rest
+      are recomputed).
+    - ``failed_rows``: rows a load found missing or invalid (the scheduler drops their entries;
+      the worker changes nothing on its own).
     """
 
     stored: dict[int, list[int]] = field(default_factory=dict)
-    failed_slots: set[int] = field(default_factory=set)
-    unloaded_tokens: dict[str, int] = field(default_factory=dict)
+    loads: dict[int, list[int]] = field(default_factory=dict)
+    failed_rows: set[int] = field(default_factory=set)
 
     def merge(self, other: WorkerReport) -> WorkerReport:
         out = WorkerReport(
             stored={k: list(v) for k, v in self.stored.items()},
-            failed_slots=set(self.failed_slots) | other.failed_slots,
-            unloaded_tokens=dict(self.unloaded_tokens),
+            loads={k: list(v) for k, v in self.loads.items()},
+            failed_rows=set(self.failed_rows) | other.failed_rows,
         )
-        for rid, n in other.unloaded_tokens.items():
-            out.unloaded_tokens[rid] = max(n, out.unloaded_tokens.get(rid, 0))
-        for slot, (nbytes, ranks) in other.stored.items():
-            cur = out.stored.setdefault(slot, [0, 0])
+        for row, (nbytes, ranks) in other.stored.items():
+            cur = out.stored.setdefault(row, [0, 0])
             cur[0] += nbytes
             cur[1] += ranks
+        for load_id, (ranks, loaded) in other.loads.items():
+            if load_id in out.loads:
+                cur = out.loads[load_id]
+                out.loads[load_id] = [cur[0] + ranks, min(cur[1], loaded)]
+            else:
+                out.loads[load_id] = [ranks, loaded]
         return out
 
     def is_empty(self) -> bool:
-        return not (self.stored or self.failed_slots or self.unloaded_tokens)
+        return not (self.stored or self.loads or self.failed_rows)

@@ -5,7 +5,8 @@ same dict here) with three kinds of keys, merged across workers and the schedule
 :meth:`PolyKVStats.aggregate`:
 
 - counters (summed): :data:`COUNTERS`;
-- gauges (the scheduler's latest value): :data:`GAUGES`;
+- gauges (the scheduler's latest value): :data:`GAUGES` (plus :data:`DEPRECATED_GAUGES`, old
+  names kept for one release and set to the same value);
 - samples (lists, concatenated; Prometheus histograms): :data:`SAMPLES`.
 """
 
@@ -22,7 +23,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     PromMetricT,
 )
 
-__all__ = ["COUNTERS", "GAUGES", "SAMPLES", "PolyKVPromMetrics", "PolyKVStats"]
+__all__ = [
+    "COUNTERS",
+    "DEPRECATED_GAUGES",
+    "GAUGES",
+    "SAMPLES",
+    "PolyKVPromMetrics",
+    "PolyKVStats",
+]
 
 #: counter key → (Prometheus name without ``_total``, help)
 COUNTERS: dict[str, tuple[str, str]] = {
@@ -36,6 +44,10 @@ COUNTERS: dict[str, tuple[str, str]] = {
         "Prompt tokens compressed into the polykv store (confirmed by the workers).",
     ),
     "blocks_evicted": ("vllm:polykv_blocks_evicted", "Blocks evicted from the polykv store."),
+    "store_rejected_blocks": (
+        "vllm:polykv_store_rejected_blocks",
+        "Prompt blocks not stored because the polykv store was full of pinned or in-use blocks.",
+    ),
     "load_failures": (
         "vllm:polykv_load_failures",
         "Store entries found missing or invalid on load (those tokens were recomputed).",
@@ -48,11 +60,20 @@ GAUGES: dict[str, tuple[str, str]] = {
         "vllm:polykv_stored_bytes",
         "Compressed bytes held by the polykv store (measured from its tensors, all workers).",
     ),
-    "stored_bf16_bytes": (
-        "vllm:polykv_stored_bf16_bytes",
+    "stored_cache_dtype_bytes": (
+        "vllm:polykv_stored_cache_dtype_bytes",
         "Bytes the stored tokens take in the engine's KV cache dtype.",
     ),
     "capacity_bytes": ("vllm:polykv_capacity_bytes", "Byte budget of the polykv store."),
+}
+#: gauge key → (old Prometheus name, help): deprecated aliases, set with the same value; to be
+#: removed in the release after the one that renamed them
+DEPRECATED_GAUGES: dict[str, tuple[str, str]] = {
+    "stored_cache_dtype_bytes": (
+        "vllm:polykv_stored_bf16_bytes",
+        "Deprecated (it is not bf16 but the engine's KV cache dtype): use "
+        "vllm:polykv_stored_cache_dtype_bytes; removed in the next release.",
+    ),
 }
 #: sample key → (Prometheus histogram name, help)
 SAMPLES: dict[str, tuple[str, str]] = {
@@ -129,8 +150,9 @@ class PolyKVPromMetrics(KVConnectorPromMetrics):
             key: self._per_engine(counter_cls(name=name, documentation=doc, labelnames=labelnames))
             for key, (name, doc) in COUNTERS.items()
         }
-        self._gauges = {
-            key: self._per_engine(
+
+        def gauge(name: str, doc: str) -> dict[int, Any]:
+            return self._per_engine(
                 gauge_cls(
                     name=name,
                     documentation=doc,
@@ -138,8 +160,9 @@ class PolyKVPromMetrics(KVConnectorPromMetrics):
                     multiprocess_mode="mostrecent",
                 )
             )
-            for key, (name, doc) in GAUGES.items()
-        }
+
+        self._gauges = {key: gauge(name, doc) for key, (name, doc) in GAUGES.items()}
+        self._deprecated = {key: gauge(n, doc) for key, (n, doc) in DEPRECATED_GAUGES.items()}
         self._histograms = {
             key: self._per_engine(
                 histogram_cls(name=name, documentation=doc, labelnames=labelnames, buckets=_BUCKETS)
@@ -156,6 +179,8 @@ class PolyKVPromMetrics(KVConnectorPromMetrics):
                 self._counters[key][engine_idx].inc(value)
             elif key in self._gauges:
                 self._gauges[key][engine_idx].set(value)
+                if key in self._deprecated:
+                    self._deprecated[key][engine_idx].set(value)
             elif key in self._histograms:
                 hist = self._histograms[key][engine_idx]
                 for v in value:

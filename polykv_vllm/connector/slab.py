@@ -3,13 +3,14 @@
 A row holds one block (``block_size`` tokens, this rank's kv heads) of one layer in the codec's
 own tensors (``docs/FORMAT.md``): ``k_codes [rows, bs, H, kw]``, ``k_scale [rows, bs, H]``,
 ``v_codes [rows, bs, H, vw]``, ``v_norm [rows, bs, H]``.
-Rows are handed out in runs of consecutive rows (:meth:`BlockSlab.alloc`: never-used rows first,
-then the first free run that fits, else any free rows), so the blocks of a document stored by one
-request are usually one run. A run is read and written through zero-copy views
-(:meth:`BlockSlab.view`): the kernels decode straight from a GPU-resident run and encode straight
-into it, and a pinned host run moves to the GPU in one copy per tensor and layer (vLLM's CUDA
-blocks are 16 tokens: a 4K-token document is 256 blocks, so per-block tensors would mean
-thousands of tiny copies). The scheduler's budget guarantees a free row for every store it plans.
+The slab does not place anything: the scheduler side decides which row holds which block
+(:mod:`~.scheduler.rows`) and every plan names rows. :func:`runs` splits a plan's rows into runs
+of consecutive rows, each read and written through one zero-copy view (:meth:`BlockSlab.view`):
+the kernels decode straight from a GPU-resident run and encode straight into it, and a pinned
+host run moves to the GPU in one copy per tensor and layer (vLLM's CUDA blocks are 16 tokens: a
+4K-token document is 256 blocks, so per-block tensors would mean thousands of tiny copies).
+The slab only remembers which rows hold a written block (:meth:`BlockSlab.mark_filled`,
+:meth:`BlockSlab.mark_empty`), so a load of an empty row is caught and its bytes are measured.
 
 Pinned host slabs are written from the GPU on a side stream (:meth:`BlockSlab.write`), so the
 device-to-host copy of a stored document overlaps the next steps' compute; every later reader
@@ -19,21 +20,20 @@ orders itself after it (:meth:`BlockSlab.ready_for_device` on the GPU,
 
 from __future__ import annotations
 
-import bisect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from polykv_vllm.core import KVCodec, PackedKV
 
-__all__ = ["BlockSlab", "Run", "first_invalid_block"]
+__all__ = ["BlockSlab", "Run", "first_invalid_block", "runs"]
 
 
 @dataclass(frozen=True)
 class Run:
-    """``length`` blocks at ``offset`` in a request's slot list that sit in the consecutive slab
-    rows ``row .. row + length - 1``."""
+    """``length`` blocks at ``offset`` in a job's row list that sit in the consecutive slab rows
+    ``row .. row + length - 1``."""
 
     offset: int
     row: int
@@ -98,73 +98,59 @@ class BlockSlab:
             t[0].numel() * t.element_size() for s in self.layers for t in s.tensors()
         )
         self.capacity = capacity
-        self._rows: dict[int, int] = {}
-        self._fresh = 0  # rows >= this were never used
-        self._free: list[int] = []  # recycled rows, sorted
+        self._filled: set[int] = set()  # rows holding a written block
         self._pending: torch.cuda.Event | None = None  # last side-stream write to a host slab
         self._side: torch.cuda.Stream | None = None
 
-    def __contains__(self, slot: int) -> bool:
-        return slot in self._rows
+    def __contains__(self, row: int) -> bool:
+        """Whether ``row`` holds a written block."""
+        return row in self._filled
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self._filled)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the rows in use (measured row size times rows)."""
-        return len(self._rows) * self.row_bytes
+        """Bytes of the rows holding a block (measured row size times rows)."""
+        return len(self._filled) * self.row_bytes
 
-    def slots(self) -> list[int]:
-        return list(self._rows)
+    def check_rows(self, rows: Sequence[int]) -> None:
+        """Every row is one of this slab's (the scheduler side and this slab both size the store
+        with :func:`~.scheduler.geometry.store_rows`)."""
+        bad = [r for r in rows if not 0 <= r < self.capacity]
+        assert not bad, f"plan names rows {bad[:4]} of a {self.capacity}-row slab"
 
-    def row(self, slot: int) -> int:
-        return self._rows[slot]
+    def mark_filled(self, rows: Sequence[int]) -> None:
+        self._filled.update(rows)
 
-    @property
-    def free_rows(self) -> int:
-        return self.capacity - len(self._rows)
-
-    def alloc(self, slots: Sequence[int]) -> list[Run]:
-        """Give each of ``slots`` (new) a free row, consecutive where possible; the runs."""
-        n = len(slots)
-        assert self.free_rows >= n, "the scheduler planned more blocks than fit"
-        assert not any(s in self._rows for s in slots), "slot stored twice"
-        if self._fresh + n <= self.capacity:
-            rows = list(range(self._fresh, self._fresh + n))
-            self._fresh += n
-        else:
-            rows = self._take_recycled(n)
-        for slot, row in zip(slots, rows, strict=True):
-            self._rows[slot] = row
-        return self.runs(slots)
-
-    def _take_recycled(self, n: int) -> list[int]:
-        """``n`` rows: never-used ones plus recycled ones, as one run when a run fits."""
-        free = self._free + list(range(self._fresh, self.capacity))  # sorted
-        start = next((i for i in range(len(free) - n + 1) if free[i + n - 1] - free[i] == n - 1), 0)
-        rows = free[start : start + n]
-        taken = set(rows)
-        self._fresh = self.capacity
-        self._free = [r for r in free if r not in taken]
-        return rows
-
-    def runs(self, slots: Sequence[int]) -> list[Run]:
-        """``slots`` (all present) split into runs of consecutive rows, in order."""
-        out: list[Run] = []
-        start = 0
-        for i in range(1, len(slots) + 1):
-            if i == len(slots) or self._rows[slots[i]] != self._rows[slots[i - 1]] + 1:
-                out.append(Run(start, self._rows[slots[start]], i - start))
-                start = i
-        return out
+    def mark_empty(self, rows: Sequence[int]) -> None:
+        self._filled.difference_update(rows)
 
     def view(self, row: int, length: int) -> list[PackedKV]:
         """Rows ``row .. row + length - 1`` per layer, as zero-copy :class:`PackedKV` views
-        (``length * block_size`` tokens). Host views written from the GPU are valid on the host
-        only after :meth:`ready_for_host`, on the GPU's current stream after
+        (``length * block_size`` tokens, in row order). Host views written from the GPU are
+        valid on the host only after :meth:`ready_for_host`, on the GPU's current stream after
         :meth:`ready_for_device`."""
-        return self._packed(lambda t: t.narrow(0, row, length), length)
+        tokens = length * self.block_size
+        out = []
+        for slab in self.layers:
+            k_codes, k_scale, v_codes, v_norm = (
+                t.narrow(0, row, length).reshape(tokens, *t.shape[2:]) for t in slab.tensors()
+            )
+            out.append(
+                PackedKV(
+                    k_codes=k_codes,
+                    k_scale=k_scale,
+                    v_codes=v_codes,
+                    v_norm=v_norm,
+                    tokens=tokens,
+                    kv_heads=self.kv_heads,
+                    head_dim=self.head_dim,
+                    key_bits=slab.key_bits,
+                    value_bits=slab.value_bits,
+                )
+            )
+        return out
 
     def write(self, run: Run, per_layer: Sequence[PackedKV], offset: int = 0) -> None:
         """Copy tokens ``offset ..`` of ``per_layer`` (one entry per layer) into ``run``'s rows.
@@ -204,58 +190,19 @@ class BlockSlab:
             self._pending.synchronize()
             self._pending = None
 
-    def put(self, slots: Sequence[int], per_layer: Sequence[PackedKV]) -> None:
-        """Store ``per_layer[i]`` (``len(slots) * block_size`` tokens, blocks in ``slots``
-        order) into fresh rows."""
-        for run in self.alloc(slots):
-            self.write(run, per_layer, offset=run.offset * self.block_size)
-
-    def get(self, slots: Sequence[int]) -> list[PackedKV]:
-        """A copy of the blocks of ``slots`` (all present), per layer, tokens in ``slots``
-        order."""
-        self.ready_for_host()
-        index = torch.tensor([self._rows[s] for s in slots], dtype=torch.int64)
-        index = index.to(self.device)
-        return self._packed(lambda t: t.index_select(0, index), len(slots))
-
-    def _packed(self, rows: Callable[[torch.Tensor], torch.Tensor], blocks: int) -> list[PackedKV]:
-        """Per layer, the :class:`PackedKV` of ``blocks`` rows taken by ``rows`` from each slab
-        tensor (a view or a copy), tokens in row order."""
-        tokens = blocks * self.block_size
-        out = []
-        for slab in self.layers:
-            k_codes, k_scale, v_codes, v_norm = (
-                rows(t).reshape(tokens, *t.shape[2:]) for t in slab.tensors()
-            )
-            out.append(
-                PackedKV(
-                    k_codes=k_codes,
-                    k_scale=k_scale,
-                    v_codes=v_codes,
-                    v_norm=v_norm,
-                    tokens=tokens,
-                    kv_heads=self.kv_heads,
-                    head_dim=self.head_dim,
-                    key_bits=slab.key_bits,
-                    value_bits=slab.value_bits,
-                )
-            )
-        return out
-
-    def first_invalid(self, slots: Sequence[int], per_layer: Sequence[PackedKV]) -> int | None:
-        """Index in ``slots`` of the first block whose scales/norms are not finite in some
-        layer, or None. ``per_layer`` holds the blocks in ``slots`` order (a copy, or views of
-        runs); a few kernels and one device sync for the whole request."""
-        return first_invalid_block(len(slots), per_layer)
-
-    def drop(self, slot: int) -> None:
-        row = self._rows.pop(slot, None)
-        if row is not None:
-            bisect.insort(self._free, row)
-
     def clear(self) -> None:
-        for slot in list(self._rows):
-            self.drop(slot)
+        self._filled.clear()
+
+
+def runs(rows: Sequence[int]) -> list[Run]:
+    """``rows`` split into runs of consecutive rows, in order."""
+    out: list[Run] = []
+    start = 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i] != rows[i - 1] + 1:
+            out.append(Run(start, rows[start], i - start))
+            start = i
+    return out
 
 
 def first_invalid_block(blocks: int, per_layer: Sequence[PackedKV]) -> int | None:

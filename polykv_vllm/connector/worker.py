@@ -1,15 +1,17 @@
 """Worker side of the connector: the compressed store and the transfers into/out of the cache.
 
-The store (:class:`~.slab.BlockSlab`) maps a slot (an int from the scheduler, never reused) to
-one row per layer holding one block of one document, this rank's kv heads. It lives on the
-cache's device (``placement="gpu"``) or in pinned host memory (``placement="cpu"`` on CUDA; on
-a CPU build both are host memory).
+The store (:class:`~.slab.BlockSlab`) has one row per layer for each stored block, this rank's
+kv heads. It lives on the cache's device (``placement="gpu"``) or in pinned host memory
+(``placement="cpu"`` on CUDA; on a CPU build both are host memory). The worker is a stateless
+executor: the scheduler side decides every row (:mod:`~.scheduler.rows`), and each
+:class:`~.metadata.StepPlan` names the rows to read, to write and to mark empty.
 
-Per step (the :class:`~.metadata.StepPlan` bound by vLLM): :meth:`PolyKVWorker.start_load`
-decompresses the planned loads into their paged blocks and drops evicted slots;
-:meth:`PolyKVWorker.save` compresses the blocks the step just computed. A slot that is missing
-or whose scales are not finite is not loaded: its blocks and every later block of that request
-are reported through :meth:`PolyKVWorker.take_load_errors`, so vLLM
+Per step (the plan bound by vLLM): :meth:`PolyKVWorker.start_load` decompresses the planned loads
+into their paged blocks, then marks the freed rows empty; :meth:`PolyKVWorker.save` compresses
+the blocks the step just computed into their rows. A row that holds no block or whose scales are
+not finite is not loaded: it is reported (:attr:`~.metadata.WorkerReport.failed_rows`; the
+scheduler drops its entry, the worker changes nothing), and its blocks and every later block of
+that load go to :meth:`PolyKVWorker.take_load_errors`, so vLLM
 (``kv_load_failure_policy="recompute"``) recomputes them.
 """
 
@@ -21,9 +23,9 @@ import time
 
 import torch
 
-from polykv_vllm.connector.metadata import BlockJob, StepPlan, WorkerReport
+from polykv_vllm.connector.metadata import BlockJob, LoadJob, StepPlan, WorkerReport
 from polykv_vllm.connector.paged_io import PagedIO
-from polykv_vllm.connector.slab import BlockSlab, first_invalid_block
+from polykv_vllm.connector.slab import BlockSlab, first_invalid_block, runs
 from polykv_vllm.core import PackedKV
 
 __all__ = ["PolyKVWorker", "WorkerCounters"]
@@ -44,7 +46,6 @@ class WorkerCounters:
     store_seconds: list[float] = dataclasses.field(default_factory=list)
     load_failures: int = 0
     tokens_decompressed: int = 0
-    tokens_compressed: int = 0
 
 
 class PolyKVWorker:
@@ -77,17 +78,18 @@ class PolyKVWorker:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of this rank's stored blocks (measured row size times rows in use)."""
+        """Bytes of this rank's stored blocks (measured row size times rows holding a block)."""
         return self._store.nbytes if self._store is not None else 0
 
     # --- per-step hooks --------------------------------------------------------------------
 
     def start_load(self, plan: StepPlan) -> None:
-        """Decompress ``plan.loads`` into the paged cache, then drop ``plan.evictions``."""
+        """Decompress ``plan.loads`` into the paged cache, then mark ``plan.freed_rows`` empty
+        (after the loads: no load reads a freed row, and a store may reuse it this step)."""
         for job in plan.loads:
             self._load(job)
-        for slot in plan.evictions:
-            self.store.drop(slot)
+        self.store.check_rows(plan.freed_rows)
+        self.store.mark_empty(plan.freed_rows)
 
     def save(self, plan: StepPlan) -> None:
         """Compress ``plan.stores`` (blocks computed by this step's forward) into the store."""
@@ -124,14 +126,15 @@ class PolyKVWorker:
 
     # --- transfers -------------------------------------------------------------------------
 
-    def _load(self, job: BlockJob) -> None:
+    def _load(self, job: LoadJob) -> None:
         assert self.io is not None, "register_kv_caches must run before the first load"
         store = self.store
+        store.check_rows(job.rows)
         timer = _Span.start(self.io.device)
-        good = next((i for i, s in enumerate(job.slots) if s not in store), len(job.slots))
+        good = next((i for i, r in enumerate(job.rows) if r not in store), len(job.rows))
         reason = "missing"
-        runs = store.runs(job.slots[:good]) if good else []
-        if runs:
+        per_layer: list[PackedKV] = []
+        if good:
             # the runs' rows on the cache's device: views of a GPU slab, one copy per tensor and
             # layer from a pinned host slab
             if self.io.device.type == "cuda":
@@ -140,7 +143,7 @@ class PolyKVWorker:
                 store.ready_for_host()
             parts = [
                 [p.to(self.io.device, non_blocking=True) for p in store.view(r.row, r.length)]
-                for r in runs
+                for r in runs(job.rows[:good])
             ]
             per_layer = [
                 PackedKV.cat(list(layer)) if len(parts) > 1 else layer[0]
@@ -149,19 +152,18 @@ class PolyKVWorker:
             bad = first_invalid_block(good, per_layer)
             if bad is not None:
                 good, reason = bad, "invalid"
-        if good < len(job.slots):
-            slot = job.slots[good]
+        self._report.loads[job.load_id] = [1, good]
+        if good < len(job.rows):
+            row = job.rows[good]
             logger.warning(
-                "polykv: store entry %d (block %d of request %s) is %s; recomputing %d blocks",
-                slot,
+                "polykv: store row %d (block %d of request %s) is %s; recomputing %d blocks",
+                row,
                 good,
                 job.req_id,
                 reason,
-                len(job.slots) - good,
+                len(job.rows) - good,
             )
-            store.drop(slot)
-            self._report.failed_slots.add(slot)
-            self._report.unloaded_tokens[job.req_id] = (len(job.slots) - good) * self.block_size
+            self._report.failed_rows.add(row)
             self._load_errors.update(job.block_ids[good:])
             self.counters.load_failures += 1
             self.totals.load_failures += 1
@@ -175,27 +177,28 @@ class PolyKVWorker:
     def _save(self, job: BlockJob) -> None:
         assert self.io is not None, "register_kv_caches must run before the first store"
         store = self.store
+        store.check_rows(job.rows)
         timer = _Span.start(self.io.device)
-        runs = store.alloc(job.slots)
-        direct = len(runs) == 1 and store.device == self.io.device
+        row_runs = runs(job.rows)
+        direct = len(row_runs) == 1 and store.device == self.io.device
         if direct:  # one run on the cache's device: the kernels encode straight into it
-            self.io.store(job.block_ids, out=store.view(runs[0].row, runs[0].length))
+            run = row_runs[0]
+            self.io.store(job.block_ids, out=store.view(run.row, run.length))
         else:
             per_layer = self.io.store(job.block_ids)
-            for run in runs:
+            for run in row_runs:
                 store.write(run, per_layer, offset=run.offset * self.block_size)
+        store.mark_filled(job.rows)
         row_bytes = store.row_bytes
-        for slot in job.slots:
-            self._report.stored[slot] = [row_bytes, 1]
-        self._record("store", timer.stop(), len(job.slots))
+        for row in job.rows:
+            self._report.stored[row] = [row_bytes, 1]
+        self._record("store", timer.stop(), len(job.rows))
 
     def _record(self, kind: str, span: _Span, blocks: int) -> None:
         self._spans.append((kind, span))
-        for c in (self.counters, self.totals):
-            if kind == "load":
+        if kind == "load":
+            for c in (self.counters, self.totals):
                 c.tokens_decompressed += blocks * self.block_size
-            else:
-                c.tokens_compressed += blocks * self.block_size
 
 
 class _Span:

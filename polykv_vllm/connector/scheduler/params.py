@@ -1,0 +1,78 @@
+"""The per-request ``polykv`` parameters, read leniently (a client's bad value must not stop the
+engine: it is logged and ignored, and the receipt says what was refused).
+
+``kv_transfer_params = {"polykv": {"doc_id": str, "pin": bool, "pin_token": str}}``; all keys
+optional (``docs/CONNECTOR.md``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["MAX_DOC_ID_CHARS", "PARAMS_KEY", "DocParams", "parse_doc_params"]
+
+logger = logging.getLogger(__name__)
+
+PARAMS_KEY = "polykv"
+#: longer doc ids are refused (warning; the request is served unnamed)
+MAX_DOC_ID_CHARS = 256
+
+
+@dataclass(frozen=True)
+class DocParams:
+    """One request's ``polykv`` parameters after parsing.
+
+    - ``doc_id``: the document name within the request's tenant, or None (untagged).
+    - ``pin``: True / False to pin / unpin the document, None to leave its pin as it is.
+    - ``pin_token``: the secret a ``pin="token"`` server asks for (never printed: not in repr).
+    - ``doc_id_refused``: why a given doc id was not used (for the receipt), or None.
+    """
+
+    doc_id: str | None = None
+    pin: bool | None = None
+    pin_token: str | None = field(default=None, repr=False)
+    doc_id_refused: str | None = None
+
+
+def parse_doc_params(kv_transfer_params: Mapping[str, Any] | None) -> DocParams:
+    """Read ``{"polykv": {...}}``; malformed values are logged (never the token) and ignored."""
+    raw = (kv_transfer_params or {}).get(PARAMS_KEY)
+    if raw is None:
+        return DocParams()
+    if not isinstance(raw, Mapping):
+        logger.warning(
+            "ignoring kv_transfer_params.polykv of type %s: expected an object like "
+            '{"doc_id": "contract-42", "pin": true}',
+            type(raw).__name__,
+        )
+        return DocParams()
+    doc_id = raw.get("doc_id")
+    pin = raw.get("pin")
+    token = raw.get("pin_token")
+    refused = None
+    if doc_id is not None and (not isinstance(doc_id, str) or not doc_id):
+        logger.warning("ignoring polykv.doc_id=%.80r: expected a non-empty string", doc_id)
+        doc_id = None
+    if doc_id is not None and len(doc_id) > MAX_DOC_ID_CHARS:
+        refused = f"too long: {len(doc_id)} characters, at most {MAX_DOC_ID_CHARS}"
+        logger.warning(
+            "ignoring polykv.doc_id %.40r... of %d characters (at most %d): the request is "
+            "served unnamed",
+            doc_id,
+            len(doc_id),
+            MAX_DOC_ID_CHARS,
+        )
+        doc_id = None
+    if pin is not None and not isinstance(pin, bool):
+        logger.warning("ignoring polykv.pin=%.80r: expected true or false", pin)
+        pin = None
+    if pin is not None and doc_id is None:
+        logger.warning("ignoring polykv.pin=%r: pinning needs a polykv.doc_id", pin)
+        pin = None
+    if token is not None and not isinstance(token, str):
+        logger.warning("ignoring polykv.pin_token of type %s: expected a string", type(token))
+        token = None
+    return DocParams(doc_id=doc_id, pin=pin, pin_token=token, doc_id_refused=refused)
