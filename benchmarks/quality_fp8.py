@@ -7,7 +7,7 @@ largest finite value (±448 for e4m3, ±57344 for e5m2). Attention reads the cac
 ``fp8 * scale`` (FlashAttention's ``k_descale``/``v_descale``), for every token of the sequence,
 including those of the current step: the current tokens are written first, then read from the
 cache. Scales are 1.0 unless the checkpoint carries them or, on vLLM builds that still have it
-(removed in 0.27), ``calculate_kv_scales`` is on: then, on a layer's first forward,
+(gone from 0.32), ``calculate_kv_scales`` is on: then, on a layer's first forward,
 ``k_scale = amax(|k|) / K_SCALE_CONSTANT`` (200) and ``v_scale = amax(|v|) / V_SCALE_CONSTANT``
 (100), kept for the engine's life.
 
