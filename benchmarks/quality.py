@@ -23,9 +23,19 @@ own ``pydoc_data.topics``, English documentation not written by this project):
    computed; exact match of the first number in the greedy answer.
 4. **Real bytes.** The sum of the stored tensors' bytes over layers (``PackedKV.nbytes`` for a
    codec, the cast tensors' bytes for bf16) vs the bytes of the same K/V in bf16.
+5. **Behind an fp8 working cache** (``--cache-dtype fp8 [fp8_e5m2]``, issue 10; see
+   ``quality_fp8``): the document is prefilled into a simulated vLLM fp8 cache (every K/V
+   written is quantized with the layer's ``k_scale``/``v_scale``, attention reads the
+   dequantized values, including the current tokens'); ``<dtype>`` is that cache alone;
+   ``<dtype>+<preset>`` stores the dequantized fp8 prefix with the codec, decodes it and writes
+   it into fp8 again (``quantize(decode(encode(dequant(fp8(kv)))))``), and the continuation
+   runs on the fp8 cache. Both are compared with fp32 and ``<dtype>+<preset>`` also with
+   ``<dtype>`` alone (paired per-window PPL delta with CI, top-1 and teacher-forced agreement
+   on the fp8 cache's own greedy tokens).
 
-Run ``python benchmarks/quality.py --help``. Writes ``quality.json`` (everything, per window),
-``quality.csv`` (one row per variant) and ``quality.md`` (the README table) under ``--out``.
+Run ``python benchmarks/quality.py --help``. Writes ``<stem>.json`` (everything, per window),
+``<stem>.csv`` (one row per variant) and ``<stem>.md`` (the README table) under ``--out``
+(``--stem``, default ``quality``).
 """
 
 from __future__ import annotations
@@ -51,6 +61,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from quality_fp8 import (
+    FP8_CACHE_DTYPES,
+    SCALE_MODES,
+    Fp8Spec,
+    LayerScales,
+    cache_factory,
+    fp8_nbytes,
+)
 
 from polykv_vllm.core import PRESETS, CodecConfig, KVCodec
 
@@ -64,6 +82,8 @@ TARGETS = {
     "polykv": (2.78, 1.0),
     "polykv-lite": (4.5, 2.0),
 }
+#: preset: max mean PPL delta % of ``<fp8 cache>+<preset>`` vs the fp8 cache alone (issue 10).
+FP8_TARGETS = {"polykv": 0.5}
 MIN_AGREEMENT = 0.95
 
 
@@ -77,11 +97,19 @@ class Variant:
     ``roundtrip(kv)`` takes the fp32 per-layer K/V (``[1, H, T, D]`` each) and returns the K/V
     the model will attend to (fp32, same shapes) and the bytes the stored form holds, measured
     from its tensors.
+
+    ``working``: the working cache the document is prefilled into, the stored prefix is written
+    back into and the continuation runs on (``None``: plain fp32, as before issue 10; an
+    :class:`Fp8Spec`: every write goes through fp8, see ``quality_fp8``). ``roundtrip`` then
+    gets the dequantized fp8 K/V. ``baseline``: the variant this one is compared with besides
+    fp32 (PPL delta, top-1 and greedy agreement), which must come earlier in the list.
     """
 
     name: str
     roundtrip: Callable[[Sequence[LayerKV]], tuple[list[LayerKV], int]]
     config: dict[str, Any] = field(default_factory=dict)
+    working: Fp8Spec | None = None
+    baseline: str | None = None
 
 
 def identity_roundtrip(kv: Sequence[LayerKV]) -> tuple[list[LayerKV], int]:
@@ -123,6 +151,18 @@ def codec_roundtrip(
     return roundtrip
 
 
+def fp8_store_roundtrip(
+    cache_dtype: str,
+) -> Callable[[Sequence[LayerKV]], tuple[list[LayerKV], int]]:
+    """The fp8 working cache alone: the (already dequantized) K/V unchanged; bytes of the fp8
+    codes."""
+
+    def roundtrip(kv: Sequence[LayerKV]) -> tuple[list[LayerKV], int]:
+        return [(k, v) for k, v in kv], fp8_nbytes(kv, cache_dtype)
+
+    return roundtrip
+
+
 def to_codec_layout(x: torch.Tensor) -> torch.Tensor:
     """``[1, H, T, D]`` (transformers cache) -> ``[T, H, D]`` (codec), contiguous."""
     if x.dim() != 4 or x.shape[0] != 1:
@@ -143,32 +183,44 @@ def bf16_bytes(kv: Sequence[LayerKV]) -> int:
 # --- model pieces -----------------------------------------------------------------------------
 
 
-def make_cache(kv: Sequence[LayerKV]) -> Any:
-    """A fresh transformers ``DynamicCache`` holding ``kv`` (the tensors are not modified:
-    ``DynamicLayer.update`` concatenates into new tensors)."""
+def make_cache(kv: Sequence[LayerKV], new_cache: Callable[[], Any] | None = None) -> Any:
+    """A fresh cache from ``new_cache`` (default: transformers ``DynamicCache``) holding ``kv``,
+    written through its ``update`` (an fp8 cache quantizes it). The tensors are not modified:
+    ``DynamicLayer.update`` concatenates into new tensors."""
     from transformers import DynamicCache
 
-    cache = DynamicCache()
+    cache = (new_cache or DynamicCache)()
     for layer, (k, v) in enumerate(kv):
         cache.update(k, v, layer)
     return cache
 
 
 @torch.inference_mode()
-def prefill(model: Any, ids: Sequence[int]) -> list[LayerKV]:
-    """Run ``ids`` through ``model``; return its per-layer K/V ``[1, H, T, D]`` (post-RoPE)."""
+def prefill(
+    model: Any, ids: Sequence[int], new_cache: Callable[[], Any] | None = None
+) -> list[LayerKV]:
+    """Run ``ids`` through ``model`` on an empty cache from ``new_cache`` (default
+    ``DynamicCache``); return the per-layer K/V it holds, ``[1, H, T, D]`` (post-RoPE; for an
+    fp8 cache the dequantized values, computed with fp8 attention all along)."""
     from transformers import DynamicCache
 
-    cache = DynamicCache()
+    cache = (new_cache or DynamicCache)()
     model(input_ids=_ids(model, ids), past_key_values=cache, use_cache=True)
     layers: list[Any] = list(cache.layers)
     return [(layer.keys, layer.values) for layer in layers]
 
 
 @torch.inference_mode()
-def logits_after(model: Any, kv: Sequence[LayerKV], ids: Sequence[int]) -> torch.Tensor:
-    """Logits ``[len(ids), vocab]`` (fp32) of ``ids`` fed on top of the prefix ``kv``."""
-    out = model(input_ids=_ids(model, ids), past_key_values=make_cache(kv), use_cache=True)
+def logits_after(
+    model: Any,
+    kv: Sequence[LayerKV],
+    ids: Sequence[int],
+    new_cache: Callable[[], Any] | None = None,
+) -> torch.Tensor:
+    """Logits ``[len(ids), vocab]`` (fp32) of ``ids`` fed on top of the prefix ``kv`` (in a
+    cache from ``new_cache``, see :func:`make_cache`)."""
+    cache = make_cache(kv, new_cache)
+    out = model(input_ids=_ids(model, ids), past_key_values=cache, use_cache=True)
     return out.logits[0].float()
 
 
@@ -191,13 +243,18 @@ def perplexity(nll: torch.Tensor) -> float:
 
 @torch.inference_mode()
 def greedy(
-    model: Any, kv: Sequence[LayerKV], first: int, n: int, eos: int | None = None
+    model: Any,
+    kv: Sequence[LayerKV],
+    first: int,
+    n: int,
+    eos: int | None = None,
+    new_cache: Callable[[], Any] | None = None,
 ) -> list[int]:
     """Greedy tokens generated after the prefix ``kv`` with ``first`` as the first input.
 
     Free-running, one token per step, at most ``n`` tokens; stops after ``eos``.
     """
-    cache = make_cache(kv)
+    cache = make_cache(kv, new_cache)
     out: list[int] = []
     nxt = first
     for _ in range(n):
@@ -211,10 +268,15 @@ def greedy(
 
 @torch.inference_mode()
 def greedy_prompt(
-    model: Any, kv: Sequence[LayerKV], prompt: Sequence[int], n: int, eos: int | None
+    model: Any,
+    kv: Sequence[LayerKV],
+    prompt: Sequence[int],
+    n: int,
+    eos: int | None,
+    new_cache: Callable[[], Any] | None = None,
 ) -> list[int]:
     """Greedy answer to ``prompt`` (several tokens) fed after the prefix ``kv``."""
-    cache = make_cache(kv)
+    cache = make_cache(kv, new_cache)
     logits = model(input_ids=_ids(model, prompt), past_key_values=cache, use_cache=True)
     nxt = int(logits.logits[0, -1].argmax())
     out = [nxt]
@@ -423,6 +485,51 @@ class WindowResult:
     first_div: int | None = None
     nbytes: int = 0
     bf16_nbytes: int = 0
+    top1_vs_base: float | None = None
+    greedy_tf_vs_base: float | None = None
+
+
+#: WindowResult fields written to JSON only when set (runs without a baseline keep their format).
+_BASELINE_FIELDS = ("top1_vs_base", "greedy_tf_vs_base")
+
+
+def window_dict(result: WindowResult) -> dict[str, Any]:
+    """``result`` as a JSON object, without the unset baseline fields."""
+    d = dataclasses.asdict(result)
+    return {k: v for k, v in d.items() if not (k in _BASELINE_FIELDS and v is None)}
+
+
+class WorkingCaches:
+    """Per window (or needle): the document prefilled into each working cache a variant uses.
+
+    ``get(None)`` is the fp32 prefill given at construction with plain caches; ``get(spec)``
+    prefills the document into a fresh :class:`Fp8Cache` on first use (its per-layer scales are
+    calibrated there and then shared by every later cache of this window) and returns
+    ``(dequantized K/V, factory of caches with the same scales)``.
+    """
+
+    def __init__(self, model: Any, ids: Sequence[int], kv: list[LayerKV]) -> None:
+        self.model, self.ids = model, list(ids)
+        self.caches: dict[Fp8Spec | None, tuple[list[LayerKV], Callable[[], Any]]] = {}
+        self.caches[None] = (kv, cache_factory(None))
+
+    def get(self, spec: Fp8Spec | None) -> tuple[list[LayerKV], Callable[[], Any]]:
+        if spec not in self.caches:
+            new_cache = cache_factory(LayerScales(spec))
+            self.caches[spec] = (prefill(self.model, self.ids, new_cache), new_cache)
+        return self.caches[spec]
+
+
+def check_baselines(variants: Sequence[Variant]) -> None:
+    """Every ``baseline`` names an earlier variant (or fp32)."""
+    seen = {"fp32"}
+    for v in variants:
+        if v.baseline is not None and v.baseline not in seen:
+            raise ValueError(
+                f"variant {v.name!r} has baseline={v.baseline!r}, which is not an earlier "
+                f"variant (earlier: {sorted(seen)}); list the baseline first"
+            )
+        seen.add(v.name)
 
 
 def measure_window(
@@ -435,11 +542,17 @@ def measure_window(
     start: int = 0,
 ) -> dict[str, WindowResult]:
     """All PPL/agreement measurements of one window ``ids`` (``context + continuation + 1``
-    tokens) for the fp32 reference (key ``"fp32"``) and every variant."""
+    tokens) for the fp32 reference (key ``"fp32"``) and every variant.
+
+    A variant with a ``baseline`` is also compared with it: top-1 on the real continuation and
+    teacher-forced agreement on the baseline's own greedy tokens."""
+    check_baselines(variants)
     ctx, cont = list(ids[:context]), list(ids[context:])
     if len(cont) < 2:
         raise ValueError(f"window of {len(ids)} tokens leaves no continuation after {context}")
     kv = prefill(model, ctx)
+    working = WorkingCaches(model, ctx, kv)
+    baselines = {v.baseline for v in variants if v.baseline is not None}
     bf16 = bf16_bytes(kv)
     inputs, targets = cont[:-1], cont[1:]
 
@@ -461,26 +574,38 @@ def measure_window(
             bf16_nbytes=bf16,
         )
     }
+    top1s, gens = {"fp32": ref_top1}, {"fp32": ref_gen}
     for variant in variants:
-        kv2, nbytes = variant.roundtrip(kv)
-        logits = logits_after(model, kv2, inputs)
+        source, new_cache = working.get(variant.working)
+        kv2, nbytes = variant.roundtrip(source)
+        logits = logits_after(model, kv2, inputs, new_cache)
         nll = token_nll(logits, targets)
+        top1 = top1s[variant.name] = logits.argmax(-1)
         res = WindowResult(
             start=start,
             ppl=perplexity(nll),
             nll_sum=float(nll.sum()),
             tokens=len(targets),
-            top1_real=float((logits.argmax(-1) == ref_top1).double().mean()),
+            top1_real=float((top1 == ref_top1).double().mean()),
             nbytes=nbytes,
             bf16_nbytes=bf16,
         )
         if generate:
-            tf = logits_after(model, kv2, [inputs[0], *ref_gen[:-1]]).argmax(-1).tolist()
-            res.greedy_tf = agreement(tf, ref_gen)
+            tf = logits_after(model, kv2, [inputs[0], *ref_gen[:-1]], new_cache).argmax(-1)
+            res.greedy_tf = agreement(tf.tolist(), ref_gen)
+            if free_running or variant.name in baselines:
+                gen = gens[variant.name] = greedy(
+                    model, kv2, inputs[0], generate, new_cache=new_cache
+                )
             if free_running:
-                gen = greedy(model, kv2, inputs[0], generate)
                 res.greedy_free = agreement(gen, ref_gen)
                 res.first_div = first_divergence(gen, ref_gen)
+        if variant.baseline is not None:
+            res.top1_vs_base = float((top1 == top1s[variant.baseline]).double().mean())
+            if generate:
+                base_gen = gens[variant.baseline]
+                tf = logits_after(model, kv2, [inputs[0], *base_gen[:-1]], new_cache).argmax(-1)
+                res.greedy_tf_vs_base = agreement(tf.tolist(), base_gen)
         results[variant.name] = res
     return results
 
@@ -493,14 +618,20 @@ def measure_needle(
     needle: Needle,
     max_new: int,
 ) -> dict[str, dict[str, Any]]:
-    """Answer the needle's question from the full and from every variant's prefix."""
+    """Answer the needle's question from the full and from every variant's prefix (each on
+    its working cache)."""
     text, _ = insert_needle(document, needle.sentence, needle.depth)
     prefix, suffix = split_chat_prompt(tokenizer, text, needle.question)
     kv = prefill(model, prefix)
+    working = WorkingCaches(model, prefix, kv)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     out: dict[str, dict[str, Any]] = {}
-    for name, kv2 in [("fp32", kv)] + [(v.name, v.roundtrip(kv)[0]) for v in variants]:
-        answer = tokenizer.decode(greedy_prompt(model, kv2, suffix, max_new, eos))
+    runs: list[tuple[str, list[LayerKV], Callable[[], Any]]] = [("fp32", *working.get(None))]
+    for v in variants:
+        source, new_cache = working.get(v.working)
+        runs.append((v.name, v.roundtrip(source)[0], new_cache))
+    for name, kv2, new_cache in runs:
+        answer = tokenizer.decode(greedy_prompt(model, kv2, suffix, max_new, eos, new_cache))
         answer = answer.replace("<|im_end|>", "").strip()
         out[name] = {
             "answer": answer,
@@ -518,13 +649,21 @@ def summarize(
     windows: Sequence[dict[str, WindowResult]],
     needles: Sequence[dict[str, Any]],
     seed: int,
+    roles: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per-variant summary: bytes, ratio, PPL deltas vs fp32 and bf16 with CIs, agreements,
-    retrieval accuracy."""
+    retrieval accuracy.
+
+    ``roles[name]`` (optional): ``{"working_cache": ..., "baseline": ...}``, copied into the
+    summary; with a ``baseline``, ``delta_vs_baseline`` is the paired per-window PPL delta vs
+    that variant (same windows, same CI) and ``top1_vs_base`` / ``greedy_tf_vs_base`` the
+    agreements with it."""
     summary: dict[str, dict[str, Any]] = {}
     for name in names:
         rows = [w[name] for w in windows]
+        role = (roles or {}).get(name, {})
         s: dict[str, Any] = {
+            **role,
             "nbytes": sum(r.nbytes for r in rows),
             "bf16_nbytes": sum(r.bf16_nbytes for r in rows),
             "ppl_mean": sum(r.ppl for r in rows) / len(rows),
@@ -539,7 +678,16 @@ def summarize(
                     sum(w[base].nll_sum for w in windows) / sum(w[base].tokens for w in windows)
                 )
                 s[f"corpus_delta_vs_{base}"] = 100.0 * (s["ppl_corpus"] / ref_corpus - 1.0)
-        for key in ("top1_real", "greedy_tf", "greedy_free", "first_div"):
+        if "baseline" in role:
+            deltas = paired_deltas(windows, name, role["baseline"])
+            s["delta_vs_baseline"] = mean_ci(deltas, seed)
+            base_rows = [w[role["baseline"]] for w in windows]
+            s["corpus_delta_vs_baseline"] = 100.0 * (
+                s["ppl_corpus"]
+                / math.exp(sum(r.nll_sum for r in base_rows) / sum(r.tokens for r in base_rows))
+                - 1.0
+            )
+        for key in ("top1_real", "greedy_tf", "greedy_free", "first_div", *_BASELINE_FIELDS):
             vals = [getattr(r, key) for r in rows if getattr(r, key) is not None]
             if vals:
                 s[key] = mean_ci([float(x) for x in vals], seed)
@@ -549,6 +697,21 @@ def summarize(
             s["retrieval_n"] = len(correct)
         summary[name] = s
     return summary
+
+
+def paired_deltas(windows: Sequence[dict[str, WindowResult]], name: str, base: str) -> list[float]:
+    """Per-window PPL delta % of ``name`` vs ``base``: ``100 * (PPL / PPL_base - 1)``, each
+    window against itself (raises if a window's two results are not from the same start)."""
+    out = []
+    for w in windows:
+        a, b = w[name], w[base]
+        if a.start != b.start or a.tokens != b.tokens:
+            raise ValueError(
+                f"{name} and {base} results are not paired: start {a.start} vs {b.start}, "
+                f"tokens {a.tokens} vs {b.tokens}"
+            )
+        out.append(100.0 * (a.ppl / b.ppl - 1.0))
+    return out
 
 
 def check_targets(summary: dict[str, dict[str, Any]]) -> list[str]:
@@ -565,6 +728,16 @@ def check_targets(summary: dict[str, dict[str, Any]]) -> list[str]:
             f"(target <= +{max_delta}%): {'MET' if ok else 'MISSED'}"
         )
     for name, s in summary.items():
+        base, _, preset = name.partition("+")
+        if s.get("baseline") != base or preset not in FP8_TARGETS:
+            continue
+        delta, limit = s["delta_vs_baseline"], FP8_TARGETS[preset]
+        hi = f", CI upper {delta['t_hi']:+.2f}%" if "t_hi" in delta else ""
+        lines.append(
+            f"{name}: PPL delta vs {base} alone {delta['mean']:+.2f}%{hi} (target <= "
+            f"+{limit}%): {'MET' if delta['mean'] <= limit else 'MISSED'}"
+        )
+    for name, s in summary.items():
         if name in ("fp32",) or "greedy_tf" not in s:
             continue
         tf = s["greedy_tf"]["mean"]
@@ -573,6 +746,13 @@ def check_targets(summary: dict[str, dict[str, Any]]) -> list[str]:
             f"{name}: teacher-forced greedy agreement {tf:.3f} (target >= {MIN_AGREEMENT}): "
             f"{verdict}"
         )
+        if "greedy_tf_vs_base" in s:
+            tf = s["greedy_tf_vs_base"]["mean"]
+            verdict = "MET" if tf >= MIN_AGREEMENT else "MISSED"
+            lines.append(
+                f"{name}: teacher-forced greedy agreement with {s['baseline']} {tf:.3f} "
+                f"(target >= {MIN_AGREEMENT}): {verdict}"
+            )
     return lines
 
 
@@ -598,6 +778,7 @@ def markdown(
     """The README table fragment (with the command that produced it above it); ``extras``:
     further ``(meta, summary)`` runs appended as their own tables."""
     cfg = meta["config"]
+    working = working_cache_section(summary, cfg)
     device = meta.get("model_device", "cpu")
     source = meta.get("corpus", {}).get("source", "pydoc_data.topics")
     lines = [
@@ -613,7 +794,8 @@ def markdown(
         f"scored continuation tokens; {cfg['needles']} needles in ~{cfg['needle_context']}-token "
         f"excerpts; codec output decoded to {cfg['decode_dtype']}. PPL delta: mean over windows "
         "of the per-window relative change, 95% paired Student-t CI in brackets (bootstrap CI "
-        "in quality.json). Top-1 (real text): argmax agreement with fp32 on the continuation. "
+        f"in {cfg.get('stem', 'quality')}.json). Top-1 (real text): argmax agreement with fp32 "
+        "on the continuation. "
         f"Greedy over {cfg['generate']} tokens after the document: teacher-forced on the fp32 "
         "greedy tokens (TF), and free-running (position-wise agreement; first divergence = "
         f"mean tokens before the first differing one; first {cfg['free_running_windows']} "
@@ -621,10 +803,11 @@ def markdown(
         "",
         *markdown_table(summary),
         "",
-        "Targets (issue 3):",
+        "Targets (issues 3 and 10):" if working else "Targets (issue 3):",
         "",
         *[f"- {t}" for t in targets],
         "",
+        *working,
     ]
     for extra_meta, extra_summary in extras:
         lines += [
@@ -664,25 +847,61 @@ def markdown_table(summary: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def working_cache_section(summary: dict[str, dict[str, Any]], cfg: dict[str, Any]) -> list[str]:
+    """The fp8 working-cache table (issue 10), or nothing when no variant has a working cache."""
+    rows = {name: s for name, s in summary.items() if "working_cache" in s}
+    if not rows:
+        return []
+    lines = [
+        "fp8 working cache (issue 10), same windows: the document is prefilled into the fp8 "
+        f"cache (scales: {cfg.get('kv_scales', 'unit')}); `fp8 + preset` stores the "
+        "dequantized fp8 prefix with the codec, decodes it and writes it into fp8 again; the "
+        "continuation runs on the fp8 cache. ΔPPL vs baseline: paired per-window delta vs "
+        "the fp8 cache alone, 95% Student-t CI; agreements vs baseline use the fp8 cache "
+        "alone's argmax and its own greedy tokens.",
+        "",
+        "| variant | baseline | bytes vs bf16 | PPL | ΔPPL vs fp32 | ΔPPL vs baseline "
+        "| top-1 vs fp32 | top-1 vs baseline | greedy TF vs fp32 | greedy TF vs baseline "
+        "| needles (exact) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, s in rows.items():
+        acc = (
+            f"{s['retrieval_acc'] * s['retrieval_n']:.0f}/{s['retrieval_n']}"
+            if "retrieval_acc" in s
+            else "—"
+        )
+        lines.append(
+            f"| {name} | {s.get('baseline', 'fp32')} | {s['ratio_vs_bf16']:.2f}x "
+            f"| {s['ppl_mean']:.3f} | {_fmt_ci(s.get('delta_vs_fp32'))} "
+            f"| {_fmt_ci(s.get('delta_vs_baseline'))} | {_fmt_mean(s.get('top1_real'))} "
+            f"| {_fmt_mean(s.get('top1_vs_base'))} | {_fmt_mean(s.get('greedy_tf'))} "
+            f"| {_fmt_mean(s.get('greedy_tf_vs_base'))} | {acc} |"
+        )
+    return [*lines, ""]
+
+
 def write_outputs(
     out_dir: Path,
     meta: dict[str, Any],
     summary: dict[str, dict[str, Any]],
     windows: Sequence[dict[str, WindowResult]],
     needles: Sequence[dict[str, Any]],
+    stem: str = "quality",
 ) -> None:
-    """quality.json (all), quality.csv (one row per variant), quality.md (README table)."""
+    """``<stem>.json`` (all), ``<stem>.csv`` (one row per variant), ``<stem>.md`` (README
+    table)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     targets = check_targets(summary)
     doc = {
         **meta,
         "summary": summary,
         "targets": targets,
-        "windows": [{k: dataclasses.asdict(v) for k, v in w.items()} for w in windows],
+        "windows": [{k: window_dict(v) for k, v in w.items()} for w in windows],
         "needles": list(needles),
     }
-    (out_dir / "quality.json").write_text(json.dumps(doc, indent=1) + "\n")
-    write_tables(out_dir, meta, summary)
+    (out_dir / f"{stem}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    write_tables(out_dir, meta, summary, stem=stem)
 
 
 def write_tables(
@@ -690,9 +909,10 @@ def write_tables(
     meta: dict[str, Any],
     summary: dict[str, dict[str, Any]],
     extras: Sequence[tuple[dict[str, Any], dict[str, dict[str, Any]]]] = (),
+    stem: str = "quality",
 ) -> None:
-    """quality.csv (one row per variant) and quality.md (README table) from the summary;
-    ``extras`` (further runs) only add tables to quality.md."""
+    """``<stem>.csv`` (one row per variant) and ``<stem>.md`` (README table) from the summary;
+    ``extras`` (further runs) only add tables to the markdown."""
     targets = check_targets(summary)
     cols = [
         "variant",
@@ -716,7 +936,19 @@ def write_tables(
         "retrieval_acc",
         "retrieval_n",
     ]
-    with open(out_dir / "quality.csv", "w", newline="") as f:
+    if any("working_cache" in s for s in summary.values()):
+        cols += [
+            "working_cache",
+            "baseline",
+            "delta_vs_baseline",
+            "delta_vs_baseline_t_lo",
+            "delta_vs_baseline_t_hi",
+            "delta_vs_baseline_boot_lo",
+            "delta_vs_baseline_boot_hi",
+            "top1_vs_base",
+            "greedy_tf_vs_base",
+        ]
+    with open(out_dir / f"{stem}.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
         for name, s in summary.items():
@@ -732,7 +964,7 @@ def write_tables(
                 else:
                     row.append("")
             w.writerow(row)
-    (out_dir / "quality.md").write_text(markdown(summary, meta, targets, extras))
+    (out_dir / f"{stem}.md").write_text(markdown(summary, meta, targets, extras))
 
 
 # --- command line -----------------------------------------------------------------------------
@@ -785,6 +1017,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtype the codec decodes to (vLLM keeps bf16), then cast to fp32 for the model",
     )
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 round-trip baseline")
+    p.add_argument(
+        "--cache-dtype",
+        nargs="+",
+        default=[],
+        choices=sorted(FP8_CACHE_DTYPES),
+        help="also measure these fp8 working caches (vLLM --kv-cache-dtype names): the cache "
+        "alone and '<dtype>+<preset>' for every codec, compared with the cache alone",
+    )
+    p.add_argument(
+        "--kv-scales",
+        choices=SCALE_MODES,
+        default="unit",
+        help="fp8 k_scale/v_scale: unit (vLLM's default 1.0) or calculated (vLLM's "
+        "calculate_kv_scales: per layer amax / constant on the document's prefill)",
+    )
+    p.add_argument("--k-scale-constant", type=float, default=200.0, help="vLLM K_SCALE_CONSTANT")
+    p.add_argument("--v-scale-constant", type=float, default=100.0, help="vLLM V_SCALE_CONSTANT")
+    p.add_argument(
+        "--no-fp32-codecs",
+        action="store_true",
+        help="skip the codec variants on the plain fp32 cache (keep them only behind fp8)",
+    )
+    p.add_argument("--stem", default="quality", help="output file names: <stem>.json/.csv/.md")
     p.add_argument(
         "--first-windows",
         type=int,
@@ -867,6 +1122,37 @@ def _versions() -> dict[str, str]:
     }
 
 
+def build_variants(
+    args: argparse.Namespace,
+    configs: dict[str, CodecConfig],
+    num_layers: int,
+    decode_dtype: torch.dtype,
+) -> list[Variant]:
+    """bf16 (unless ``--no-bf16``), every codec on the fp32 cache (unless ``--no-fp32-codecs``),
+    then per ``--cache-dtype``: the fp8 cache alone and ``<dtype>+<codec>`` behind it."""
+    codecs = {name: KVCodec(config=cfg, num_layers=num_layers) for name, cfg in configs.items()}
+    variants = [] if args.no_bf16 else [Variant("bf16", cast_roundtrip(torch.bfloat16))]
+    if not args.no_fp32_codecs:
+        variants += [
+            Variant(name, codec_roundtrip(codec, decode_dtype), dataclasses.asdict(configs[name]))
+            for name, codec in codecs.items()
+        ]
+    for dtype in args.cache_dtype:
+        spec = Fp8Spec(dtype, args.kv_scales, args.k_scale_constant, args.v_scale_constant)
+        variants.append(Variant(dtype, fp8_store_roundtrip(dtype), working=spec))
+        variants += [
+            Variant(
+                f"{dtype}+{name}",
+                codec_roundtrip(codec, decode_dtype),
+                dataclasses.asdict(configs[name]),
+                working=spec,
+                baseline=dtype,
+            )
+            for name, codec in codecs.items()
+        ]
+    return variants
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)
@@ -879,10 +1165,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         doc = json.loads(main_json.read_text())
         doc["notes"] = [n for n in doc.get("notes", []) if n not in args.note] + args.note
         args.out.mkdir(parents=True, exist_ok=True)
-        if main_json.resolve() != (args.out / "quality.json").resolve():
-            (args.out / "quality.json").write_text(json.dumps(doc, indent=1) + "\n")
+        if main_json.resolve() != (args.out / f"{args.stem}.json").resolve():
+            (args.out / f"{args.stem}.json").write_text(json.dumps(doc, indent=1) + "\n")
         extras = [json.loads(p.read_text()) for p in extra_jsons]
-        write_tables(args.out, doc, doc["summary"], [(e, e["summary"]) for e in extras])
+        write_tables(
+            args.out, doc, doc["summary"], [(e, e["summary"]) for e in extras], stem=args.stem
+        )
         return 0
     if args.dump_corpus is not None:
         args.dump_corpus.write_text(corpus_text(), encoding="utf-8")
@@ -900,18 +1188,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         configs[name] = PRESETS[name]
     for text in args.config:
         name, cfg = parse_custom_config(text)
-        if name in configs or name in ("fp32", "bf16"):
-            raise SystemExit(f"--config name {name!r} is taken; choose another")
+        if name in configs or name in ("fp32", "bf16", *FP8_CACHE_DTYPES) or "+" in name:
+            raise SystemExit(f"--config name {name!r} is taken or has a '+'; choose another")
         configs[name] = cfg
-    variants = [] if args.no_bf16 else [Variant("bf16", cast_roundtrip(torch.bfloat16))]
-    variants += [
-        Variant(
-            name,
-            codec_roundtrip(KVCodec(config=cfg, num_layers=num_layers), decode_dtype),
-            dataclasses.asdict(cfg),
-        )
-        for name, cfg in configs.items()
-    ]
+    variants = build_variants(args, configs, num_layers, decode_dtype)
+    roles = {
+        v.name: {"working_cache": v.working.cache_dtype}
+        | ({"baseline": v.baseline} if v.baseline else {})
+        for v in variants
+        if v.working is not None
+    }
 
     text = corpus_text(args.corpus_file)
     tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -960,7 +1246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     names = ["fp32"] + [v.name for v in variants]
-    summary = summarize(names, windows, needles_out, args.seed)
+    summary = summarize(names, windows, needles_out, args.seed, roles)
     meta = {
         "notes": args.note,
         "command": "python "
@@ -983,13 +1269,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             "window_starts": starts,
             "window_overlap_tokens": overlap,
             "codecs": {v.name: v.config for v in variants if v.config},
+            "working_caches": {
+                v.name: dataclasses.asdict(v.working) for v in variants if v.working is not None
+            },
             "ci": "95% paired Student-t interval over windows (t_lo/t_hi) and percentile "
             "bootstrap with 10000 seeded resamples (boot_lo/boot_hi)",
             "greedy": "teacher-forced on the fp32 greedy tokens (greedy_tf) and free-running "
             "position-wise agreement (greedy_free, first_div)",
         },
     }
-    write_outputs(args.out, meta, summary, windows, needles_out)
+    write_outputs(args.out, meta, summary, windows, needles_out, stem=args.stem)
     for line in check_targets(summary):
         logger.info("%s", line)
     return 0

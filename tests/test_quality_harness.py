@@ -1,6 +1,6 @@
 """The pieces of ``benchmarks/quality.py`` on tiny random Llama models: PPL arithmetic, the
 cached-prefix path against a full forward, variants and their bytes, needles, windows, stats
-and the written outputs."""
+and the written outputs; the simulated fp8 working cache of ``benchmarks/quality_fp8.py``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from polykv_vllm.core import KVCodec
 
 _PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py"
+sys.path.insert(0, str(_PATH.parent))  # quality.py imports its sibling quality_fp8
+import quality_fp8  # noqa: E402
+
 _SPEC = importlib.util.spec_from_file_location("benchmarks_quality", _PATH)
 assert _SPEC is not None and _SPEC.loader is not None
 quality = importlib.util.module_from_spec(_SPEC)
@@ -423,3 +426,226 @@ def test_rerender_rewrites_tables_with_notes_and_extra_runs(tmp_path):
         and doc["summary"] == json.loads((tmp_path / "a" / "quality.json").read_text())["summary"]
     )
     assert [r["variant"] for r in csv.DictReader((out / "quality.csv").open())] == names
+
+
+# --- fp8 working cache (issue 10) ---------------------------------------------------------------
+
+FP8 = [("fp8", torch.float8_e4m3fn, 448.0), ("fp8_e5m2", torch.float8_e5m2, 57344.0)]
+
+
+@pytest.mark.parametrize("name,dtype,fmax", FP8)
+@pytest.mark.parametrize("scale", [1.0, 0.37, 3.0])
+def test_fp8_quantize_is_torch_cast_of_x_over_scale_saturated(name, dtype, fmax, scale):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 3, 50, 16, generator=g) * 40
+    q = quality_fp8.quantize_fp8(x, scale, name)
+    assert q.dtype == dtype and q.shape == x.shape
+    inside = (x / scale).abs() <= fmax
+    # In range: torch's own float8 cast (round to nearest even) of x / scale, bit for bit.
+    want = (x / scale).to(dtype)
+    assert torch.equal(q[inside].view(torch.uint8), want[inside].view(torch.uint8))
+    # Out of range torch gives NaN/inf; vLLM's __NV_SATFINITE gives the largest finite value.
+    big = torch.tensor([fmax * 10, -fmax * 10, float("inf")]) * scale
+    assert quality_fp8.quantize_fp8(big, scale, name).float().tolist() == [fmax, -fmax, fmax]
+    # Reading back: codes times scale, in the input's dtype; a second write changes nothing.
+    back = quality_fp8.fp8_roundtrip(x, scale, name)
+    assert back.dtype == x.dtype
+    assert torch.equal(back, q.float() * scale)
+    assert torch.equal(quality_fp8.fp8_roundtrip(back, scale, name), back)
+    err = (back - x).abs()[inside].max() / (x.abs()[inside].max())
+    assert 0 < err < (0.07 if name == "fp8" else 0.13)
+
+
+def test_fp8_spec_and_scales_reject_bad_values():
+    with pytest.raises(ValueError, match="cache_dtype='int8'.*allowed"):
+        quality_fp8.Fp8Spec("int8")
+    with pytest.raises(ValueError, match="scales='amax'.*allowed"):
+        quality_fp8.Fp8Spec("fp8", "amax")
+    with pytest.raises(ValueError, match="k_scale_constant"):
+        quality_fp8.Fp8Spec("fp8", "calculated", k_scale_constant=0.0)
+    scales = quality_fp8.LayerScales(quality_fp8.Fp8Spec("fp8", "calculated"))
+    with pytest.raises(ValueError, match="not finite positive"):
+        scales.get(0, torch.zeros(3), torch.ones(3))
+
+
+def test_calculated_scales_are_vllm_amax_over_constants_set_once_per_layer():
+    scales = quality_fp8.LayerScales(quality_fp8.Fp8Spec("fp8", "calculated"))
+    k, v = torch.tensor([1.0, -50.0, 3.0]), torch.tensor([-2.0, 0.5, 7.0])
+    assert scales.get(3, k, v) == (50.0 / 200.0, 7.0 / 100.0)
+    assert scales.get(3, k * 100, v * 100) == (50.0 / 200.0, 7.0 / 100.0)  # fixed after first
+    unit = quality_fp8.LayerScales(quality_fp8.Fp8Spec("fp8_e5m2"))
+    assert unit.get(0, k, v) == (1.0, 1.0)
+
+
+@pytest.mark.parametrize("mode", ["unit", "calculated"])
+def test_fp8_cache_prefill_then_continuation_equals_one_fp8_forward(mode):
+    """The prefix written back into a fresh fp8 cache (same scales) and the continuation on
+    top give the logits of one forward over everything on an fp8 cache; the cache holds
+    values on the fp8 grid; and fp8 attention differs from fp32."""
+    model = make_model()
+    ids = random_ids(40)
+    scales = quality_fp8.LayerScales(quality_fp8.Fp8Spec("fp8", mode))
+    new_cache = quality_fp8.cache_factory(scales)
+    kv = quality.prefill(model, ids[:25], new_cache)
+    for layer, (k, v) in enumerate(kv):
+        ks, vs = scales.scales[layer]
+        assert torch.equal(quality_fp8.fp8_roundtrip(k, ks, "fp8"), k)
+        assert torch.equal(quality_fp8.fp8_roundtrip(v, vs, "fp8"), v)
+    got = quality.logits_after(model, kv, ids[25:], new_cache)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), past_key_values=new_cache(), use_cache=True)
+    torch.testing.assert_close(got, out.logits[0, 25:].float(), rtol=1e-4, atol=1e-4)
+    plain = quality.logits_after(model, quality.prefill(model, ids[:25]), ids[25:])
+    assert not torch.allclose(got, plain, atol=1e-5)
+
+
+def _fp8_variants(model, spec):
+    codec = KVCodec(preset="polykv", num_layers=model.config.num_hidden_layers)
+    name = spec.cache_dtype
+    return [
+        quality.Variant(name, quality.fp8_store_roundtrip(name), working=spec),
+        quality.Variant(
+            f"{name}+identity", quality.identity_roundtrip, working=spec, baseline=name
+        ),
+        quality.Variant(
+            f"{name}+polykv",
+            quality.codec_roundtrip(codec, torch.bfloat16),
+            working=spec,
+            baseline=name,
+        ),
+    ]
+
+
+@pytest.mark.parametrize("name", ["fp8", "fp8_e5m2"])
+def test_fp8_plus_polykv_is_finite_and_differs_from_fp8_alone(name):
+    model = make_model()
+    spec = quality_fp8.Fp8Spec(name)
+    ids = random_ids(30 + 16 + 1, seed=4)
+    res = quality.measure_window(model, _fp8_variants(model, spec), ids, 30, 6, True, start=2)
+    ref, fp8, ident, poly = res["fp32"], res[name], res[f"{name}+identity"], res[f"{name}+polykv"]
+    assert math.isfinite(fp8.ppl) and math.isfinite(poly.ppl)
+    assert fp8.ppl != ref.ppl and poly.ppl != fp8.ppl
+    # fp8 codes: one byte per element, half of bf16; the codec's packed bytes are fewer.
+    assert fp8.nbytes * 2 == fp8.bf16_nbytes and poly.nbytes < fp8.nbytes
+    # The identity store behind fp8 is the fp8 cache alone: equal PPL, full agreement with it.
+    assert ident.ppl == fp8.ppl and ident.top1_vs_base == 1.0 and ident.greedy_tf_vs_base == 1.0
+    assert fp8.top1_vs_base is None and 0.0 <= poly.top1_vs_base <= 1.0
+    assert 0.0 <= poly.greedy_tf_vs_base <= 1.0
+
+
+def test_baseline_must_come_first():
+    model = make_model()
+    spec = quality_fp8.Fp8Spec("fp8")
+    variants = _fp8_variants(model, spec)[::-1]
+    with pytest.raises(ValueError, match="baseline='fp8'.*list the baseline first"):
+        quality.measure_window(model, variants, random_ids(29), 20, 0, False)
+
+
+def _result(start, ppl, tokens=8):
+    return quality.WindowResult(
+        start=start, ppl=ppl, nll_sum=tokens * math.log(ppl), tokens=tokens, nbytes=1
+    )
+
+
+def test_delta_vs_baseline_is_paired_per_window():
+    """Per-window ratios, averaged: not a ratio of averages (which would be 0 here)."""
+    windows = [
+        {"fp32": _result(s, 10.0), "fp8": _result(s, b), "fp8+polykv": _result(s, p)}
+        for s, b, p in [(0, 10.0, 12.0), (9, 20.0, 18.0)]
+    ]
+    roles = {
+        "fp8": {"working_cache": "fp8"},
+        "fp8+polykv": {"working_cache": "fp8", "baseline": "fp8"},
+    }
+    s = quality.summarize(["fp32", "fp8", "fp8+polykv"], windows, [], 0, roles)["fp8+polykv"]
+    assert s["baseline"] == "fp8" and s["working_cache"] == "fp8"
+    assert s["delta_vs_baseline"]["mean"] == pytest.approx((20.0 + -10.0) / 2)
+    assert s["delta_vs_fp32"]["mean"] == pytest.approx((20.0 + 80.0) / 2)
+    assert quality.paired_deltas(windows, "fp8+polykv", "fp8") == pytest.approx([20.0, -10.0])
+    windows[1]["fp8"] = _result(5, 20.0)
+    with pytest.raises(ValueError, match="not paired"):
+        quality.paired_deltas(windows, "fp8+polykv", "fp8")
+
+
+@pytest.mark.parametrize("delta,verdict", [(0.4, "MET"), (0.7, "MISSED")])
+def test_fp8_target_verdict(delta, verdict):
+    summary = {
+        "fp8+polykv": {"baseline": "fp8", "delta_vs_baseline": {"mean": delta, "t_hi": 0.9}},
+        "fp8+polykv-lite": {"baseline": "fp8", "delta_vs_baseline": {"mean": 5.0}},
+    }
+    lines = quality.check_targets(summary)
+    assert lines == [
+        f"fp8+polykv: PPL delta vs fp8 alone {delta:+.2f}%, CI upper +0.90% (target <= +0.5%): "
+        f"{verdict}"
+    ]
+
+
+def test_fp8_outputs_and_unchanged_format_without_fp8(tmp_path):
+    model = make_model()
+    spec = quality_fp8.Fp8Spec("fp8", "calculated")
+    variants = _variants(model)[1:3] + _fp8_variants(model, spec)
+    windows = [
+        quality.measure_window(model, variants, random_ids(29, seed=s), 20, 3, False, s)
+        for s in range(3)
+    ]
+    names = ["fp32"] + [v.name for v in variants]
+    roles = {
+        v.name: {"working_cache": "fp8"} | ({"baseline": v.baseline} if v.baseline else {})
+        for v in variants
+        if v.working
+    }
+    summary = quality.summarize(names, windows, [], seed=0, roles=roles)
+    cfg = {
+        "windows": 3,
+        "context": 20,
+        "continuation": 8,
+        "needles": 0,
+        "needle_context": 40,
+        "decode_dtype": "bfloat16",
+        "generate": 3,
+        "free_running_windows": 0,
+        "kv_scales": "calculated",
+    }
+    meta = {"command": "python q.py --cache-dtype fp8", "python": "3.11", "config": cfg}
+    quality.write_outputs(tmp_path, meta, summary, windows, [], stem="quality_fp8")
+    doc = json.loads((tmp_path / "quality_fp8.json").read_text())
+    assert doc["windows"][0]["fp8+polykv"]["top1_vs_base"] is not None
+    assert "top1_vs_base" not in doc["windows"][0]["polykv"]
+    rows = {r["variant"]: r for r in csv.DictReader((tmp_path / "quality_fp8.csv").open())}
+    poly = summary["fp8+polykv"]
+    assert rows["fp8+polykv"]["baseline"] == "fp8"
+    assert float(rows["fp8+polykv"]["delta_vs_baseline"]) == poly["delta_vs_baseline"]["mean"]
+    assert float(rows["fp8+polykv"]["delta_vs_baseline_t_hi"]) == poly["delta_vs_baseline"]["t_hi"]
+    assert rows["polykv"]["baseline"] == "" and rows["fp8"]["working_cache"] == "fp8"
+    md = (tmp_path / "quality_fp8.md").read_text()
+    assert "fp8 working cache (issue 10)" in md and "scales: calculated" in md
+    assert "| fp8+polykv | fp8 |" in md and "fp8+polykv: PPL delta vs fp8 alone" in md
+    # Without a working cache: the columns and window keys of before issue 10.
+    plain = quality.summarize(names[:3], windows, [], seed=0)
+    quality.write_outputs(
+        tmp_path, meta, plain, [{k: w[k] for k in names[:3]} for w in windows], []
+    )
+    header = next(csv.reader((tmp_path / "quality.csv").open()))
+    assert header[-2:] == ["retrieval_acc", "retrieval_n"] and "baseline" not in header
+    assert "fp8 working cache" not in (tmp_path / "quality.md").read_text()
+
+
+def test_build_variants_orders_fp8_cache_before_its_codecs():
+    args = quality.build_parser().parse_args(
+        ["--cache-dtype", "fp8", "fp8_e5m2", "--kv-scales", "calculated", "--no-bf16"]
+    )
+    configs = {"polykv": quality.PRESETS["polykv"], "polykv-lite": quality.PRESETS["polykv-lite"]}
+    variants = quality.build_variants(args, configs, 2, torch.bfloat16)
+    assert [(v.name, v.baseline) for v in variants] == [
+        ("polykv", None),
+        ("polykv-lite", None),
+        ("fp8", None),
+        ("fp8+polykv", "fp8"),
+        ("fp8+polykv-lite", "fp8"),
+        ("fp8_e5m2", None),
+        ("fp8_e5m2+polykv", "fp8_e5m2"),
+        ("fp8_e5m2+polykv-lite", "fp8_e5m2"),
+    ]
+    assert variants[2].working == quality_fp8.Fp8Spec("fp8", "calculated")
+    args.no_fp32_codecs = True
+    assert [v.name for v in quality.build_variants(args, configs, 2, torch.bfloat16)][:1] == ["fp8"]
