@@ -130,6 +130,9 @@ class PolyKVWorker:
         timer = _Span.start(self.io.device)
         good = next((i for i, s in enumerate(job.slots) if s not in store), len(job.slots))
         reason = "missing"
+        unusable = self.io.unusable()  # e.g. an fp8 layer scale that is not finite: recompute
+        if unusable is not None:
+            good, reason = 0, f"not loadable now ({unusable})"
         runs = store.runs(job.slots[:good]) if good else []
         if runs:
             # the runs' rows on the cache's device: views of a GPU slab, one copy per tensor and
