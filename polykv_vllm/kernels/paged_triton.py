@@ -146,12 +146,13 @@ def _round_to_fp8_grid(x, EMIN: tl.constexpr, MBITS: tl.constexpr):
     Done by hand so that the cast to fp8 afterwards is exact: Triton's interpreter rounds
     fp32 -> fp8 without carrying a rounded-up mantissa into the exponent (31.6 -> 16 in e4m3,
     Triton 3.9), and an exact cast is the same on every backend. The step between grid points is
-    ``2**(max(exponent(x), EMIN) - MBITS)``; dividing by it is exact (a power of two)."""
+    ``2**(max(exponent(x), EMIN) - MBITS)``; scaling by it and by its inverse (both powers of
+    two, built from their bits) is exact, unlike Triton's approximate fp32 division."""
     bits = x.to(tl.int32, bitcast=True)
     e = ((bits >> 23) & 0xFF) - 127
     e = tl.maximum(e, EMIN) - MBITS
     step = ((e + 127) << 23).to(tl.float32, bitcast=True)
-    y = x / step
+    y = x * ((127 - e) << 23).to(tl.float32, bitcast=True)
     f = tl.floor(y + 0.5)
     f = tl.where((f - y == 0.5) & ((f.to(tl.int32) & 1) == 1), f - 1.0, f)
     r = tl.abs(f * step)
