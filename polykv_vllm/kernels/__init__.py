@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 
 from polykv_vllm.core import LayerSpec, PackedKV
+from polykv_vllm.kernels.fp8 import fp8_view
 from polykv_vllm.kernels.layout import split_kv_cache
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "compress_layers_from_paged",
     "decompress_into_paged",
     "decompress_layers_into_paged",
+    "fp8_view",
     "resolve_backend",
     "split_kv_cache",
     "triton_available",
@@ -75,11 +77,14 @@ def decompress_into_paged(
     value_cache: torch.Tensor,
     block_ids: torch.Tensor,
     *,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
     backend: Backend = "auto",
 ) -> None:
-    """Decode one layer of a document into the paged cache (see :mod:`.paged_ref`)."""
+    """Decode one layer of a document into the paged cache (see :mod:`.paged_ref`;
+    ``k_scale`` / ``v_scale``: the layer's scales for an fp8 cache)."""
     _impl(backend, key_cache.device).decompress_into_paged(
-        packed, spec, key_cache, value_cache, block_ids
+        packed, spec, key_cache, value_cache, block_ids, k_scale=k_scale, v_scale=v_scale
     )
 
 
@@ -90,13 +95,16 @@ def decompress_layers_into_paged(
     value_caches: Sequence[torch.Tensor],
     block_ids: torch.Tensor,
     *,
+    k_scales: Sequence[float] | None = None,
+    v_scales: Sequence[float] | None = None,
     backend: Backend = "auto",
 ) -> None:
-    """Decode every layer of a document into the paged cache (one call, few launches)."""
+    """Decode every layer of a document into the paged cache (one call, few launches;
+    ``k_scales`` / ``v_scales``: one fp8 scale per layer, None = 1.0)."""
     if not key_caches:
         return
     _impl(backend, key_caches[0].device).decompress_layers_into_paged(
-        packed, specs, key_caches, value_caches, block_ids
+        packed, specs, key_caches, value_caches, block_ids, k_scales=k_scales, v_scales=v_scales
     )
 
 
@@ -108,12 +116,14 @@ def compress_from_paged(
     num_tokens: int,
     out: PackedKV | None = None,
     *,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
     backend: Backend = "auto",
 ) -> PackedKV:
     """Encode the first ``num_tokens`` tokens of one layer held in ``block_ids`` (into ``out``
     when given)."""
     result: PackedKV = _impl(backend, key_cache.device).compress_from_paged(
-        spec, key_cache, value_cache, block_ids, num_tokens, out
+        spec, key_cache, value_cache, block_ids, num_tokens, out, k_scale=k_scale, v_scale=v_scale
     )
     return result
 
@@ -126,12 +136,21 @@ def compress_layers_from_paged(
     num_tokens: int,
     out: Sequence[PackedKV] | None = None,
     *,
+    k_scales: Sequence[float] | None = None,
+    v_scales: Sequence[float] | None = None,
     backend: Backend = "auto",
 ) -> list[PackedKV]:
     """Encode every layer's first ``num_tokens`` tokens held in ``block_ids`` (into ``out``)."""
     if not key_caches:
         return []
     result: list[PackedKV] = _impl(backend, key_caches[0].device).compress_layers_from_paged(
-        specs, key_caches, value_caches, block_ids, num_tokens, out
+        specs,
+        key_caches,
+        value_caches,
+        block_ids,
+        num_tokens,
+        out,
+        k_scales=k_scales,
+        v_scales=v_scales,
     )
     return result

