@@ -105,7 +105,6 @@ def _worker_counters() -> dict[str, float] | None:
         "store_s": sum(t.store_seconds),
         "load_failures": t.load_failures,
         "tokens_decompressed": t.tokens_decompressed,
-        "tokens_compressed": t.tokens_compressed,
         "stored_bytes": worker.nbytes,
     }
 
