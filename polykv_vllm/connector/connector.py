@@ -37,6 +37,7 @@ from polykv_vllm.connector.scheduler import (
     ScheduledReq,
     StoreGeometry,
     StoreIndex,
+    make_eviction_policy,
     store_rows,
 )
 from polykv_vllm.connector.slab import BlockSlab
@@ -208,6 +209,9 @@ class PolyKVConnector(KVConnectorBase_V1):
                 store_all=self.config.store == "all",
                 min_store_tokens=self.config.min_store_tokens or self.facts.block_size,
                 pins=PinPolicy.from_config(self.config),
+                eviction=make_eviction_policy(
+                    self.config.eviction, store_rows(self.config.store_bytes, geometry.block_bytes)
+                ),
             )
             logger.info(
                 "polykv: store of %d bytes, %d bytes per %d-token block (%.2fx smaller than the "
