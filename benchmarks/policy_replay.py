@@ -289,7 +289,9 @@ def replay_belady(trace: Trace, prompts: Prompts, budget_blocks: int) -> list[in
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "--traces", default="cyclic-1.25,cyclic-1.5,cyclic-2,zipf-0.8,zipf-1.0,zipf-1.2,scan,mixed"
+        "--traces",
+        default="cyclic-1.25,cyclic-1.5,cyclic-2,zipf-0.8,zipf-1.0,zipf-1.2,shift-200,shift-50,recent,"
+        "scan,mixed",
     )
     p.add_argument("--policies", default=",".join(EVICTION_POLICIES))
     p.add_argument("--capacity-docs", type=int, default=16, help="store size in mean documents")
