@@ -71,6 +71,7 @@ def test_defaults_and_round_trip() -> None:
         ({"pin": True}, "pin"),
         ({"pin_quota": "lots"}, "pin_quota"),
         ({"pin_quota": 0}, "pin_quota"),
+        ({"eviction": "fifo"}, "eviction"),
     ],
 )
 def test_bad_options_name_the_field(extra: dict[str, Any], field: str) -> None:
@@ -97,6 +98,7 @@ def test_kv_transfer_config_selects_the_connector() -> None:
         "store": "all",
         "min_store_tokens": 256,
         "pin": "any",
+        "eviction": "lru",
     }
     with pytest.raises(ValueError, match="unknown polykv option"):
         kv_transfer_config(budget="1GiB")
@@ -113,6 +115,7 @@ NON_DEFAULT: dict[str, Any] = {
     "min_store_tokens": 64,
     "pin": "token",
     "pin_quota": 5 * 2**20,
+    "eviction": "tinylfu",
 }
 
 

@@ -39,6 +39,7 @@ CONNECTOR_MODULE = "polykv_vllm.connector.connector"
 Placement = Literal["gpu", "cpu"]
 StorePolicy = Literal["all", "tagged"]
 PinMode = Literal["off", "any", "token"]
+Eviction = Literal["lru", "tinylfu"]
 
 #: the environment variable holding the secret of ``pin="token"`` (never a config value: the
 #: engine logs its configuration)
@@ -102,6 +103,10 @@ class PolyKVConfig:
       environment variable ``POLYKV_PIN_TOKEN``).
     - ``pin_quota``: compressed bytes one tenant (``cache_salt``; no salt is one tenant) may
       keep pinned; None: half of ``store_bytes`` (:meth:`pin_quota_bytes`).
+    - ``eviction``: which stored blocks make room, and for what: ``"lru"`` (the default)
+      evicts the least recently used for every new block; ``"tinylfu"`` stores a new block in
+      its place only if that block was asked for more often, so scans and cycles larger than
+      the store do not flush it (it loses where recency is what counts: ``docs/CONNECTOR.md``).
     """
 
     preset: str = "polykv"
@@ -111,6 +116,7 @@ class PolyKVConfig:
     min_store_tokens: int | None = None
     pin: PinMode = "any"
     pin_quota: int | None = None
+    eviction: Eviction = "lru"
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -157,6 +163,12 @@ class PolyKVConfig:
                 f"polykv option pin_quota={self.pin_quota!r} must be a positive number of bytes "
                 "(or unset for half of store_bytes); pass an int or a size string such as "
                 "'256MiB' to from_extra_config."
+            )
+
+        if self.eviction not in get_args(Eviction):
+            raise ValueError(
+                f"polykv option eviction={self.eviction!r} is invalid: allowed are 'lru' and "
+                "'tinylfu' (frequency admission: resists scans and cycles)."
             )
 
     def pin_quota_bytes(self) -> int:

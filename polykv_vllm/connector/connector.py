@@ -38,6 +38,7 @@ from polykv_vllm.connector.scheduler import (
     ScheduledReq,
     StoreGeometry,
     StoreIndex,
+    make_eviction_policy,
     store_rows,
 )
 from polykv_vllm.connector.slab import BlockSlab
@@ -252,6 +253,9 @@ class PolyKVConnector(KVConnectorBase_V1):
                 store_all=self.config.store_all,
                 min_store_tokens=self.config.min_store_tokens,
                 pins=PinPolicy.from_config(self.config),
+                eviction=make_eviction_policy(
+                    self.config.eviction, store_rows(self.config.store_bytes, geometry.block_bytes)
+                ),
             )
             logger.info(
                 "polykv: store of %d bytes, %d bytes per %d-token block (%.2fx smaller than the "

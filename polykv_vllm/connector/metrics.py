@@ -48,6 +48,11 @@ COUNTERS: dict[str, tuple[str, str]] = {
         "vllm:polykv_store_rejected_blocks",
         "Prompt blocks not stored because the polykv store was full of pinned or in-use blocks.",
     ),
+    "admission_refused_blocks": (
+        "vllm:polykv_admission_refused_blocks",
+        "Prompt blocks not stored because the eviction policy did not admit them in place of "
+        "more often used blocks (eviction=tinylfu).",
+    ),
     "load_failures": (
         "vllm:polykv_load_failures",
         "Store entries found missing or invalid on load (those tokens were recomputed).",

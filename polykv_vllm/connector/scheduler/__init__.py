@@ -6,14 +6,21 @@ Who owns what (``docs/CONNECTOR.md`` has the picture):
   store, and the receipts;
 - :mod:`.requests`: what is remembered per request between hooks;
 - :mod:`.entries`: entries, the byte budget, running totals; :mod:`.rows`: placement (which
-  slab row holds each block); :mod:`.eviction`: the eviction order behind one interface;
+  slab row holds each block); :mod:`.eviction`: the eviction order and admission behind one
+  interface;
 - :mod:`.documents`: doc names, pins and tenants; :mod:`.pin_policy`: who may pin and how
   much; :mod:`.params`: the per-request ``polykv`` parameters;
 - :mod:`.geometry`: the sizes it plans with, and the budget → rows rule the workers share.
 """
 
 from polykv_vllm.connector.scheduler.entries import Entry, EntryTable
-from polykv_vllm.connector.scheduler.eviction import EvictionPolicy, LRUPolicy
+from polykv_vllm.connector.scheduler.eviction import (
+    EVICTION_POLICIES,
+    EvictionPolicy,
+    LRUPolicy,
+    TinyLFUPolicy,
+    make_eviction_policy,
+)
 from polykv_vllm.connector.scheduler.geometry import StoreGeometry, store_rows
 from polykv_vllm.connector.scheduler.params import (
     MAX_DOC_ID_CHARS,
@@ -27,6 +34,7 @@ from polykv_vllm.connector.scheduler.rows import RowAllocator
 from polykv_vllm.connector.scheduler.store_index import SchedulerCounters, StoreIndex
 
 __all__ = [
+    "EVICTION_POLICIES",
     "MAX_DOC_ID_CHARS",
     "PARAMS_KEY",
     "DocParams",
@@ -41,6 +49,8 @@ __all__ = [
     "SchedulerCounters",
     "StoreGeometry",
     "StoreIndex",
+    "TinyLFUPolicy",
+    "make_eviction_policy",
     "parse_doc_params",
     "store_rows",
 ]

@@ -12,7 +12,8 @@ Rules it keeps (the scheduler side's whole truth about the store):
   loaded) never exceed ``budget_bytes``;
   ``budget_bytes // block_bytes`` rows exist, so budget room always means a free row.
 - **Eviction rule**: an entry may be evicted only when ready, unpinned (``pins == 0``) and not
-  being loaded (``refs == 0``); the :class:`~.eviction.EvictionPolicy` only orders candidates.
+  being loaded (``refs == 0``); the :class:`~.eviction.EvictionPolicy` only orders candidates
+  and, through the index, may refuse to admit a new block in their place.
 - A **failed** entry (its load found it missing or corrupt) leaves the lookups at once and frees
   its row when its last load completes (:meth:`EntryTable.unref`).
 - Running totals (ready entries, their measured bytes) are kept here, never recomputed by a scan.
@@ -123,6 +124,14 @@ class EntryTable:
     def make_room(self, nbytes: int, protect: set[Hashable]) -> list[Entry] | None:
         """Evict entries (policy order, evictable, not in ``protect``) until ``nbytes`` more fit;
         the evicted entries (already removed), or None (and nothing evicted) if they cannot."""
+        victims = self.choose_victims(nbytes, protect)
+        if victims is not None:
+            self.evict(victims)
+        return victims
+
+    def choose_victims(self, nbytes: int, protect: set[Hashable]) -> list[Entry] | None:
+        """The entries to evict (policy order, evictable, not in ``protect``) so that ``nbytes``
+        more fit, nothing evicted yet; ``[]`` if they fit already, None if they cannot."""
         if self.used_bytes + nbytes <= self.budget_bytes:
             return []
         victims: list[Entry] = []
@@ -133,12 +142,13 @@ class EntryTable:
                 victims.append(entry)
                 freed += entry.nbytes
                 if self.used_bytes - freed + nbytes <= self.budget_bytes:
-                    break
-        if self.used_bytes - freed + nbytes > self.budget_bytes:
-            return None
+                    return victims
+        return None
+
+    def evict(self, victims: list[Entry]) -> None:
+        """Remove ``victims`` (from :meth:`choose_victims`, in the same step)."""
         for entry in victims:
             self.remove(entry)
-        return victims
 
     def fail(self, entry: Entry) -> None:
         """Its load failed: unlist it now, free its row once no load holds it."""

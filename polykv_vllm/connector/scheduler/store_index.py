@@ -10,9 +10,11 @@ The life of a stored block, in the names of vLLM's ``OffloadingManager``:
   ran it): the references are dropped; entries a rank found missing or corrupt are dropped on
   this one path (the worker only reports them) and their tokens are not counted as loaded.
 - **prepare_store** (in :meth:`StoreIndex.plan_step`): blocks the step completes get a pending
-  entry and a row, making room by eviction; **complete_store** (:meth:`StoreIndex.on_report`):
+  entry and a row, making room by eviction if the eviction policy admits them in place of its
+  victims (a pinned document is always admitted); **complete_store** (:meth:`StoreIndex.on_report`):
   the entry is ready once every rank confirmed it.
-- **touch**: a used chain is touched from its last block to its first.
+- **touch**: a used chain is touched from its last block to its first; **record**: the first
+  :meth:`StoreIndex.on_alloc` of a request tells the policy which prompt blocks were asked for.
 
 Requests are tracked in :mod:`.requests`; entries, budget, rows and eviction in :mod:`.entries`;
 names, pins and tenants in :mod:`.documents`. The receipt (:meth:`StoreIndex.finish`) is
@@ -24,6 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 from polykv_vllm.connector.metadata import BlockJob, LoadJob, StepPlan, WorkerReport
@@ -45,6 +48,12 @@ __all__ = ["SchedulerCounters", "StoreIndex"]
 logger = logging.getLogger(__name__)
 
 
+class _Room(Enum):
+    MADE = "made"
+    REFUSED = "refused"  # by the eviction policy's admission
+    FULL = "full"  # of pinned or in-use blocks
+
+
 @dataclass
 class SchedulerCounters:
     """Counters since the last :meth:`StoreIndex.take_counters` (summed into metrics)."""
@@ -54,6 +63,7 @@ class SchedulerCounters:
     tokens_stored: int = 0
     blocks_evicted: int = 0
     store_rejected_blocks: int = 0
+    admission_refused_blocks: int = 0
 
 
 class StoreIndex:
@@ -63,7 +73,7 @@ class StoreIndex:
     request), :meth:`on_alloc` (per admitted request), :meth:`plan_step` (once), then later
     :meth:`on_report` (per step output) and :meth:`finish` (per finished request).
     ``pins``: the server's pin policy (default: anyone, half the budget per tenant);
-    ``eviction``: the eviction order (default LRU).
+    ``eviction``: the eviction order and admission (default LRU, admitting everything).
     """
 
     def __init__(
@@ -162,6 +172,8 @@ class StoreIndex:
         state = self._reqs.get(rid)
         if state is None:
             state = self._reqs[rid] = RequestState.of(request)
+            full = request.num_prompt_tokens // self.geometry.block_size
+            self.entries.policy.record(request.block_hashes[:full])
         state.block_ids = list(block_ids)
         lookup = self._lookups.pop(rid, None)
         if num_external_tokens <= 0:
@@ -252,9 +264,13 @@ class StoreIndex:
             key = req.block_hashes[i]
             entry = self.entries.get(key)
             if entry is None:
-                if not self._make_room(protect):
-                    self._reject(state, doc, i, full)
-                    full = i
+                room = self._make_room(key, protect, admit_always=doc.pinned)
+                if room is not _Room.MADE:
+                    if room is _Room.FULL:
+                        self._reject(state, doc, i, full)
+                    else:
+                        self.counters.admission_refused_blocks += full - i
+                    full = i  # a suffix without its prefix is useless: stop here
                     break
                 entry = self.entries.add(key)
                 rows.append(entry.row)
@@ -286,10 +302,16 @@ class StoreIndex:
                 f"{self.budget_bytes} bytes)"
             )
 
-    def _make_room(self, protect: set[Hashable]) -> bool:
-        victims = self.entries.make_room(self.geometry.block_bytes, protect)
+    def _make_room(self, key: Hashable, protect: set[Hashable], admit_always: bool) -> _Room:
+        """Room for block ``key``: made (evicting the policy's victims), refused by the
+        policy's admission, or impossible (the store is full of pinned or in-use blocks)."""
+        victims = self.entries.choose_victims(self.geometry.block_bytes, protect)
         if victims is None:
-            return False
+            return _Room.FULL
+        policy = self.entries.policy
+        if victims and not admit_always and not policy.admit(key, [v.key for v in victims]):
+            return _Room.REFUSED
+        self.entries.evict(victims)
         per_doc: dict[str, int] = {}
         for entry in victims:
             for _, name in entry.docs:
@@ -304,7 +326,7 @@ class StoreIndex:
                 self.used_bytes,
                 self.budget_bytes,
             )
-        return True
+        return _Room.MADE
 
     # --- documents -------------------------------------------------------------------------
 
