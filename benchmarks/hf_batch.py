@@ -35,8 +35,10 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from polykv_vllm.apps.workload import corpus_text
-from polykv_vllm.embedded import load_embedded_model
+from polykv_vllm.embedded import EmbeddedModelError, embedded_model_dir, load_embedded_model
 from polykv_vllm.hf import compress, create_agents
+
+VOCAB = 49152  # SmolLM2's vocabulary size (the random models' embedding shape)
 
 RANDOM_SHAPES = {
     # Llama-3.2-1B's body with SmolLM2's 49152-token vocabulary (the embedded tokenizer).
@@ -61,20 +63,39 @@ RANDOM_SHAPES = {
 
 
 def load(name: str, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
-    model, tok = load_embedded_model(dtype=dtype, device=device)
     if name == "embedded":
-        return model, tok
+        return load_embedded_model(dtype=dtype, device=device)
+    tok = random_model_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=model.config.vocab_size,
+        vocab_size=VOCAB,
         max_position_embeddings=8192,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         **RANDOM_SHAPES[name],
     )
-    del model
-    random_model = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
-    return random_model, tok
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval(), tok
+
+
+def random_model_tokenizer() -> Any:
+    """The embedded SmolLM2 tokenizer when its converted folder exists (no install, no network),
+    else a byte-level tokenizer built here (ids 0..259), so a machine without the package runs."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        return AutoTokenizer.from_pretrained(embedded_model_dir(install=False))
+    except EmbeddedModelError:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+        for special in ("<s>", "</s>"):
+            vocab[special] = len(vocab)
+        core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        core.decoder = decoders.ByteLevel()
+        return PreTrainedTokenizerFast(
+            tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="</s>"
+        )
 
 
 def document(tok: Any, tokens: int) -> str:
