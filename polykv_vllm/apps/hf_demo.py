@@ -2,7 +2,9 @@
 
 Loads the embedded SmolLM2-135M-Instruct (fp32, CPU), compresses a real document (Python's own
 documentation of the ``with`` statement, from ``pydoc_data.topics``) once, lets several agents
-answer different questions about it concurrently in threads, compares each answer with the
+answer different questions about it (by default decoding together in lockstep with
+``pool.generate``: the shared prefix is attended once per layer for all of them; ``--mode
+threads`` or ``sequential`` runs one ``Agent`` per question instead), compares each answer with the
 uncompressed baseline (the plain model with the full-precision document), and prints the memory
 summary. ``--json PATH`` also writes the answers, timings and bytes.
 """
@@ -47,9 +49,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         default=0,
         help="torch intra-op threads; 0 = cores // agents, at least 1 (default 0)",
     )
-    p.add_argument("--sequential", action="store_true", help="run agents one after another")
+    p.add_argument(
+        "--mode",
+        choices=["batched", "threads", "sequential"],
+        default="batched",
+        help="batched: pool.generate, all agents in lockstep (default); threads: one Agent per "
+        "thread; sequential: one Agent after another",
+    )
+    p.add_argument("--sequential", action="store_true", help="same as --mode sequential")
     p.add_argument("--json", type=Path, default=None, help="also write results to this file")
     args = p.parse_args(argv)
+    if args.sequential:
+        args.mode = "sequential"
     if not 1 <= args.agents <= len(QUESTIONS):
         p.error(f"--agents={args.agents} is not allowed: use 1..{len(QUESTIONS)}")
     if args.chars < 1 or args.max_new_tokens < 1:
@@ -77,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.topic not in topics:
         print(f"unknown --topic {args.topic!r}; e.g. {sorted(topics)[:8]}", file=sys.stderr)
         return 2
-    threads = args.threads_per_agent or max(1, torch.get_num_threads() // args.agents)
+    per_agent = args.mode == "threads"
+    threads = args.threads_per_agent or (
+        max(1, torch.get_num_threads() // args.agents) if per_agent else torch.get_num_threads()
+    )
     torch.set_num_threads(threads)
     document = topics[args.topic][: args.chars].strip()
     questions = QUESTIONS[: args.agents]
@@ -92,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     pairs = list(zip(agents, questions, strict=True))
-    if args.sequential:
+    if args.mode == "batched":
+        got = pool.generate_ids(questions, model, tokenizer, max_new_tokens=args.max_new_tokens)
+    elif args.mode == "sequential":
         got = [a.generate_ids(q, args.max_new_tokens) for a, q in pairs]
     else:
         with ThreadPoolExecutor(max_workers=args.agents) as ex:
@@ -111,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"Timings: load {t_load:.1f} s, compress {t_compress:.1f} s, "
-        f"{args.agents} agents {'sequential' if args.sequential else 'in threads'} "
-        f"{t_agents:.1f} s, uncompressed baseline (sequential) {t_baseline:.1f} s; "
-        f"{threads} torch thread(s) per agent.\n"
+        f"{args.agents} agents ({args.mode}) {t_agents:.1f} s, uncompressed baseline "
+        f"(sequential) {t_baseline:.1f} s; {threads} torch thread(s)"
+        f"{' per agent' if per_agent else ''}.\n"
     )
     rows = []
     for agent, q, g, w in zip(agents, questions, got, want, strict=True):
@@ -124,7 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{agent.name}] Q: {q}")
         print(f"  polykv  : {answer}")
         print(f"  baseline: {baseline}")
-        print(f"  -> {verdict}; peak working memory {agent.peak_bytes / 2**20:.3f} MiB\n")
+        peak = (
+            ""
+            if args.mode == "batched"
+            else f"; peak working memory {agent.peak_bytes / 2**20:.3f} MiB"
+        )
+        print(f"  -> {verdict}{peak}\n")
         rows.append(
             {
                 "agent": agent.name,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,8 @@ class _PeakRecord:
     lock: threading.Lock = field(default_factory=threading.Lock)
     peak_bytes: int | None = None
     working_dtype: torch.dtype | None = None
+    # Latest batched generation (SharedPool.generate): agents, total peak, document share.
+    batched: tuple[int, int, int] | None = None
 
     def record(self, peak_bytes: int, dtype: torch.dtype) -> None:
         with self.lock:
@@ -83,6 +86,31 @@ class SharedPool:
         """Called by agents after each generation with their measured peak working bytes."""
         self._peaks.record(peak_bytes, dtype)
 
+    def record_batched_peak(self, n_agents: int, peak_bytes: int, document_bytes: int) -> None:
+        """Called by :meth:`generate` with the measured peak of the whole batch (all suffixes +
+        the shared decoded layer) and the document's share of it."""
+        with self._peaks.lock:
+            self._peaks.batched = (n_agents, peak_bytes, document_bytes)
+
+    def generate(
+        self, queries: Sequence[str], model: Any, tokenizer: Any, **kwargs: Any
+    ) -> list[str]:
+        """Answer every query about the document, all agents decoding together (one answer per
+        query, in order). Keywords: ``max_new_tokens``, ``temperature``, ``eos_token_id``,
+        ``seed``, ``backend``, ``chunk_tokens``, ``progress``; see
+        :func:`polykv_vllm.hf.generate.generate_batch_ids`."""
+        from polykv_vllm.hf.generate import generate_batch
+
+        return generate_batch(self, model, tokenizer, queries, **kwargs)
+
+    def generate_ids(
+        self, queries: Sequence[str], model: Any, tokenizer: Any, **kwargs: Any
+    ) -> list[list[int]]:
+        """Like :meth:`generate` but returns the new token ids (stop tokens included)."""
+        from polykv_vllm.hf.generate import generate_batch_ids
+
+        return generate_batch_ids(self, model, tokenizer, queries, **kwargs)
+
     def memory_summary(self, n_agents: int) -> MemorySummary:
         """Real bytes for ``n_agents`` agents on this document, see :class:`MemorySummary`.
 
@@ -93,6 +121,7 @@ class SharedPool:
             raise ValueError(f"n_agents={n_agents!r} is invalid: use an integer >= 1.")
         with self._peaks.lock:
             peak, dtype = self._peaks.peak_bytes, self._peaks.working_dtype
+            batched = self._peaks.batched
         return MemorySummary(
             n_agents=n_agents,
             tokens=self.num_tokens,
@@ -106,6 +135,9 @@ class SharedPool:
             token_id_bytes=self.token_ids.numel() * self.token_ids.element_size(),
             agent_peak_bytes=peak,
             agent_working_dtype=str(dtype).removeprefix("torch.") if dtype else None,
+            batched_agents=batched[0] if batched else None,
+            batched_peak_bytes=batched[1] if batched else None,
+            batched_document_bytes=batched[2] if batched else None,
         )
 
 
@@ -121,6 +153,9 @@ class MemorySummary:
     - ``agent_peak_bytes``: the largest per-agent working memory measured during a generation
       (suffix K/V of all layers + one layer's decoded buffer, in ``agent_working_dtype``), or
       None before any agent generated.
+    - ``batched_peak_bytes``: the measured peak of the latest :meth:`SharedPool.generate` of
+      ``batched_agents`` agents (all suffixes + one shared decoded layer), of which
+      ``batched_document_bytes`` is the document's share; None before any batched run.
     """
 
     n_agents: int
@@ -135,6 +170,9 @@ class MemorySummary:
     token_id_bytes: int
     agent_peak_bytes: int | None
     agent_working_dtype: str | None
+    batched_agents: int | None = None
+    batched_peak_bytes: int | None = None
+    batched_document_bytes: int | None = None
 
     @property
     def ratio_vs_shared_bf16(self) -> float:
@@ -177,6 +215,15 @@ class MemorySummary:
                     f"polykv total, pool + {n} agents at peak",
                     _mib(total),
                     f"{n} private copies are {self.private_bf16_bytes / total:.2f}x this",
+                )
+            )
+        if self.batched_peak_bytes is not None and self.batched_document_bytes is not None:
+            rows.append(
+                (
+                    f"batched peak, {self.batched_agents} agents together (measured)",
+                    _mib(self.batched_peak_bytes),
+                    f"all suffixes + 1 shared decoded layer "
+                    f"({_mib(self.batched_document_bytes)} of it the document)",
                 )
             )
         width = max(len(r[0]) for r in rows)

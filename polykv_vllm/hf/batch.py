@@ -1,0 +1,260 @@
+"""N agents decoded in lockstep over one pool: :class:`BatchedDecoder`.
+
+Per forward pass and per layer, the pool's layer is decoded once into one working buffer
+``[P, kv_heads, head_dim]`` shared by all agents; every agent's queries attend to it in one
+batched call (:mod:`polykv_vllm.hf.hydragen`), each agent's own suffix is attended separately, and
+the two are merged by log-sum-exp. The buffer is dropped before the next layer, so the document
+costs one decoded layer whatever the number of agents; an agent owns only its suffix K/V.
+
+How it plugs into transformers: the attention function is registered with
+``transformers.AttentionInterface`` under :data:`ATTENTION_NAME`, and the model is switched to it
+for the lifetime of the decoder (``with BatchedDecoder(...) as dec``; the previous implementation
+is restored on exit). The cache passed to the model holds only suffixes, so the model never sees
+the prefix; positions are given explicitly (``P + i``). Do not run other generations on the same
+model object while a decoder is open.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from polykv_vllm.hf.cache import DEFAULT_CHUNK_TOKENS, MemoryMeter
+from polykv_vllm.hf.hydragen import PrefixAttention, merge, prefix_backend, suffix_attention
+from polykv_vllm.hf.pool import SharedPool
+
+__all__ = ["ATTENTION_NAME", "BatchedDecoder"]
+
+#: The name the shared-prefix attention is registered under in ``AttentionInterface``.
+ATTENTION_NAME = "polykv_hydragen"
+
+
+@dataclass
+class _StepState:
+    """What the attention function needs during one forward pass (set by the decoder)."""
+
+    pool: SharedPool
+    prefix_fn: PrefixAttention
+    mask: torch.Tensor  # bool [N, M, S]: query i of agent n may read suffix slot s
+    total: MemoryMeter
+    document: MemoryMeter
+    chunk_tokens: int
+
+    def decode_prefix(
+        self, layer: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer`` of the pool as ``[P, kv_heads, head_dim]`` keys and values."""
+        p, layout = self.pool.num_tokens, self.pool.layout
+        shape = (p, layout.kv_heads, layout.head_dim)
+        keys = self._track(torch.empty(shape, dtype=dtype, device=device))
+        values = self._track(torch.empty(shape, dtype=dtype, device=device))
+        for start in range(0, p, self.chunk_tokens):
+            end = min(start + self.chunk_tokens, p)
+            k, v = self.pool.decode_layer(layer, start, end, dtype, device)
+            keys[start:end].copy_(self._track(k))
+            values[start:end].copy_(self._track(v))
+            del k, v
+        return keys, values
+
+    def _track(self, t: torch.Tensor) -> torch.Tensor:
+        self.document.track(t)
+        return self.total.track(t)
+
+
+_ACTIVE: contextvars.ContextVar[_StepState | None] = contextvars.ContextVar(
+    "polykv_hydragen_state", default=None
+)
+
+
+def _hydragen_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention hook: ``query [N, H, M, D]``, ``key`` / ``value`` (the suffix cache
+    after the update) ``[N, Hkv, S, D]``; returns ``[N, M, H, D]`` in the query's dtype. Outside
+    a decoder (no active state) it is plain SDPA."""
+    state = _ACTIVE.get()
+    if state is None:
+        out, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+        return out, None
+    scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
+    layer: int = module.layer_idx  # type: ignore[assignment]
+    k_pre, v_pre = state.decode_prefix(layer, query.dtype, query.device)
+    out_p, lse_p = state.prefix_fn(query, k_pre, v_pre, scale)
+    del k_pre, v_pre  # the shared working buffer lives for one layer only
+    out_s, lse_s = suffix_attention(query, key, value, state.mask, scale)
+    out = merge(out_p, lse_p, out_s, lse_s).to(query.dtype)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION_NAME, _hydragen_attention)
+
+
+class _SuffixLayer(DynamicLayer):
+    """A DynamicLayer of suffix K/V ``[N, Hkv, S, D]`` whose tensors are counted by a meter."""
+
+    def __init__(self, meter: MemoryMeter) -> None:
+        super().__init__()
+        self.meter = meter
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        return self.meter.track(keys), self.meter.track(values)
+
+
+class _SuffixCache(Cache):
+    """The agents' suffixes only; ``get_seq_length`` counts the prefix so positions line up."""
+
+    def __init__(self, prefix_tokens: int, num_layers: int, meter: MemoryMeter) -> None:
+        self.prefix_tokens = prefix_tokens
+        self.suffix_layers = [_SuffixLayer(meter) for _ in range(num_layers)]
+        super().__init__(layers=list(self.suffix_layers))
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        layer = self.suffix_layers[layer_idx]
+        return self.prefix_tokens + (0 if layer.keys is None else int(layer.keys.shape[-2]))
+
+    def select(self, rows: torch.Tensor) -> None:
+        for layer in self.suffix_layers:
+            if layer.keys is not None and layer.values is not None:
+                layer.keys = layer.meter.track(layer.keys.index_select(0, rows))
+                layer.values = layer.meter.track(layer.values.index_select(0, rows))
+
+
+class BatchedDecoder:
+    """Decode ``N`` agents together over ``pool`` with ``model`` (a context manager).
+
+    ``prefill(suffixes)`` feeds every agent's query (left-padded to the longest) and returns the
+    next-token logits ``[N, vocab]``; ``step(tokens)`` feeds one token per live agent
+    (int64 ``[N_live]``) and returns ``[N_live, vocab]``; ``keep(rows)`` drops the agents not in
+    ``rows`` (indices into the live batch, e.g. those that did not finish). Logits are in the
+    model's dtype, on its device.
+
+    ``total_meter.peak_bytes`` is the measured peak of every K/V tensor the decoder allocated
+    (all suffixes + the shared decoded layer); ``document_meter.peak_bytes`` the document's share
+    alone (one decoded layer, independent of ``N``). Attention scores are not counted.
+    """
+
+    def __init__(
+        self,
+        pool: SharedPool,
+        model: Any,
+        backend: str = "torch",
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    ) -> None:
+        self.pool = pool
+        self.model = model
+        self.backend = backend
+        self.total_meter = MemoryMeter()
+        self.document_meter = MemoryMeter()
+        self._prefix_fn = prefix_backend(backend)
+        self._chunk_tokens = chunk_tokens
+        self._cache = _SuffixCache(pool.num_tokens, pool.num_layers, self.total_meter)
+        self._valid: torch.Tensor | None = None  # bool [N, S]: real (not padding) slots
+        self._next_pos: torch.Tensor | None = None  # int64 [N]: position of the next token
+        self._previous_attn: str | None = None
+        self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    def __enter__(self) -> BatchedDecoder:
+        self._previous_attn = self.model.config._attn_implementation
+        self.model.set_attn_implementation(ATTENTION_NAME)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._previous_attn is not None:
+            self.model.set_attn_implementation(self._previous_attn)
+            self._previous_attn = None
+
+    @property
+    def live(self) -> int:
+        return 0 if self._valid is None else int(self._valid.shape[0])
+
+    def prefill(self, suffixes: list[list[int]]) -> torch.Tensor:
+        """Feed each agent's query ids (every list non-empty); logits ``[N, vocab]``."""
+        device = self.pool.layout.device
+        lens = torch.tensor([len(s) for s in suffixes], dtype=torch.int64)
+        width = int(lens.max())
+        pad = (width - lens).tolist()
+        ids = torch.tensor(
+            [[0] * p + list(s) for p, s in zip(pad, suffixes, strict=True)], dtype=torch.int64
+        )
+        slots = torch.arange(width).unsqueeze(0)
+        offset = torch.tensor(pad).unsqueeze(1)
+        valid = slots >= offset  # [N, width]
+        positions = self.pool.num_tokens + (slots - offset).clamp(min=0)
+        self._valid = valid.to(device)
+        self._next_pos = (self.pool.num_tokens + lens).to(device)
+        return self._forward(ids.to(device), positions.to(device), new=width)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per live agent (int64 ``[N_live]``); logits ``[N_live, vocab]``."""
+        if self._valid is None or self._next_pos is None:
+            raise RuntimeError("BatchedDecoder.step() before prefill(): call prefill first.")
+        n = self.live
+        self._valid = torch.cat([self._valid, self._valid.new_ones((n, 1))], dim=1)
+        positions = self._next_pos.unsqueeze(1)
+        self._next_pos = self._next_pos + 1
+        return self._forward(tokens.view(n, 1), positions, new=1)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only the live agents at ``rows`` (int64 indices into the live batch)."""
+        if self._valid is None or self._next_pos is None:
+            raise RuntimeError("BatchedDecoder.keep() before prefill(): call prefill first.")
+        rows = rows.to(self._valid.device)
+        with torch.inference_mode():
+            self._valid = self._valid.index_select(0, rows)
+            self._next_pos = self._next_pos.index_select(0, rows)
+            self._cache.select(rows)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, new: int) -> torch.Tensor:
+        assert self._valid is not None
+        total = self._valid.shape[1]
+        key_slots = torch.arange(total, device=ids.device)
+        query_slots = torch.arange(total - new, total, device=ids.device)
+        causal = key_slots.unsqueeze(0) <= query_slots.unsqueeze(1)  # [M, S]
+        mask = causal.unsqueeze(0) & self._valid.unsqueeze(1)  # [N, M, S]
+        state = _StepState(
+            pool=self.pool,
+            prefix_fn=self._prefix_fn,
+            mask=mask,
+            total=self.total_meter,
+            document=self.document_meter,
+            chunk_tokens=self._chunk_tokens,
+        )
+        kwargs: dict[str, Any] = {"logits_to_keep": 1} if self._keep_arg else {}
+        token = _ACTIVE.set(state)
+        try:
+            with torch.inference_mode():
+                out = self.model(
+                    input_ids=ids,
+                    position_ids=positions,
+                    past_key_values=self._cache,
+                    use_cache=True,
+                    **kwargs,
+                )
+        finally:
+            _ACTIVE.reset(token)
+        return out.logits[:, -1]

@@ -1,0 +1,196 @@
+"""Answer many queries about one pool together: :func:`generate_batch` (``SharedPool.generate``).
+
+The agents run in lockstep through :class:`~polykv_vllm.hf.batch.BatchedDecoder`: one prefill
+of all queries, then one forward pass per new token for all agents that have not finished. An
+agent finishes at its first stop token (kept in its answer, like ``Agent.generate_ids``) or at
+``max_new_tokens``; finished agents leave the batch. Greedy at ``temperature=0``, otherwise
+sampling from ``softmax(logits / temperature)`` with a seeded generator.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from polykv_vllm.hf.agent import _check_model_matches
+from polykv_vllm.hf.batch import BatchedDecoder
+from polykv_vllm.hf.cache import DEFAULT_CHUNK_TOKENS
+from polykv_vllm.hf.hydragen import resolve_backend
+from polykv_vllm.hf.pool import SharedPool
+
+__all__ = ["DEFAULT_EOS", "generate_batch", "generate_batch_ids"]
+
+logger = logging.getLogger(__name__)
+
+#: ``eos_token_id`` default: the model's ``generation_config.eos_token_id`` (what
+#: ``model.generate`` stops at), else the tokenizer's.
+DEFAULT_EOS = "model"
+
+#: Runs of at least this many new tokens show a progress bar when ``progress=None``.
+PROGRESS_MIN_TOKENS = 64
+
+
+def generate_batch(
+    pool: SharedPool, model: Any, tokenizer: Any, queries: Sequence[str], **kwargs: Any
+) -> list[str]:
+    """One answer per query (new text, special tokens skipped); see :func:`generate_batch_ids`."""
+    ids = generate_batch_ids(pool, model, tokenizer, queries, **kwargs)
+    return [str(tokenizer.decode(i, skip_special_tokens=True)) for i in ids]
+
+
+def generate_batch_ids(
+    pool: SharedPool,
+    model: Any,
+    tokenizer: Any,
+    queries: Sequence[str],
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    eos_token_id: int | Sequence[int] | str | None = DEFAULT_EOS,
+    seed: int = 0,
+    backend: str = "auto",
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    progress: bool | None = None,
+) -> list[list[int]]:
+    """Decode all ``queries`` together over ``pool``; the new token ids of each, in order.
+
+    ``model`` must be the model the pool was compressed with (same layout, same device).
+    ``eos_token_id=None`` never stops early. ``backend`` is ``auto`` / ``torch`` / ``xformers``
+    (:func:`~polykv_vllm.hf.hydragen.resolve_backend`). ``progress=None`` shows a bar (tqdm when
+    installed, else log lines) for runs of at least ``PROGRESS_MIN_TOKENS`` new tokens. The
+    measured peak is recorded in the pool (``pool.memory_summary(n).batched_peak_bytes``).
+    Raises ``ValueError`` for an empty query list, ``max_new_tokens < 1``, a negative
+    temperature, a query that does not fit the context with the document, or another model.
+    """
+    if not isinstance(pool, SharedPool):
+        raise TypeError(f"pool must be a SharedPool from compress(), got {type(pool).__name__}.")
+    if isinstance(queries, str) or not isinstance(queries, Sequence):
+        raise TypeError(
+            f"queries must be a list of str, got {type(queries).__name__}: wrap a single query "
+            "in a list."
+        )
+    if len(queries) == 0:
+        raise ValueError("queries=[] is empty: pass at least one query string.")
+    _check_int(max_new_tokens, "max_new_tokens")
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(
+            f"temperature={temperature!r} is invalid: use 0 (greedy) or a positive float."
+        )
+    _check_model_matches(pool, model)
+    suffixes = [pool.prompt.suffix_ids(tokenizer, q) for q in queries]
+    for i, suffix in enumerate(suffixes):
+        pool.layout.check_positions(
+            pool.num_tokens + len(suffix) + max_new_tokens,
+            f"queries[{i}] ({len(suffix)} tokens) with the document ({pool.num_tokens} tokens) "
+            f"and max_new_tokens={max_new_tokens}",
+            "lower max_new_tokens or shorten the query or document.",
+        )
+    stops = _stop_ids(model, tokenizer, eos_token_id)
+    name = resolve_backend(backend, pool.layout.device)
+    generator = torch.Generator(device=pool.layout.device).manual_seed(seed)
+    outputs: list[list[int]] = [[] for _ in queries]
+    live = list(range(len(queries)))  # query index of each row of the live batch
+    show = max_new_tokens >= PROGRESS_MIN_TOKENS if progress is None else progress
+    with (
+        BatchedDecoder(pool, model, name, chunk_tokens) as decoder,
+        _progress(max_new_tokens, len(queries), show) as tick,
+    ):
+        logits = decoder.prefill(suffixes)
+        for step in range(max_new_tokens):
+            tokens = _pick(logits, temperature, generator)
+            done = []
+            for q, t in zip(live, tokens.tolist(), strict=True):
+                outputs[q].append(t)
+                done.append(t in stops)
+            tick(len(live))
+            keep = [row for row, d in enumerate(done) if not d]
+            if not keep or step == max_new_tokens - 1:
+                break
+            if len(keep) < len(live):
+                rows = torch.tensor(keep, dtype=torch.int64)
+                decoder.keep(rows)
+                tokens = tokens.index_select(0, rows.to(tokens.device))
+                live = [live[r] for r in keep]
+            logits = decoder.step(tokens)
+    pool.record_batched_peak(
+        len(queries), decoder.total_meter.peak_bytes, decoder.document_meter.peak_bytes
+    )
+    logger.debug(
+        "%s agents, backend %s: %s new tokens, peak %s bytes (document %s)",
+        len(queries),
+        name,
+        sum(len(o) for o in outputs),
+        decoder.total_meter.peak_bytes,
+        decoder.document_meter.peak_bytes,
+    )
+    return outputs
+
+
+def _check_int(value: object, name: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r} is invalid: use an integer >= 1.")
+
+
+def _stop_ids(model: Any, tokenizer: Any, eos: int | Sequence[int] | str | None) -> set[int]:
+    if eos is None:
+        return set()
+    if isinstance(eos, str):
+        if eos != DEFAULT_EOS:
+            raise ValueError(
+                f"eos_token_id={eos!r} is invalid: use an int, a list of ints, None, or "
+                f"{DEFAULT_EOS!r} (the model's generation config)."
+            )
+        config = getattr(model, "generation_config", None)
+        found = getattr(config, "eos_token_id", None)
+        if found is None:
+            found = getattr(tokenizer, "eos_token_id", None)
+        if found is None:
+            return set()
+        eos = found
+    if isinstance(eos, int):
+        return {eos}
+    return {int(i) for i in eos}
+
+
+def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    """int64 ``[N]``: argmax at temperature 0, else a sample of ``softmax(logits / T)``."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@contextmanager
+def _progress(steps: int, agents: int, show: bool) -> Iterator[Any]:
+    """Yields ``tick(live_agents)``, called once per decoding step."""
+    if not show:
+        yield lambda live: None
+        return
+    if importlib.util.find_spec("tqdm") is not None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=f"polykv {agents} agents", unit="step")
+
+        def tick_bar(live: int) -> None:
+            bar.update(1)
+            bar.set_postfix(live=live, refresh=False)
+
+        try:
+            yield tick_bar
+        finally:
+            bar.close()
+        return
+    every = max(1, steps // 10)
+    count = [0]
+
+    def tick_log(live: int) -> None:
+        count[0] += 1
+        if count[0] % every == 0 or count[0] == steps:
+            logger.info("step %s/%s, %s of %s agents still decoding", count[0], steps, live, agents)
+
+    yield tick_log

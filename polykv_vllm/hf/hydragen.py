@@ -1,0 +1,173 @@
+"""Shared-prefix attention (Hydragen): attend to the prefix once for every agent, to each agent's
+suffix separately, merge the two by log-sum-exp.
+
+Shapes (``N`` agents, ``M`` query tokens per agent this step, ``H = Hkv * G`` query heads with
+``G`` query heads per KV head, ``D`` head dim, ``P`` prefix tokens, ``S`` suffix slots):
+
+- queries ``[N, H, M, D]`` (the model's layout after RoPE);
+- prefix keys / values ``[P, Hkv, D]`` (one decoded pool layer, shared by all agents);
+- suffix keys / values ``[N, Hkv, S, D]`` with a boolean mask ``[N, M, S]`` (True = attend).
+
+Query head ``h`` reads KV head ``h // G`` (transformers' ``repeat_kv``). For the prefix, the
+``G * N * M`` queries of one KV head are folded into one query axis, so the prefix attention is
+one matrix-matrix product per KV head instead of ``N`` matrix-vector products: that is where the
+batched speed comes from. Two backends with the same signature: :func:`prefix_attention_torch`
+(reference, any device) and :func:`prefix_attention_xformers` (CUDA, ``xformers.ops.fmha``).
+Outputs are float32; LSEs are float32 natural-log sums.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Callable
+
+import torch
+
+__all__ = [
+    "BACKENDS",
+    "PrefixAttention",
+    "attend_torch",
+    "merge",
+    "prefix_attention_torch",
+    "prefix_attention_xformers",
+    "resolve_backend",
+    "suffix_attention",
+]
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "xformers")
+
+#: ``(queries [N, H, M, D], keys [P, Hkv, D], values [P, Hkv, D], scale)`` ->
+#: ``(out float32 [N, H, M, D], lse float32 [N, H, M])``.
+PrefixAttention = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]
+]
+
+
+def attend_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain attention in float32: ``q [B, Hkv, R, D]``, ``k`` / ``v [B, Hkv, T, D]``, ``mask``
+    bool broadcastable to ``[B, Hkv, R, T]`` or None. Returns ``out [B, Hkv, R, D]`` and
+    ``lse [B, Hkv, R]`` (float32). Rows whose mask is all False get ``lse = -inf`` and out 0."""
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    finite = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    probs = torch.exp(scores - finite.unsqueeze(-1))
+    return torch.matmul(probs, v.float()), lse
+
+
+def _fold(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``[N, H, M, D]`` -> ``[1, Hkv, G * N * M, D]`` (all agents' queries of one KV head)."""
+    n, h, m, d = q.shape
+    g = h // kv_heads
+    return q.view(n, kv_heads, g, m, d).permute(1, 2, 0, 3, 4).reshape(1, kv_heads, g * n * m, d)
+
+
+def _unfold(x: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Inverse of :func:`_fold` for ``[1, Hkv, G*N*M, *rest]`` -> ``[N, H, M, *rest]``."""
+    kv_heads, rows = x.shape[1], x.shape[2]
+    g = rows // (n * m)
+    rest = x.shape[3:]
+    y = x.reshape(kv_heads, g, n, m, *rest).permute(2, 0, 1, 3, *range(4, 4 + len(rest)))
+    return y.reshape(n, kv_heads * g, m, *rest)
+
+
+def prefix_attention_torch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference prefix attention (see module docstring for shapes); any device."""
+    n, _, m, _ = q.shape
+    kv_heads = k.shape[1]
+    out, lse = attend_torch(
+        _fold(q, kv_heads), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), scale
+    )
+    return _unfold(out, n, m), _unfold(lse.unsqueeze(-1), n, m).squeeze(-1)
+
+
+def prefix_attention_xformers(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefix attention with ``xformers.ops.fmha.memory_efficient_attention_partial`` (CUDA).
+
+    The folded queries are ``[1, G*N*M, Hkv, D]`` (xformers' BMHK), keys ``[1, P, Hkv, D]``: one
+    kernel call per layer for all agents, no mask (every query sees the whole prefix).
+    """
+    from xformers.ops import fmha
+
+    n, _, m, _ = q.shape
+    kv_heads = k.shape[1]
+    folded = _fold(q, kv_heads)  # [1, Hkv, R, D]
+    query = folded.transpose(1, 2).contiguous()  # [1, R, Hkv, D]
+    out, lse = fmha.memory_efficient_attention_partial(
+        query, k.unsqueeze(0), v.unsqueeze(0), scale=scale
+    )
+    rows = query.shape[1]
+    out_f = out.float().transpose(1, 2)  # [1, Hkv, R, D]
+    lse_f = lse[..., :rows].float()  # [1, Hkv, R] (some kernels pad M)
+    return _unfold(out_f, n, m), _unfold(lse_f.unsqueeze(-1), n, m).squeeze(-1)
+
+
+def suffix_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each agent's own suffix: ``q [N, H, M, D]``, ``k`` / ``v [N, Hkv, S, D]``, ``mask`` bool
+    ``[N, M, S]``. Returns float32 ``out [N, H, M, D]`` and ``lse [N, H, M]``."""
+    n, h, m, d = q.shape
+    kv_heads = k.shape[1]
+    g = h // kv_heads
+    grouped = q.reshape(n, kv_heads, g * m, d)  # heads h = kv * G + j, rows j * M + i
+    full_mask = mask.unsqueeze(1).repeat(1, g, 1, 1).reshape(n, 1, g * m, -1)
+    out, lse = attend_torch(grouped, k, v, scale, full_mask)
+    return out.reshape(n, h, m, d), lse.reshape(n, h, m)
+
+
+def merge(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> torch.Tensor:
+    """Attention over the union of two key sets from the two partial results: ``out_*``
+    ``[..., D]`` float32, ``lse_*`` ``[...]``; ``lse_b`` may be ``-inf`` (empty part)."""
+    top = torch.maximum(lse_a, lse_b)
+    w_a = torch.exp(lse_a - top).unsqueeze(-1)
+    w_b = torch.exp(lse_b - top).unsqueeze(-1)
+    return (out_a * w_a + out_b * w_b) / (w_a + w_b)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``"torch"`` or ``"xformers"`` for ``backend`` in :data:`BACKENDS` on ``device``.
+
+    ``auto`` picks xformers on CUDA when it is installed, torch otherwise. ``xformers`` off CUDA
+    is an error; ``xformers`` (or ``auto``) on CUDA without the package falls back to torch with
+    one log line.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is unknown: use one of {list(BACKENDS)}.")
+    if backend == "torch":
+        return "torch"
+    if device.type != "cuda":
+        if backend == "xformers":
+            raise ValueError(
+                f"backend='xformers' needs a CUDA model, but the pool is on device={device}: "
+                "use backend='torch' or 'auto'."
+            )
+        return "torch"
+    if importlib.util.find_spec("xformers") is None:
+        logger.info(
+            "xformers is not installed: shared-prefix attention uses the torch backend "
+            "(pip install 'polykv-vllm[xformers]' for the CUDA kernels)"
+        )
+        return "torch"
+    return "xformers"
+
+
+def prefix_backend(name: str) -> PrefixAttention:
+    """The prefix-attention function of a resolved backend name."""
+    return prefix_attention_xformers if name == "xformers" else prefix_attention_torch

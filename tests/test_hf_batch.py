@@ -1,0 +1,192 @@
+"""Batched agents over one pool (``SharedPool.generate``) on tiny random Llama models: logits
+against the one-agent path under the 2x rule, identical greedy tokens, different query lengths,
+early stops, memory O(1) in agents for the document, bad input."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from test_hf_support import DOCUMENT, make_model, make_tokenizer
+
+from polykv_vllm.hf import SharedPrefixCache, compress, create_agents
+from polykv_vllm.hf.batch import BatchedDecoder
+from polykv_vllm.hf.hydragen import resolve_backend
+
+# Different lengths on purpose (left padding in the batched prefill).
+QUERIES = [
+    "What does __enter__ do?",
+    "Name it.",
+    "When is __exit__ loaded for later use?",
+    "x",
+    "What is evaluated to obtain a context manager?",
+]
+CONTINUATION = [11, 184, 30, 196, 53, 8]  # teacher-forced tokens after each query
+
+
+def _setup(seed=1, layers=3, chat=False, **kw):
+    model, tok = make_model(seed=seed, layers=layers, **kw), make_tokenizer(chat)
+    return model, tok, compress(model, tok, DOCUMENT)
+
+
+def _single_logits(pool, model, tok, query):
+    """The one-agent path: logits [1 + len(CONTINUATION), V] at the last query token and after
+    each teacher-forced token, float64."""
+    suffix = pool.prompt.suffix_ids(tok, query) + CONTINUATION
+    ids = torch.tensor([suffix])
+    with torch.no_grad():
+        logits = model(ids, past_key_values=SharedPrefixCache(pool), use_cache=True).logits
+    start = len(suffix) - len(CONTINUATION) - 1
+    return logits[0, start:].double()
+
+
+def _batched_logits(pool, model, tok, queries):
+    """The batched path on the same ids: [N, 1 + len(CONTINUATION), V], float64."""
+    suffixes = [pool.prompt.suffix_ids(tok, q) for q in queries]
+    rows = []
+    with BatchedDecoder(pool, model) as dec:
+        rows.append(dec.prefill(suffixes))
+        for t in CONTINUATION:
+            rows.append(dec.step(torch.full((len(queries),), t, dtype=torch.int64)))
+    return torch.stack(rows, dim=1).double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim,kv_heads", [(16, 2), (24, 1), (16, 4)])
+@pytest.mark.parametrize("chat", [False, True])
+def test_logits_within_twice_the_one_agent_error(dtype, head_dim, kv_heads, chat):
+    """Against a float64 reference of the one-agent path, the batched logits' error is at most
+    2x the one-agent path's own error in the same dtype (flash-attention's rule)."""
+    model, tok, pool = _setup(head_dim=head_dim, kv_heads=kv_heads, chat=chat)
+    ref_model = copy.deepcopy(model).double()
+    low = copy.deepcopy(model).to(dtype)
+    batched = _batched_logits(pool, low, tok, QUERIES)
+    for i, q in enumerate(QUERIES):
+        ref = _single_logits(pool, ref_model, tok, q)
+        single_err = (_single_logits(pool, low, tok, q) - ref).abs().max().item()
+        batched_err = (batched[i] - ref).abs().max().item()
+        floor = 1e-5 if dtype == torch.float32 else 1e-3
+        assert batched_err <= 2 * single_err + floor, (i, batched_err, single_err)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("chat", [False, True])
+def test_greedy_tokens_identical_to_sequential_agents_fp32(seed, chat):
+    model, tok, pool = _setup(seed=seed, chat=chat)
+    got = pool.generate_ids(QUERIES, model, tok, max_new_tokens=10, eos_token_id=None)
+    agent = create_agents(pool, model, tok, 1)[0]
+    want = [agent.generate_ids(q, max_new_tokens=10, eos_token_id=None) for q in QUERIES]
+    assert got == want
+    assert all(len(g) == 10 for g in got)
+    assert model.config._attn_implementation == "sdpa"  # restored after the batch
+
+
+def test_agents_stopping_at_different_steps_match_sequential():
+    """A stop token that agents reach at different steps: each answer ends at its first stop
+    token (included), the others keep decoding unchanged, as with one agent at a time."""
+    model, tok, pool = _setup(seed=1)
+    free = pool.generate_ids(QUERIES, model, tok, max_new_tokens=12, eos_token_id=None)
+    stop = free[2][3]  # some agents reach it early, others later or never
+    ends = [o.index(stop) + 1 if stop in o else len(o) for o in free]
+    assert len(set(ends)) > 1, "the test needs agents that stop at different steps"
+    got = pool.generate_ids(QUERIES, model, tok, max_new_tokens=12, eos_token_id=stop)
+    assert got == [o[:e] for o, e in zip(free, ends, strict=True)]
+    agent = create_agents(pool, model, tok, 1)[0]
+    seq = [agent.generate_ids(q, max_new_tokens=12, eos_token_id=stop) for q in QUERIES]
+    assert got == seq
+
+
+def test_document_memory_is_constant_in_agents_and_suffixes_grow():
+    model, tok = make_model(seed=1, layers=4), make_tokenizer(False)
+    pool = compress(model, tok, DOCUMENT)
+    doc, total = [], []
+    for n in (1, 3, 6):
+        queries = (QUERIES * 2)[:n]
+        pool.generate_ids(queries, model, tok, max_new_tokens=6, chunk_tokens=64)
+        summary = pool.memory_summary(n)
+        assert summary.batched_agents == n
+        assert summary.batched_peak_bytes is not None
+        assert summary.batched_document_bytes is not None
+        doc.append(summary.batched_document_bytes)
+        total.append(summary.batched_peak_bytes)
+        assert f"batched peak, {n} agents" in str(summary)
+    assert doc[0] == doc[1] == doc[2]
+    assert total[0] < total[1] < total[2]
+    # One decoded float32 layer (+ one chunk of codec output) is below the bf16 copy of all layers.
+    layout = pool.layout
+    one_layer = 2 * pool.num_tokens * layout.kv_heads * layout.head_dim * 4
+    assert one_layer <= doc[0] < pool.bf16_bytes
+
+
+def test_sampling_is_seeded():
+    model, tok, pool = _setup(seed=1)
+    a = pool.generate_ids(QUERIES, model, tok, max_new_tokens=8, temperature=1.5, seed=3)
+    b = pool.generate_ids(QUERIES, model, tok, max_new_tokens=8, temperature=1.5, seed=3)
+    greedy = pool.generate_ids(QUERIES, model, tok, max_new_tokens=8, eos_token_id=None)
+    assert a == b
+    assert a != greedy
+
+
+def test_generate_returns_text():
+    model, tok, pool = _setup(seed=1)
+    texts = pool.generate(QUERIES[:2], model, tok, max_new_tokens=4, eos_token_id=None)
+    ids = pool.generate_ids(QUERIES[:2], model, tok, max_new_tokens=4, eos_token_id=None)
+    assert texts == [tok.decode(i, skip_special_tokens=True) for i in ids]
+
+
+@pytest.mark.parametrize(
+    "queries,kwargs,match",
+    [
+        ([], {}, r"queries=\[\] is empty"),
+        (["a"], {"max_new_tokens": 0}, "max_new_tokens=0 is invalid"),
+        (["a"], {"temperature": -1.0}, "temperature=-1.0 is invalid"),
+        (["a", "b" * 900], {"max_new_tokens": 4}, r"queries\[1\] \(\d+ tokens\)"),
+        (["a"], {"backend": "flash"}, "backend='flash' is unknown"),
+        (["a"], {"backend": "xformers"}, "backend='xformers' needs a CUDA model"),
+        (["a"], {"eos_token_id": "tokenizer"}, "eos_token_id='tokenizer' is invalid"),
+    ],
+)
+def test_bad_input_names_the_value(queries, kwargs, match):
+    model, tok, pool = _setup()
+    with pytest.raises(ValueError, match=match):
+        pool.generate(queries, model, tok, **kwargs)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_single_string_is_refused():
+    model, tok, pool = _setup()
+    with pytest.raises(TypeError, match="wrap a single query in a list"):
+        pool.generate("What?", model, tok)
+
+
+def test_other_model_and_other_device_are_refused():
+    model, tok, pool = _setup()
+    other = make_model(layers=3, head_dim=24)
+    with pytest.raises(ValueError, match="head_dim=24 but the pool was compressed with"):
+        pool.generate(["a"], other, tok)
+    meta = copy.deepcopy(model).to("meta")
+    with pytest.raises(ValueError, match="device=meta but the pool was compressed with"):
+        pool.generate(["a"], meta, tok)
+
+
+def test_backend_resolution(monkeypatch, caplog):
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("torch", torch.device("cuda")) == "torch"
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with caplog.at_level(logging.INFO, logger="polykv_vllm.hf.hydragen"):
+        assert resolve_backend("xformers", torch.device("cuda")) == "torch"
+    assert len(caplog.records) == 1
+    assert "xformers is not installed" in caplog.records[0].getMessage()
+
+
+def test_progress_falls_back_to_log_lines(monkeypatch, caplog):
+    import polykv_vllm.hf.generate as gen
+
+    model, tok, pool = _setup()
+    monkeypatch.setattr(gen.importlib.util, "find_spec", lambda name: None)
+    with caplog.at_level(logging.INFO, logger="polykv_vllm.hf.generate"):
+        pool.generate(QUERIES[:2], model, tok, max_new_tokens=10, eos_token_id=None, progress=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "polykv_vllm.hf.generate"]
+    assert lines and lines[-1] == "step 10/10, 2 of 2 agents still decoding"

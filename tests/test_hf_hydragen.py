@@ -1,0 +1,70 @@
+"""Shared-prefix attention math: prefix once + suffix per agent, merged by log-sum-exp, equals
+plain attention over each agent's concatenated keys (awkward sizes catch tail bugs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from polykv_vllm.hf.hydragen import merge, prefix_attention_torch, suffix_attention
+
+
+def _reference(q, k_pre, v_pre, k_suf, v_suf, mask, scale):
+    """float64 attention per agent over [prefix, its own suffix] with repeat_kv semantics."""
+    n, h, m, d = q.shape
+    g = h // k_pre.shape[1]
+    out = torch.empty(n, h, m, d, dtype=torch.float64)
+    for a in range(n):
+        keys = torch.cat([k_pre.transpose(0, 1), k_suf[a]], dim=1).double()  # [Hkv, P+S, D]
+        vals = torch.cat([v_pre.transpose(0, 1), v_suf[a]], dim=1).double()
+        keys, vals = keys.repeat_interleave(g, 0), vals.repeat_interleave(g, 0)
+        allowed = torch.cat([torch.ones(m, k_pre.shape[0], dtype=torch.bool), mask[a]], dim=1)
+        scores = (q[a].double() @ keys.transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out[a] = scores.softmax(-1) @ vals
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,m,heads,kv_heads,dim,prefix,suffix", [
+    (1, 1, 4, 2, 16, 33, 1),
+    (5, 3, 9, 3, 59, 1025, 7),
+    (3, 1, 8, 8, 64, 200, 12),
+])  # fmt: skip
+def test_merged_attention_equals_attention_over_concatenation(
+    dtype, n, m, heads, kv_heads, dim, prefix, suffix
+):
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    q = rand(n, heads, m, dim)
+    k_pre, v_pre = rand(prefix, kv_heads, dim), rand(prefix, kv_heads, dim)
+    k_suf, v_suf = rand(n, kv_heads, suffix, dim), rand(n, kv_heads, suffix, dim)
+    mask = torch.rand(n, m, suffix, generator=gen) > 0.3
+    mask[:, :, 0] = True
+    scale = dim**-0.5
+    out_p, lse_p = prefix_attention_torch(q, k_pre, v_pre, scale)
+    out_s, lse_s = suffix_attention(q, k_suf, v_suf, mask, scale)
+    got = merge(out_p, lse_p, out_s, lse_s)
+    want = _reference(q, k_pre, v_pre, k_suf, v_suf, mask, scale)
+    # 2x rule against plain torch attention in the same dtype (SDPA on the concatenation).
+    plain = torch.empty_like(want)
+    g = heads // kv_heads
+    for a in range(n):
+        keys = torch.cat([k_pre.transpose(0, 1), k_suf[a]], dim=1).repeat_interleave(g, 0)
+        vals = torch.cat([v_pre.transpose(0, 1), v_suf[a]], dim=1).repeat_interleave(g, 0)
+        allowed = torch.cat([torch.ones(m, prefix, dtype=torch.bool), mask[a]], dim=1)
+        plain[a] = torch.nn.functional.scaled_dot_product_attention(
+            q[a], keys, vals, attn_mask=allowed, scale=scale
+        ).double()
+    err, plain_err = (got.double() - want).abs().max(), (plain - want).abs().max()
+    assert err <= 2 * plain_err + 1e-6
+
+
+def test_merge_with_empty_part_is_the_other_part():
+    out = torch.randn(2, 3, 4)
+    lse = torch.randn(2, 3)
+    empty = torch.full((2, 3), float("-inf"))
+    torch.testing.assert_close(merge(out, lse, torch.zeros_like(out), empty), out)
