@@ -9,23 +9,16 @@ test unpins what it pinned.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cli import (
-    SERVER_ARGS,
-    SERVER_ENV,
-    SERVER_START_TIMEOUT_S,
-    _free_port,
-    _get,
-    _polykv_vllm,
-    _stop,
-)
+
+from polykv_vllm.apps import serving
+
+_get = serving.http_get
+SERVER_START_TIMEOUT_S = 600
 
 pytestmark = pytest.mark.vllm
 
@@ -59,41 +52,28 @@ class Server:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     from polykv_vllm.embedded import embedded_model_dir
 
-    port = _free_port()
+    port = serving.free_port()
     log = tmp_path_factory.mktemp("tenancy") / "server.log"
-    cmd = [
-        _polykv_vllm(), "serve", str(embedded_model_dir()),
-        "--served-model-name", "smollm2",
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        *SERVER_ARGS,
-        "--kv-cache-plugin", "polykv",
-        "--polykv-store-bytes", STORE,
-        "--polykv-pin", "token",
-        "--polykv-pin-quota", QUOTA,
-    ]  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, **SERVER_ENV, "POLYKV_PIN_TOKEN": SECRET}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-        try:
-            deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-6000:]}")
-                if time.monotonic() > deadline:
-                    pytest.fail(f"server not healthy:\n{log.read_text()[-6000:]}")
-                try:
-                    if _get(f"{url}/health", timeout=5)[0] == 200:
-                        break
-                except OSError:
-                    pass
-                time.sleep(1.0)
-            yield Server(url, log)
-        finally:
-            _stop(proc)
+    flags = [
+        *serving.embedded_server_flags(port, kv_cache_bytes=256 * 2**20, max_model_len=4096),
+        *("--kv-cache-plugin", "polykv"),
+        *("--polykv-store-bytes", STORE),
+        *("--polykv-pin", "token"),
+        *("--polykv-pin-quota", QUOTA),
+    ]
+    cmd = serving.polykv_serve_command(embedded_model_dir(), flags)
+    env = {
+        **serving.server_env(engine_process=None),
+        "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+        "POLYKV_PIN_TOKEN": SECRET,
+    }
+    try:
+        with serving.running_server(
+            cmd, port, log, timeout_s=SERVER_START_TIMEOUT_S, env=env, label="tenancy server"
+        ) as started:
+            yield Server(started.url, log)
+    except serving.ServerError as exc:
+        pytest.fail(str(exc))
 
 
 def document(seed: int, clauses: int = 34) -> str:
