@@ -145,9 +145,11 @@ def build_codec(config: PolyKVConfig, facts: ModelFacts) -> KVCodec:
 
 
 def store_geometry(codec: KVCodec, facts: ModelFacts) -> StoreGeometry:
-    """Bytes of one block, measured by encoding one zero token per layer."""
+    """Bytes of one block, from each layer's :class:`~polykv_vllm.core.LayerSpec` (the layout
+    the workers' slabs allocate, so both sides count the same bytes)."""
     per_token = sum(
-        codec.bytes_per_token_head(facts.head_dim, layer) for layer in range(facts.num_layers)
+        codec.layer_spec(layer, facts.head_dim).bytes_per_token_head
+        for layer in range(facts.num_layers)
     )
     itemsize = torch.empty((), dtype=facts.dtype).element_size()
     tokens_heads = facts.block_size * facts.kv_heads * facts.world_size

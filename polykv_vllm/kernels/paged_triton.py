@@ -464,11 +464,9 @@ def _stream_tables(spec: LayerSpec, stream: str, device: torch.device) -> _Strea
         return hit
     d = spec.head_dim
     dp = _pow2(d)
-    if stream == "k":
-        assert spec.key_centroids is not None and spec.key_signs is not None
-        bits, cent, signs = spec.key_bits, spec.key_centroids, spec.key_signs
-    else:
-        bits, cent, signs = spec.value_bits, spec.value_centroids, spec.value_signs
+    st = spec.stream("k" if stream == "k" else "v")
+    assert st.centroids is not None and st.signs is not None, "int8 streams have no tables"
+    bits, cent, signs = st.bits, st.centroids, st.signs
     m = torch.cat([torch.full((b,), float(b), dtype=torch.float64) for b in spec.blocks])
     s = signs.to(torch.float64)
     pad = dp - d
@@ -617,8 +615,8 @@ def _stream_launch(
 ) -> tuple[_Launch, torch.Tensor, torch.Tensor]:
     device = caches[0].device
     _, block_size, kv_heads, d = caches[0].shape
-    int8 = stream == "k" and spec.key_mode == "int8"
-    bits = spec.key_bits if stream == "k" else spec.value_bits
+    st = spec.stream("k" if stream == "k" else "v")
+    int8, bits = not st.rotated, st.bits
     addr = [[t.data_ptr() for t in group] for group in tables_in]
     # Pointers read from a table carry no alignment facts; when every one is 16-byte aligned the
     # kernel says so (tl.multiple_of), which lets Triton emit 16-byte loads and stores.
@@ -796,26 +794,6 @@ def _scales(n: int, scales: Sequence[float] | None) -> Sequence[float]:
     return [1.0] * n if scales is None else scales
 
 
-def _empty_packed(spec: LayerSpec, tokens: int, heads: int, device: torch.device) -> PackedKV:
-    d, kb, vb = spec.head_dim, spec.key_bits, spec.value_bits
-    k_codes = (
-        torch.empty(tokens, heads, d, dtype=torch.int8, device=device)
-        if spec.key_mode == "int8"
-        else torch.empty(tokens, heads, -(-d // 8) * kb, dtype=torch.uint8, device=device)
-    )
-    return PackedKV(
-        k_codes=k_codes,
-        k_scale=torch.empty(tokens, heads, dtype=torch.float16, device=device),
-        v_codes=torch.empty(tokens, heads, -(-d // 8) * vb, dtype=torch.uint8, device=device),
-        v_norm=torch.empty(tokens, heads, dtype=torch.float16, device=device),
-        tokens=tokens,
-        kv_heads=heads,
-        head_dim=d,
-        key_bits=kb,
-        value_bits=vb,
-    )
-
-
 def plan_compress_layers(
     specs: Sequence[LayerSpec],
     key_caches: Sequence[torch.Tensor],
@@ -837,8 +815,7 @@ def plan_compress_layers(
     _check_layers(n, specs, key_caches, value_caches, block_ids, [num_tokens] * n, ks, vs)
     device = key_caches[0].device
     results = [
-        _empty_packed(s, num_tokens, kc.shape[2], device)
-        for s, kc in zip(specs, key_caches, strict=True)
+        s.empty(num_tokens, kc.shape[2], device) for s, kc in zip(specs, key_caches, strict=True)
     ]
     if out is not None:
         if len(out) != n:
