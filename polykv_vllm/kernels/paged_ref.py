@@ -92,8 +92,8 @@ def compress_from_paged(
 
     Arguments as in :func:`decompress_into_paged`; returns a :class:`PackedKV` on the cache's
     device, equal to ``KVCodec.encode`` of the gathered K/V (of ``x8.float() * scale`` for an
-    fp8 cache). With ``out`` (a PackedKV of the right shapes, e.g. a slot of a preallocated
-    store) the result is written into its tensors and ``out`` is returned.
+    fp8 cache). With ``out`` (a PackedKV in ``spec.packed_shapes(num_tokens, kv_heads)``, e.g.
+    rows of the store's slab) the result is written into its tensors and ``out`` is returned.
     """
     _, block_size, _ = check_cache_pair(key_cache, value_cache, spec)
     check_block_ids(block_ids, num_tokens, block_size)
