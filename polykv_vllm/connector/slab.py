@@ -1,8 +1,8 @@
 """The worker's compressed store: preallocated per-layer slabs with one row per stored block.
 
-A row holds one block (``block_size`` tokens, this rank's kv heads) of one layer in the codec's
-own tensors (``docs/FORMAT.md``): ``k_codes [rows, bs, H, kw]``, ``k_scale [rows, bs, H]``,
-``v_codes [rows, bs, H, vw]``, ``v_norm [rows, bs, H]``.
+A row holds one block (``block_size`` tokens, this rank's kv heads) of one layer in the layout
+its :class:`~polykv_vllm.core.LayerSpec` allocates (``docs/FORMAT.md``): ``k_codes [rows, bs, H,
+kw]``, ``k_scale [rows, bs, H]``, ``v_codes [rows, bs, H, vw]``, ``v_norm [rows, bs, H]``.
 The slab does not place anything: the scheduler side decides which row holds which block
 (:mod:`~.scheduler.rows`) and every plan names rows. :func:`runs` splits a plan's rows into runs
 of consecutive rows, each read and written through one zero-copy view (:meth:`BlockSlab.view`):
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from polykv_vllm.core import KVCodec, PackedKV
+from polykv_vllm.core import KVCodec, LayerSpec, PackedKV
 
 __all__ = ["BlockSlab", "Run", "first_invalid_block", "runs"]
 
@@ -42,12 +42,29 @@ class Run:
 
 @dataclass(frozen=True, eq=False)
 class _LayerSlab:
+    """One layer's rows: ``packed`` holds every row's tokens (``rows * block_size``, row after
+    row, contiguous, in the layer spec's layout), and ``k_codes`` .. ``v_norm`` are the same
+    memory viewed per row, ``[rows, block_size, ...]``."""
+
+    packed: PackedKV
     k_codes: torch.Tensor
     k_scale: torch.Tensor
     v_codes: torch.Tensor
     v_norm: torch.Tensor
-    key_bits: int
-    value_bits: int
+
+    @classmethod
+    def allocate(
+        cls,
+        spec: LayerSpec,
+        rows: int,
+        block_size: int,
+        kv_heads: int,
+        device: torch.device,
+        pin: bool,
+    ) -> _LayerSlab:
+        packed = spec.zeros(rows * block_size, kv_heads, device, pin_memory=pin)
+        per_row = (t.view(rows, block_size, *t.shape[1:]) for t in packed.tensors())
+        return cls(packed, *per_row)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.k_codes, self.k_scale, self.v_codes, self.v_norm)
@@ -73,27 +90,12 @@ class BlockSlab:
         self.kv_heads = kv_heads
         self.head_dim = head_dim
         self.device = device
-        self.layers: list[_LayerSlab] = []
-        zero = torch.zeros(1, kv_heads, head_dim)
-        for layer in layers:
-            probe = codec.encode(zero, zero, layer)  # the widths and dtypes of this layer
-
-            def alloc(t: torch.Tensor) -> torch.Tensor:
-                shape = (capacity, block_size, *t.shape[1:])
-                return torch.zeros(
-                    shape, dtype=t.dtype, device=device, pin_memory=pin and device.type == "cpu"
-                )
-
-            self.layers.append(
-                _LayerSlab(
-                    k_codes=alloc(probe.k_codes),
-                    k_scale=alloc(probe.k_scale),
-                    v_codes=alloc(probe.v_codes),
-                    v_norm=alloc(probe.v_norm),
-                    key_bits=probe.key_bits,
-                    value_bits=probe.value_bits,
-                )
+        self.layers = [
+            _LayerSlab.allocate(
+                codec.layer_spec(layer, head_dim), capacity, block_size, kv_heads, device, pin
             )
+            for layer in layers
+        ]
         self.row_bytes = sum(
             t[0].numel() * t.element_size() for s in self.layers for t in s.tensors()
         )
@@ -131,26 +133,9 @@ class BlockSlab:
         (``length * block_size`` tokens, in row order). Host views written from the GPU are
         valid on the host only after :meth:`ready_for_host`, on the GPU's current stream after
         :meth:`ready_for_device`."""
-        tokens = length * self.block_size
-        out = []
-        for slab in self.layers:
-            k_codes, k_scale, v_codes, v_norm = (
-                t.narrow(0, row, length).reshape(tokens, *t.shape[2:]) for t in slab.tensors()
-            )
-            out.append(
-                PackedKV(
-                    k_codes=k_codes,
-                    k_scale=k_scale,
-                    v_codes=v_codes,
-                    v_norm=v_norm,
-                    tokens=tokens,
-                    kv_heads=self.kv_heads,
-                    head_dim=self.head_dim,
-                    key_bits=slab.key_bits,
-                    value_bits=slab.value_bits,
-                )
-            )
-        return out
+        assert row >= 0 and row + length <= self.capacity, (row, length, self.capacity)
+        bs = self.block_size
+        return [slab.packed.slice(row * bs, (row + length) * bs) for slab in self.layers]
 
     def write(self, run: Run, per_layer: Sequence[PackedKV], offset: int = 0) -> None:
         """Copy tokens ``offset ..`` of ``per_layer`` (one entry per layer) into ``run``'s rows.
