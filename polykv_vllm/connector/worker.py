@@ -128,6 +128,9 @@ class PolyKVWorker:
 
     def _load(self, job: LoadJob) -> None:
         assert self.io is not None, "register_kv_caches must run before the first load"
+        if getattr(self.io, "bound", None) is not None:
+            self._load_at(job)
+            return
         store = self.store
         store.check_rows(job.rows)
         timer = _Span.start(self.io.device)
@@ -177,14 +180,76 @@ class PolyKVWorker:
         self.io.load(per_layer, job.block_ids[:good])
         self._record("load", timer.stop(), good)
 
+    def _load_at(self, job: LoadJob) -> None:
+        """CUDA: the bound kernels decode each run straight from the store's rows (a GPU slab,
+        or a pinned host slab read over PCIe: no staging copies), after one validity check per
+        run."""
+        io, store = self.io, self.store
+        assert io is not None
+        store.check_rows(job.rows)
+        timer = _Span.start(io.device)
+        good = next((i for i, r in enumerate(job.rows) if r not in store), len(job.rows))
+        reason = "missing"
+        unusable = io.unusable()
+        if unusable is not None:
+            good, reason = 0, f"not loadable now ({unusable})"
+        todo = []
+        for run in runs(job.rows[:good]):
+            bad = store.first_invalid_row(run.row, run.length)
+            if bad is not None:
+                good, reason = run.offset + bad, "invalid"
+                if bad:
+                    todo.append(dataclasses.replace(run, length=bad))
+                break
+            todo.append(run)
+        self._finish_load(job, good, reason)
+        if not todo:
+            return
+        store.ready_for_device()  # after pending side-stream writes into a host slab
+        for run in todo:
+            ids = job.block_ids[run.offset : run.offset + run.length]
+            io.load_at(store.addresses(run.row, run.length), ids)  # type: ignore[attr-defined]
+        self._record("load", timer.stop(), good)
+
+    def _finish_load(self, job: LoadJob, good: int, reason: str) -> None:
+        """Report how far ``job`` loaded; the rest of its blocks are recomputed."""
+        self._report.loads[job.load_id] = [1, good]
+        if good < len(job.rows):
+            row = job.rows[good]
+            logger.warning(
+                "polykv: store row %d (block %d of request %s) is %s; recomputing %d blocks",
+                row,
+                good,
+                job.req_id,
+                reason,
+                len(job.rows) - good,
+            )
+            self._report.failed_rows.add(row)
+            self._load_errors.update(job.block_ids[good:])
+            self.counters.load_failures += 1
+            self.totals.load_failures += 1
+
     def _save(self, job: BlockJob) -> None:
         assert self.io is not None, "register_kv_caches must run before the first store"
         store = self.store
         store.check_rows(job.rows)
         timer = _Span.start(self.io.device)
         row_runs = runs(job.rows)
-        direct = len(row_runs) == 1 and store.device == self.io.device
-        if direct:  # one run on the cache's device: the kernels encode straight into it
+        direct = False
+        io = self.io
+        if store.device == io.device and getattr(io, "bound", None) is not None:
+            # CUDA, GPU slab: the bound kernels encode each run straight into its rows
+            direct = all(
+                io.store_at(  # type: ignore[attr-defined]
+                    store.addresses(run.row, run.length),
+                    job.block_ids[run.offset : run.offset + run.length],
+                )
+                for run in row_runs
+            )
+        if direct:
+            pass
+        elif len(row_runs) == 1 and store.device == io.device:
+            # one run on the cache's device: the kernels encode straight into it
             run = row_runs[0]
             self.io.store(job.block_ids, out=store.view(run.row, run.length))
         else:
