@@ -168,6 +168,64 @@ class BlockSlab:
         good = torch.isfinite(torch.cat(parts, dim=1)).all(dim=1).tolist()
         return good.index(False) if False in good else None
 
+    @property
+    def can_stage(self) -> bool:
+        """Whether :meth:`staging` / :meth:`write_staged` apply: every tensor's row is a
+        multiple of 16 bytes (what the one-launch copy moves)."""
+        return all(b[1] % 16 == 0 and b[0] % 16 == 0 for layer in self._bases for b in layer)
+
+    def staging(self, rows: int, device: torch.device) -> tuple[torch.Tensor, PackedAddresses]:
+        """A flat buffer on ``device`` holding ``rows`` rows in this slab's per-layer layout
+        (each tensor's rows contiguous), and its addresses for the kernels to encode into."""
+        offsets, total = self._stage_layout(rows)
+        buf = torch.empty(total, dtype=torch.uint8, device=device)
+        base = buf.data_ptr()
+        k_codes, k_scale, v_codes, v_norm = (
+            [base + layer[c] for layer in offsets] for c in range(4)
+        )
+        return buf, PackedAddresses(rows * self.block_size, k_codes, k_scale, v_codes, v_norm)
+
+    def write_staged(self, buf: torch.Tensor, row_runs: Sequence[Run]) -> None:
+        """Copy a :meth:`staging` buffer (runs' blocks in job order) into the runs' rows of
+        this pinned host slab: one kernel on a side stream (after the current stream's work),
+        which later readers wait for like :meth:`write`'s copies."""
+        from polykv_vllm.kernels.triton_copy import copy_ranges
+
+        rows = sum(r.length for r in row_runs)
+        offsets, _ = self._stage_layout(rows)
+        base = buf.data_ptr()
+        src: list[int] = []
+        dst: list[int] = []
+        nbytes: list[int] = []
+        for run in row_runs:
+            for layer_off, layer in zip(offsets, self._bases, strict=True):
+                for c in range(4):
+                    ptr, per_row = layer[c]
+                    src.append(base + layer_off[c] + run.offset * per_row)
+                    dst.append(ptr + run.row * per_row)
+                    nbytes.append(run.length * per_row)
+        main = torch.cuda.current_stream(buf.device)
+        if self._side is None:
+            self._side = torch.cuda.Stream(buf.device)
+        self._side.wait_stream(main)
+        with torch.cuda.stream(self._side):
+            copy_ranges(src, dst, nbytes, buf.device)
+        self._pending = self._side.record_event()
+        self._inflight = [(e, p) for e, p in self._inflight if not e.query()]
+        self._inflight.append((self._pending, buf))
+
+    def _stage_layout(self, rows: int) -> tuple[list[list[int]], int]:
+        """Byte offset of each layer's four tensors in a ``rows``-row staging buffer, and its
+        size."""
+        offsets, at = [], 0
+        for layer in self._bases:
+            row_offsets = []
+            for _, per_row in layer:
+                row_offsets.append(at)
+                at += rows * per_row
+            offsets.append(row_offsets)
+        return offsets, at
+
     def write(self, run: Run, per_layer: Sequence[PackedKV], offset: int = 0) -> None:
         """Copy tokens ``offset ..`` of ``per_layer`` (one entry per layer) into ``run``'s rows.
 

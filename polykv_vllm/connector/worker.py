@@ -25,7 +25,7 @@ import torch
 
 from polykv_vllm.connector.metadata import BlockJob, LoadJob, StepPlan, WorkerReport
 from polykv_vllm.connector.paged_io import PagedIO
-from polykv_vllm.connector.slab import BlockSlab, first_invalid_block, runs
+from polykv_vllm.connector.slab import BlockSlab, Run, first_invalid_block, runs
 from polykv_vllm.core import PackedKV
 
 __all__ = ["PolyKVWorker", "WorkerCounters"]
@@ -235,32 +235,45 @@ class PolyKVWorker:
         store.check_rows(job.rows)
         timer = _Span.start(self.io.device)
         row_runs = runs(job.rows)
-        direct = False
-        io = self.io
-        if store.device == io.device and getattr(io, "bound", None) is not None:
-            # CUDA, GPU slab: the bound kernels encode each run straight into its rows
-            direct = all(
+        if not self._save_at(job, row_runs):
+            io = self.io
+            if len(row_runs) == 1 and store.device == io.device:
+                # one run on the cache's device: the kernels encode straight into it
+                run = row_runs[0]
+                io.store(job.block_ids, out=store.view(run.row, run.length))
+            else:
+                per_layer = io.store(job.block_ids)
+                for run in row_runs:
+                    store.write(run, per_layer, offset=run.offset * self.block_size)
+        store.mark_filled(job.rows)
+        row_bytes = store.row_bytes
+        for row in job.rows:
+            self._report.stored[row] = [row_bytes, 1]
+        self._record("store", timer.stop(), len(job.rows))
+
+    def _save_at(self, job: BlockJob, row_runs: list[Run]) -> bool:
+        """CUDA: encode through the bound kernels by address. A GPU slab's rows are encoded in
+        place, run by run; a pinned host slab gets one staging buffer and one copy kernel on a
+        side stream (no per-tensor copies, no per-layer views). False when this does not apply
+        (CPU builds, an unusable fp8 scale: the caller takes the per-call path)."""
+        io, store = self.io, self.store
+        if io is None or getattr(io, "bound", None) is None:
+            return False
+        if store.device == io.device:
+            return all(
                 io.store_at(  # type: ignore[attr-defined]
                     store.addresses(run.row, run.length),
                     job.block_ids[run.offset : run.offset + run.length],
                 )
                 for run in row_runs
             )
-        if direct:
-            pass
-        elif len(row_runs) == 1 and store.device == io.device:
-            # one run on the cache's device: the kernels encode straight into it
-            run = row_runs[0]
-            self.io.store(job.block_ids, out=store.view(run.row, run.length))
-        else:
-            per_layer = self.io.store(job.block_ids)
-            for run in row_runs:
-                store.write(run, per_layer, offset=run.offset * self.block_size)
-        store.mark_filled(job.rows)
-        row_bytes = store.row_bytes
-        for row in job.rows:
-            self._report.stored[row] = [row_bytes, 1]
-        self._record("store", timer.stop(), len(job.rows))
+        if not store.can_stage:
+            return False
+        buf, addrs = store.staging(len(job.rows), io.device)
+        if not io.store_at(addrs, job.block_ids):  # type: ignore[attr-defined]
+            return False
+        store.write_staged(buf, row_runs)
+        return True
 
     def _record(self, kind: str, span: _Span, blocks: int) -> None:
         self._spans.append((kind, span))
