@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from polykv_vllm.core import KVCodec, LayerSpec, PackedKV
+from polykv_vllm.kernels.addresses import PackedAddresses
 
 __all__ = ["BlockSlab", "Run", "first_invalid_block", "runs"]
 
@@ -100,9 +101,16 @@ class BlockSlab:
             t[0].numel() * t.element_size() for s in self.layers for t in s.tensors()
         )
         self.capacity = capacity
+        # (address of row 0, bytes per row) of each layer's four tensors: transfer addresses by
+        # arithmetic (:meth:`addresses`), no per-layer views on the hot path
+        self._bases = [
+            [(t.data_ptr(), t[0].numel() * t.element_size()) for t in s.tensors()]
+            for s in self.layers
+        ]
         self._filled: set[int] = set()  # rows holding a written block
         self._pending: torch.cuda.Event | None = None  # last side-stream write to a host slab
         self._side: torch.cuda.Stream | None = None
+        self._inflight: list[tuple[torch.cuda.Event, object]] = []  # sources of pending writes
 
     def __contains__(self, row: int) -> bool:
         """Whether ``row`` holds a written block."""
@@ -137,6 +145,87 @@ class BlockSlab:
         bs = self.block_size
         return [slab.packed.slice(row * bs, (row + length) * bs) for slab in self.layers]
 
+    def addresses(self, row: int, length: int) -> PackedAddresses:
+        """Where rows ``row .. row + length - 1`` are, per layer (what :meth:`view` would
+        return, as addresses: device memory, or pinned host memory the GPU reads directly)."""
+        assert row >= 0 and row + length <= self.capacity, (row, length, self.capacity)
+        k_codes, k_scale, v_codes, v_norm = (
+            [b[c][0] + row * b[c][1] for b in self._bases] for c in range(4)
+        )
+        return PackedAddresses(length * self.block_size, k_codes, k_scale, v_codes, v_norm)
+
+    def first_invalid_row(self, row: int, length: int) -> int | None:
+        """Index (from ``row``) of the first of rows ``row .. row + length - 1`` whose scales or
+        norms are not finite in some layer, or None: one reduction on the slab's device (one
+        sync on a GPU slab; a host slab is read after :meth:`ready_for_host`)."""
+        if self.device.type == "cpu":
+            self.ready_for_host()
+        parts = [
+            t.narrow(0, row, length).reshape(length, -1)
+            for s in self.layers
+            for t in (s.k_scale, s.v_norm)
+        ]
+        good = torch.isfinite(torch.cat(parts, dim=1)).all(dim=1).tolist()
+        return good.index(False) if False in good else None
+
+    @property
+    def can_stage(self) -> bool:
+        """Whether :meth:`staging` / :meth:`write_staged` apply: every tensor's row is a
+        multiple of 16 bytes (what the one-launch copy moves)."""
+        return all(b[1] % 16 == 0 and b[0] % 16 == 0 for layer in self._bases for b in layer)
+
+    def staging(self, rows: int, device: torch.device) -> tuple[torch.Tensor, PackedAddresses]:
+        """A flat buffer on ``device`` holding ``rows`` rows in this slab's per-layer layout
+        (each tensor's rows contiguous), and its addresses for the kernels to encode into."""
+        offsets, total = self._stage_layout(rows)
+        buf = torch.empty(total, dtype=torch.uint8, device=device)
+        base = buf.data_ptr()
+        k_codes, k_scale, v_codes, v_norm = (
+            [base + layer[c] for layer in offsets] for c in range(4)
+        )
+        return buf, PackedAddresses(rows * self.block_size, k_codes, k_scale, v_codes, v_norm)
+
+    def write_staged(self, buf: torch.Tensor, row_runs: Sequence[Run]) -> None:
+        """Copy a :meth:`staging` buffer (runs' blocks in job order) into the runs' rows of
+        this pinned host slab: one kernel on a side stream (after the current stream's work),
+        which later readers wait for like :meth:`write`'s copies."""
+        from polykv_vllm.kernels.triton_copy import copy_ranges
+
+        rows = sum(r.length for r in row_runs)
+        offsets, _ = self._stage_layout(rows)
+        base = buf.data_ptr()
+        src: list[int] = []
+        dst: list[int] = []
+        nbytes: list[int] = []
+        for run in row_runs:
+            for layer_off, layer in zip(offsets, self._bases, strict=True):
+                for c in range(4):
+                    ptr, per_row = layer[c]
+                    src.append(base + layer_off[c] + run.offset * per_row)
+                    dst.append(ptr + run.row * per_row)
+                    nbytes.append(run.length * per_row)
+        main = torch.cuda.current_stream(buf.device)
+        if self._side is None:
+            self._side = torch.cuda.Stream(buf.device)
+        self._side.wait_stream(main)
+        with torch.cuda.stream(self._side):
+            copy_ranges(src, dst, nbytes, buf.device)
+        self._pending = self._side.record_event()
+        self._inflight = [(e, p) for e, p in self._inflight if not e.query()]
+        self._inflight.append((self._pending, buf))
+
+    def _stage_layout(self, rows: int) -> tuple[list[list[int]], int]:
+        """Byte offset of each layer's four tensors in a ``rows``-row staging buffer, and its
+        size."""
+        offsets, at = [], 0
+        for layer in self._bases:
+            row_offsets = []
+            for _, per_row in layer:
+                row_offsets.append(at)
+                at += rows * per_row
+            offsets.append(row_offsets)
+        return offsets, at
+
     def write(self, run: Run, per_layer: Sequence[PackedKV], offset: int = 0) -> None:
         """Copy tokens ``offset ..`` of ``per_layer`` (one entry per layer) into ``run``'s rows.
 
@@ -150,19 +239,19 @@ class BlockSlab:
         srcs = [t.narrow(0, begin, tokens) for p in per_layer for t in p.tensors()]
         async_d2h = self.device.type == "cpu" and srcs[0].is_cuda
         if not async_d2h:
-            for dst, src in zip(dsts, srcs, strict=True):
-                dst.copy_(src, non_blocking=True)
+            torch._foreach_copy_(dsts, srcs, non_blocking=True)
             return
         main = torch.cuda.current_stream(srcs[0].device)
         if self._side is None:
             self._side = torch.cuda.Stream(srcs[0].device)
         self._side.wait_stream(main)
         with torch.cuda.stream(self._side):
-            for dst, src in zip(dsts, srcs, strict=True):
-                dst.copy_(src, non_blocking=True)
-        for src in srcs:
-            src.record_stream(self._side)  # the allocator keeps it until the copy is done
+            torch._foreach_copy_(dsts, srcs, non_blocking=True)  # one call, not one per tensor
         self._pending = self._side.record_event()
+        # the sources stay referenced until their copies are done (instead of record_stream on
+        # every tensor): pruned here, on each write
+        self._inflight = [(e, p) for e, p in self._inflight if not e.query()]
+        self._inflight.append((self._pending, per_layer))
 
     def ready_for_device(self) -> None:
         """Make the current CUDA stream wait for pending writes into a host slab."""
@@ -174,6 +263,7 @@ class BlockSlab:
         if self._pending is not None:
             self._pending.synchronize()
             self._pending = None
+            self._inflight.clear()
 
     def clear(self) -> None:
         self._filled.clear()

@@ -25,7 +25,7 @@ import torch
 
 from polykv_vllm.connector.metadata import BlockJob, LoadJob, StepPlan, WorkerReport
 from polykv_vllm.connector.paged_io import PagedIO
-from polykv_vllm.connector.slab import BlockSlab, first_invalid_block, runs
+from polykv_vllm.connector.slab import BlockSlab, Run, first_invalid_block, runs
 from polykv_vllm.core import PackedKV
 
 __all__ = ["PolyKVWorker", "WorkerCounters"]
@@ -128,6 +128,9 @@ class PolyKVWorker:
 
     def _load(self, job: LoadJob) -> None:
         assert self.io is not None, "register_kv_caches must run before the first load"
+        if getattr(self.io, "bound", None) is not None:
+            self._load_at(job)
+            return
         store = self.store
         store.check_rows(job.rows)
         timer = _Span.start(self.io.device)
@@ -177,25 +180,100 @@ class PolyKVWorker:
         self.io.load(per_layer, job.block_ids[:good])
         self._record("load", timer.stop(), good)
 
+    def _load_at(self, job: LoadJob) -> None:
+        """CUDA: the bound kernels decode each run straight from the store's rows (a GPU slab,
+        or a pinned host slab read over PCIe: no staging copies), after one validity check per
+        run."""
+        io, store = self.io, self.store
+        assert io is not None
+        store.check_rows(job.rows)
+        timer = _Span.start(io.device)
+        good = next((i for i, r in enumerate(job.rows) if r not in store), len(job.rows))
+        reason = "missing"
+        unusable = io.unusable()
+        if unusable is not None:
+            good, reason = 0, f"not loadable now ({unusable})"
+        todo = []
+        for run in runs(job.rows[:good]):
+            bad = store.first_invalid_row(run.row, run.length)
+            if bad is not None:
+                good, reason = run.offset + bad, "invalid"
+                if bad:
+                    todo.append(dataclasses.replace(run, length=bad))
+                break
+            todo.append(run)
+        self._finish_load(job, good, reason)
+        if not todo:
+            return
+        store.ready_for_device()  # after pending side-stream writes into a host slab
+        for run in todo:
+            ids = job.block_ids[run.offset : run.offset + run.length]
+            io.load_at(store.addresses(run.row, run.length), ids)  # type: ignore[attr-defined]
+        self._record("load", timer.stop(), good)
+
+    def _finish_load(self, job: LoadJob, good: int, reason: str) -> None:
+        """Report how far ``job`` loaded; the rest of its blocks are recomputed."""
+        self._report.loads[job.load_id] = [1, good]
+        if good < len(job.rows):
+            row = job.rows[good]
+            logger.warning(
+                "polykv: store row %d (block %d of request %s) is %s; recomputing %d blocks",
+                row,
+                good,
+                job.req_id,
+                reason,
+                len(job.rows) - good,
+            )
+            self._report.failed_rows.add(row)
+            self._load_errors.update(job.block_ids[good:])
+            self.counters.load_failures += 1
+            self.totals.load_failures += 1
+
     def _save(self, job: BlockJob) -> None:
         assert self.io is not None, "register_kv_caches must run before the first store"
         store = self.store
         store.check_rows(job.rows)
         timer = _Span.start(self.io.device)
         row_runs = runs(job.rows)
-        direct = len(row_runs) == 1 and store.device == self.io.device
-        if direct:  # one run on the cache's device: the kernels encode straight into it
-            run = row_runs[0]
-            self.io.store(job.block_ids, out=store.view(run.row, run.length))
-        else:
-            per_layer = self.io.store(job.block_ids)
-            for run in row_runs:
-                store.write(run, per_layer, offset=run.offset * self.block_size)
+        if not self._save_at(job, row_runs):
+            io = self.io
+            if len(row_runs) == 1 and store.device == io.device:
+                # one run on the cache's device: the kernels encode straight into it
+                run = row_runs[0]
+                io.store(job.block_ids, out=store.view(run.row, run.length))
+            else:
+                per_layer = io.store(job.block_ids)
+                for run in row_runs:
+                    store.write(run, per_layer, offset=run.offset * self.block_size)
         store.mark_filled(job.rows)
         row_bytes = store.row_bytes
         for row in job.rows:
             self._report.stored[row] = [row_bytes, 1]
         self._record("store", timer.stop(), len(job.rows))
+
+    def _save_at(self, job: BlockJob, row_runs: list[Run]) -> bool:
+        """CUDA: encode through the bound kernels by address. A GPU slab's rows are encoded in
+        place, run by run; a pinned host slab gets one staging buffer and one copy kernel on a
+        side stream (no per-tensor copies, no per-layer views). False when this does not apply
+        (CPU builds, an unusable fp8 scale: the caller takes the per-call path)."""
+        io, store = self.io, self.store
+        if io is None or getattr(io, "bound", None) is None:
+            return False
+        if store.device == io.device:
+            return all(
+                io.store_at(  # type: ignore[attr-defined]
+                    store.addresses(run.row, run.length),
+                    job.block_ids[run.offset : run.offset + run.length],
+                )
+                for run in row_runs
+            )
+        if not store.can_stage:
+            return False
+        buf, addrs = store.staging(len(job.rows), io.device)
+        if not io.store_at(addrs, job.block_ids):  # type: ignore[attr-defined]
+            return False
+        store.write_staged(buf, row_runs)
+        return True
 
     def _record(self, kind: str, span: _Span, blocks: int) -> None:
         self._spans.append((kind, span))
