@@ -396,7 +396,7 @@ class PolyKVConnector(KVConnectorBase_V1):
 
     def shutdown(self) -> None:
         if self.worker is not None and self.worker.io is not None:
-            self.worker.store.clear()
+            self.worker.close()  # staged stores in flight land first
 
     # --- scheduler side --------------------------------------------------------------------
 

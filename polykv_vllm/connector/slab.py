@@ -12,10 +12,13 @@ host run moves to the GPU in one copy per tensor and layer (vLLM's CUDA blocks a
 The slab only remembers which rows hold a written block (:meth:`BlockSlab.mark_filled`,
 :meth:`BlockSlab.mark_empty`), so a load of an empty row is caught and its bytes are measured.
 
-Pinned host slabs are written from the GPU on a side stream (:meth:`BlockSlab.write`), so the
-device-to-host copy of a stored document overlaps the next steps' compute; every later reader
-orders itself after it (:meth:`BlockSlab.ready_for_device` on the GPU,
-:meth:`BlockSlab.ready_for_host` on the CPU).
+Pinned host slabs are written from the GPU on a side stream, so the device-to-host copy of a
+stored document overlaps the next steps' compute: the worker stages the store and confirms its
+rows only once the copies landed (:mod:`~.staging`, :meth:`BlockSlab.write_rows`), so no reader
+waits; :meth:`BlockSlab.write` orders later readers after its copies instead
+(:meth:`BlockSlab.ready_for_device` on the GPU, :meth:`BlockSlab.ready_for_host` on the CPU).
+Rows of several runs from a source on the slab's device are written with one ``index_copy_``
+per tensor and layer.
 """
 
 from __future__ import annotations
@@ -178,6 +181,50 @@ class BlockSlab:
         for src in srcs:
             src.record_stream(self._side)  # the allocator keeps it until the copy is done
         self._pending = self._side.record_event()
+
+    def write_rows(self, rows: Sequence[int], per_layer: Sequence[PackedKV]) -> None:
+        """Copy ``per_layer`` (``len(rows) * block_size`` tokens, blocks in ``rows`` order)
+        into ``rows`` on the current stream, ``non_blocking``: one copy per tensor and layer for
+        one run or a source on the slab's device (``index_copy_``), else one per run (the caller
+        orders it against readers: :mod:`~.staging`)."""
+        assert len(per_layer) == len(self.layers)
+        row_runs = runs(rows)
+        srcs = [t for p in per_layer for t in p.tensors()]
+        if len(row_runs) > 1 and srcs[0].device == self.device:
+            index = torch.tensor(list(rows), dtype=torch.int64, device=self.device)
+            dsts = [t for s in self.layers for t in s.tensors()]
+            for dst, src in zip(dsts, srcs, strict=True):
+                dst.index_copy_(0, index, src.reshape(len(rows), *dst.shape[1:]))
+            return
+        for run in row_runs:
+            begin, tokens = run.offset * self.block_size, run.length * self.block_size
+            dsts = [t for p in self.view(run.row, run.length) for t in p.tensors()]
+            for dst, src in zip(dsts, srcs, strict=True):
+                dst.copy_(src.narrow(0, begin, tokens), non_blocking=True)
+
+    def staging(self, tokens: int, device: torch.device) -> list[PackedKV]:
+        """Fresh contiguous per-layer buffers of ``tokens`` tokens in this slab's widths and
+        dtypes on ``device`` (:mod:`~.staging`)."""
+        out = []
+        for slab in self.layers:
+            k_codes, k_scale, v_codes, v_norm = (
+                torch.empty((tokens, *t.shape[2:]), dtype=t.dtype, device=device)
+                for t in slab.tensors()
+            )
+            out.append(
+                PackedKV(
+                    k_codes=k_codes,
+                    k_scale=k_scale,
+                    v_codes=v_codes,
+                    v_norm=v_norm,
+                    tokens=tokens,
+                    kv_heads=self.kv_heads,
+                    head_dim=self.head_dim,
+                    key_bits=slab.key_bits,
+                    value_bits=slab.value_bits,
+                )
+            )
+        return out
 
     def ready_for_device(self) -> None:
         """Make the current CUDA stream wait for pending writes into a host slab."""
