@@ -246,13 +246,18 @@ class StoreIndex:
         return plan
 
     def _prepare_store(self, state: RequestState, computed_after: int) -> BlockJob | None:
+        if state.store_done:  # every decode step of every running request comes here
+            return None
         req = state.request
         bs = self.geometry.block_size
+        prompt_tokens = req.num_prompt_tokens
         if not (self.store_all or state.params.doc_id is not None):
+            state.store_done = True
             return None
-        if req.num_prompt_tokens < self.min_store_tokens:
+        if prompt_tokens < self.min_store_tokens:
+            state.store_done = True
             return None
-        full = min(computed_after, req.num_prompt_tokens, len(state.block_ids) * bs) // bs
+        full = min(computed_after, prompt_tokens, len(state.block_ids) * bs) // bs
         full = min(full, len(req.block_hashes))
         if full <= state.next_store_block:
             return None
@@ -281,6 +286,7 @@ class StoreIndex:
                 blocks.append(state.block_ids[i])
             self.documents.join(entry, doc)
         state.next_store_block = max(state.next_store_block, full)
+        state.store_done = state.next_store_block >= prompt_tokens // bs
         self.entries.touch_chain(req.block_hashes[:full])
         if not added:
             return None
