@@ -65,7 +65,7 @@ class PolyKVWorker:
     ``block_size``: logical tokens per block.
     """
 
-    #: blocks of one staged copy: a larger store is staged in pieces (slot size)
+    #: tokens of one staging slot: a larger store is staged in pieces of this size
     STAGING_TOKENS = 4096
 
     def __init__(self, block_size: int, staging_slots: int = 4) -> None:
