@@ -1,14 +1,21 @@
-"""The scheduler side of async loads (pure Python, no vLLM): the load protocol, one load per
-document, aborts during a load, failures, and a randomized replay of interleavings."""
+"""Async loads without vLLM: the scheduler side (the load protocol, one load per document,
+aborts during a load, failures, a randomized replay of interleavings) and the worker's CPU
+path (one background thread, the kernels' torch backend). The CUDA side stream is tested in
+``test_connector_cuda.py``."""
 
 from __future__ import annotations
 
+import logging
 import random
+import threading
+import time
+from typing import Any
 
 import pytest
+import torch
 from scheduler_helpers import BLOCK_BYTES, BS, AsyncEngine, Engine, FakeRequest, doc, make_index
 
-from polykv_vllm.connector.metadata import WorkerReport
+from polykv_vllm.connector.metadata import LoadJob, StepPlan, WorkerReport
 from polykv_vllm.connector.scheduler import StoreIndex
 
 
@@ -215,3 +222,88 @@ def test_random_interleavings_keep_the_budget_and_return_every_ref(seed: int) ->
     assert len(eng.receipts) == n
     assert eng.loads_started > 5, "the replay exercised loads"
     assert index.used_bytes == len(eng.worker_rows) * BLOCK_BYTES
+
+
+# --- the worker's CPU path: one background thread (the kernels' torch backend, no vLLM) -----------
+
+
+def _thread_worker() -> tuple[Any, list[torch.Tensor], Any]:
+    from polykv_vllm.connector.metadata import BlockJob
+    from polykv_vllm.connector.paged_io import FlashPagedIO
+    from polykv_vllm.connector.slab import BlockSlab
+    from polykv_vllm.connector.worker import PolyKVWorker
+    from polykv_vllm.core import KVCodec
+
+    layers, heads, dim, bs, blocks = 3, 2, 64, 16, 12
+    codec = KVCodec("polykv", num_layers=layers, head_dim=dim)
+    g = torch.Generator().manual_seed(11)
+    caches = [torch.randn(blocks, heads, bs, 2 * dim, generator=g) for _ in range(layers)]
+    io = FlashPagedIO(codec, caches, list(range(layers)), dim, bs)
+    slab = BlockSlab(codec, list(range(layers)), 6, bs, heads, dim, torch.device("cpu"), False)
+    worker = PolyKVWorker(block_size=bs)
+    worker.bind(io, slab)
+    worker.save(StepPlan(stores=[BlockJob("w", (0, 1, 2), (1, 2, 3))]))
+    assert worker.take_report() is not None
+    return worker, caches, slab
+
+
+def _wait_finished(worker: Any) -> set[str]:
+    for _ in range(500):
+        done: set[str] = worker.get_finished()
+        if done:
+            return done
+        time.sleep(0.01)
+    raise AssertionError("the async load never finished")
+
+
+def test_thread_load_equals_the_sync_load_and_is_reported_once() -> None:
+    worker, caches, _ = _thread_worker()
+    worker.start_load(StepPlan(loads=[LoadJob("sync", (0, 1, 2), (4, 5, 6), load_id=0)]))
+    assert worker.take_report().loads == {0: [1, 3]}
+    gate = threading.Event()
+    real = worker.io.load
+    worker.io.load = lambda *a: (gate.wait(10), real(*a))
+    job = LoadJob("async", (0, 1, 2), (7, 8, 9), load_id=1, async_load=True)
+    worker.start_load(StepPlan(loads=[job]))
+    assert worker.get_finished() == set() and worker.take_report() is None
+    assert worker.loads_in_flight == 1
+    gate.set()
+    assert _wait_finished(worker) == {"async"}
+    assert worker.get_finished() == set(), "reported once"
+    assert worker.take_report().loads == {1: [1, 3]} and worker.take_load_errors() == set()
+    for cache in caches:
+        assert torch.equal(cache[[7, 8, 9]], cache[[4, 5, 6]]), "async == sync, bit for bit"
+    assert worker.totals.tokens_decompressed == 6 * 16
+    worker.shutdown()
+
+
+def test_thread_load_writes_only_valid_blocks_and_reports_the_rest() -> None:
+    worker, caches, slab = _thread_worker()
+    slab.layers[1].v_norm[1, 0] = float("nan")  # row 1: the job's second block
+    before = [c[[10, 11]].clone() for c in caches]
+    worker.start_load(
+        StepPlan(loads=[LoadJob("bad", (0, 1, 2), (9, 10, 11), load_id=3, async_load=True)])
+    )
+    assert _wait_finished(worker) == {"bad"}
+    report = worker.take_report()
+    assert report.loads == {3: [1, 1]} and report.failed_rows == {1}
+    assert worker.take_load_errors() == {10, 11}
+    assert all(torch.equal(c[[10, 11]], b) for c, b in zip(caches, before, strict=True))
+
+
+def test_thread_load_that_raises_is_recomputed_without_dropping_the_entry(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    worker, _, _ = _thread_worker()
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("simulated kernel failure")
+
+    worker.io.load = broken
+    worker.start_load(StepPlan(loads=[LoadJob("err", (0, 1), (7, 8), load_id=4, async_load=True)]))
+    with caplog.at_level(logging.ERROR, logger="polykv_vllm"):
+        assert _wait_finished(worker) == {"err"}
+    assert any("async load of request err failed" in r.getMessage() for r in caplog.records)
+    report = worker.take_report()
+    assert report.loads == {4: [1, 0]} and not report.failed_rows, "the entry is not blamed"
+    assert worker.take_load_errors() == {7, 8}
