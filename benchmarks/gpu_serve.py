@@ -20,7 +20,8 @@ Configurations (``--configs``): ``bf16`` (prefix caching), ``fp8`` (``kv_cache_d
 ``offload`` (vLLM's native CPU offloading, ``--offload-gib``), ``polykv-gpu`` (store on the GPU,
 ``--store-gib``; with ``--equal-gpu-memory`` it is taken out of the KV cache), ``polykv-cpu``
 (store in pinned host memory, ``--offload-gib`` of it, equal CPU memory with ``offload``);
-``polykv-gpu:lite`` / ``polykv-cpu:lite`` use the polykv-lite preset; ``fp8+offload``,
+``polykv-gpu:lite`` / ``polykv-cpu:lite`` use the polykv-lite preset, ``:sync`` / ``:async``
+force ``async_load`` off / on (default ``auto``: on for ``polykv-cpu``); ``fp8+offload``,
 ``tq+offload``, ``polykv-gpu-fp8``, ``polykv-cpu-fp8`` combine an fp8 / turboquant KV cache
 with the CPU tier (:data:`CONFIGS`).
 
@@ -104,17 +105,21 @@ def engine_kwargs(
     equal_gpu_memory: bool = False,
 ) -> dict[str, Any]:
     """``LLM(...)`` keyword arguments of configuration ``name`` (a key of :data:`CONFIGS`, a
-    polykv one optionally with ``:lite`` for the polykv-lite preset).
+    polykv one optionally with ``:lite`` for the polykv-lite preset, or ``:sync`` / ``:async``
+    for ``async_load`` off / on).
 
     ``kv_gib``: GPU KV cache (``kv_cache_memory_bytes``); ``cpu_gib``: host memory of native
     offloading and of the polykv CPU store; ``store_gib``: the polykv GPU store, taken out of
     the KV cache when ``equal_gpu_memory``.
     """
     base, _, variant = name.partition(":")
-    if base not in CONFIGS or (variant and (variant != "lite" or not base.startswith("polykv"))):
+    variants = ("lite", "sync", "async")
+    if base not in CONFIGS or (
+        variant and (variant not in variants or not base.startswith("polykv"))
+    ):
         raise SystemExit(
             f"unknown config {name!r}: choose from {', '.join(CONFIGS)} "
-            "(polykv ones also with ':lite')"
+            "(polykv ones also with ':lite', ':sync' or ':async')"
         )
     dtype, tier = CONFIGS[base]
     kv = int(kv_gib * GIB)
@@ -134,6 +139,7 @@ def engine_kwargs(
             placement=tier,
             store_bytes=int(store * GIB),
             preset="polykv-lite" if variant == "lite" else preset,
+            async_load={"sync": "off", "async": "on"}.get(variant, "auto"),
         )
     kw["kv_cache_memory_bytes"] = kv
     return kw

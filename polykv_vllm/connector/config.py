@@ -40,6 +40,7 @@ Placement = Literal["gpu", "cpu"]
 StorePolicy = Literal["all", "tagged"]
 PinMode = Literal["off", "any", "token"]
 Eviction = Literal["lru", "tinylfu"]
+AsyncLoad = Literal["auto", "on", "off"]
 
 #: the environment variable holding the secret of ``pin="token"`` (never a config value: the
 #: engine logs its configuration)
@@ -107,6 +108,11 @@ class PolyKVConfig:
       evicts the least recently used for every new block; ``"tinylfu"`` stores a new block in
       its place only if that block was asked for more often, so scans and cycles larger than
       the store do not flush it (it loses where recency is what counts: ``docs/CONNECTOR.md``).
+    - ``async_load``: load stored blocks while other requests keep running: ``"on"`` (the
+      request waits in vLLM's WAITING_FOR_REMOTE_KVS until the worker finished its load: a CUDA
+      side stream, or a background thread on a CPU build), ``"off"`` (the load runs inside the
+      step that needs it), or ``"auto"`` (the default: on for placement cpu on CUDA, where the
+      host-to-device copy dominates; off elsewhere, where small loads are faster inline).
     """
 
     preset: str = "polykv"
@@ -117,6 +123,7 @@ class PolyKVConfig:
     pin: PinMode = "any"
     pin_quota: int | None = None
     eviction: Eviction = "lru"
+    async_load: AsyncLoad = "auto"
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -170,6 +177,11 @@ class PolyKVConfig:
                 f"polykv option eviction={self.eviction!r} is invalid: allowed are 'lru' and "
                 "'tinylfu' (frequency admission: resists scans and cycles)."
             )
+        if self.async_load not in get_args(AsyncLoad):
+            raise ValueError(
+                f"polykv option async_load={self.async_load!r} is invalid: allowed are 'auto' "
+                "(on for placement cpu on CUDA), 'on' and 'off'."
+            )
 
     def pin_quota_bytes(self) -> int:
         """The per-tenant pinned-bytes quota: ``pin_quota``, or half of ``store_bytes``."""
@@ -208,13 +220,18 @@ class PolyKVConfig:
 
         ``placement``: on a CPU build the store can only live in host memory, so it resolves to
         ``"cpu"`` whatever was asked; elsewhere unset means ``"gpu"``. ``min_store_tokens``:
-        unset means one block of ``block_size`` tokens. Every other field is kept as given.
+        unset means one block of ``block_size`` tokens. ``async_load``: ``"auto"`` becomes
+        ``"on"`` for a host-memory store on CUDA (not a CPU build) and ``"off"`` otherwise.
+        Every other field is kept as given.
         """
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size={block_size!r} must be a positive number of tokens.")
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values["placement"] = "cpu" if cpu_platform else (self.placement or "gpu")
         values["min_store_tokens"] = self.min_store_tokens or block_size
+        if self.async_load == "auto":
+            host_store_on_cuda = not cpu_platform and values["placement"] == "cpu"
+            values["async_load"] = "on" if host_store_on_cuda else "off"
         return ResolvedConfig(**values)
 
 
@@ -223,11 +240,17 @@ class ResolvedConfig(PolyKVConfig):
     """A :class:`PolyKVConfig` after :meth:`PolyKVConfig.resolve`: no option is left unset.
 
     ``placement`` is ``"gpu"`` (the KV cache's device) or ``"cpu"`` (host memory; pinned on
-    CUDA), ``min_store_tokens`` a number of tokens.
+    CUDA), ``min_store_tokens`` a number of tokens, ``async_load`` ``"on"`` or ``"off"``.
     """
 
     placement: Placement = "gpu"
     min_store_tokens: int = 1
+    async_load: AsyncLoad = "off"
+
+    @property
+    def load_async(self) -> bool:
+        """Loads run asynchronously (``async_load="on"``): vLLM's WAITING_FOR_REMOTE_KVS."""
+        return self.async_load == "on"
 
     @property
     def store_all(self) -> bool:
@@ -289,6 +312,7 @@ _SPEC_OVERRIDES: dict[str, dict[str, Any]] = {
     "placement": {"default_text": "gpu on CUDA, cpu on CPU"},
     "min_store_tokens": {"default_text": "one block"},
     "pin_quota": {"value_type": str, "metavar": "SIZE", "default_text": "half of store_bytes"},
+    "async_load": {"default_text": "auto (on for placement cpu on CUDA)"},
 }
 _SIZE_FIELDS = frozenset({"store_bytes", "pin_quota"})
 _BINARY_UNITS = (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024))

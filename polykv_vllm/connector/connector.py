@@ -134,6 +134,7 @@ class PolyKVConnector(KVConnectorBase_V1):
                 eviction=make_eviction_policy(
                     self.config.eviction, store_rows(self.config.store_bytes, geometry.block_bytes)
                 ),
+                async_loads=self.config.load_async,
             )
             logger.info(
                 "polykv: store of %d bytes, %d bytes per %d-token block (%.2fx smaller than the "
@@ -244,7 +245,8 @@ class PolyKVConnector(KVConnectorBase_V1):
         self._worker().start_load(meta.plan)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads are synchronous and finish in start_load_kv
+        # sync loads finish in start_load_kv; async ones belong to requests not in this forward
+        return
 
     def save_kv_layer(
         self,
@@ -265,7 +267,12 @@ class PolyKVConnector(KVConnectorBase_V1):
         self._last_saved = meta.plan
         self._worker().save(meta.plan)
 
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        # (sending: polykv never delays freeing a request's blocks; recving: async loads done)
+        return None, self._worker().get_finished() or None
+
     def get_block_ids_with_load_errors(self) -> set[int]:
+        # vLLM calls this after get_finished: an async load's errors arrive in its last step
         return self._worker().take_load_errors()
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
@@ -274,14 +281,16 @@ class PolyKVConnector(KVConnectorBase_V1):
 
     def shutdown(self) -> None:
         if self.worker is not None and self.worker.io is not None:
-            self.worker.close()  # staged stores in flight land first
+            self.worker.shutdown()  # async loads in flight finish first
+            self.worker.close()  # staged stores in flight land, then the store is emptied
 
     # --- scheduler side --------------------------------------------------------------------
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
-        return self._index().lookup(request, num_computed_tokens), False
+        n = self._index().lookup(request, num_computed_tokens)
+        return n, bool(n) and self.config.load_async
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
@@ -300,6 +309,9 @@ class PolyKVConnector(KVConnectorBase_V1):
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
+        # Never True: a request aborted during its async load is in WAITING_FOR_REMOTE_KVS, and
+        # vLLM (0.26 and 0.32 finish_requests) itself keeps its blocks until get_finished
+        # reports the load; True would also wait for a finished_sending polykv never sends.
         return False, self._index().finish(request)
 
     # --- stats and metrics -----------------------------------------------------------------

@@ -32,15 +32,22 @@ class BlockJob:
 
 @dataclass(frozen=True)
 class LoadJob(BlockJob):
-    """A load; ``load_id`` names it in the worker's report (:attr:`WorkerReport.loads`)."""
+    """A load; ``load_id`` names it in the worker's report (:attr:`WorkerReport.loads`).
+
+    ``async_load``: vLLM holds the request in WAITING_FOR_REMOTE_KVS, so the load may finish in
+    a later step; the worker reports it (and ``req_id`` in ``get_finished``) in the step it
+    finished. Otherwise it finishes before this step's forward."""
 
     load_id: int
+    async_load: bool = False
 
 
 @dataclass
 class StepPlan:
-    """The work of one step, applied by the worker in this order: loads (in ``start_load_kv``),
-    then ``freed_rows`` (marked empty), then stores (after the forward, in ``wait_for_save``)."""
+    """The work of one step, applied by the worker in this order: loads (in ``start_load_kv``;
+    an async one only starts there), then ``freed_rows`` (marked empty; never a row an
+    unfinished load reads: its entry holds a reference until the load is reported), then stores
+    (after the forward, in ``wait_for_save``)."""
 
     loads: list[LoadJob] = field(default_factory=list)
     stores: list[BlockJob] = field(default_factory=list)
@@ -58,7 +65,7 @@ class WorkerReport:
       many ranks confirmed the row (its entry is ready once all ranks did).
     - ``loads``: load id → ``[ranks, loaded_blocks]``: how many ranks ran the load, and how many
       of its blocks (from the first) every one of them loaded (the minimum over ranks; the rest
-      are recomputed).
+      are recomputed). A rank reports an async load in the step it finished there.
     - ``failed_rows``: rows a load found missing or invalid (the scheduler drops their entries;
       the worker changes nothing on its own).
     """

@@ -53,6 +53,11 @@ COUNTERS: dict[str, tuple[str, str]] = {
         "Prompt blocks not stored because the eviction policy did not admit them in place of "
         "more often used blocks (eviction=tinylfu).",
     ),
+    "loads_deduplicated": (
+        "vllm:polykv_loads_deduplicated",
+        "Requests that waited for another request's unfinished async load of the same blocks "
+        "instead of loading them again (async_load on).",
+    ),
     "load_failures": (
         "vllm:polykv_load_failures",
         "Store entries found missing or invalid on load (those tokens were recomputed).",

@@ -16,8 +16,9 @@ The slab only remembers which rows hold a written block (:meth:`BlockSlab.mark_f
 Pinned host slabs are written from the GPU on a side stream, so the device-to-host copy of a
 stored document overlaps the next steps' compute: the worker stages the store and confirms its
 rows only once the copies landed (:mod:`~.staging`; :meth:`BlockSlab.copy_rows`: one copy
-kernel for every run, layer and tensor), so no reader waits; :meth:`BlockSlab.write` orders later readers after its copies instead
-(:meth:`BlockSlab.ready_for_device` on the GPU, :meth:`BlockSlab.ready_for_host` on the CPU).
+kernel for every run, layer and tensor), so no reader waits; :meth:`BlockSlab.write` (tests)
+orders later readers after its copies instead (:meth:`BlockSlab.ready_for_device` on the GPU,
+:meth:`BlockSlab.ready_for_host` on the CPU).
 Rows of several runs from a source on the slab's device are written with one ``index_copy_``
 per tensor and layer.
 """

@@ -18,6 +18,19 @@ A row that holds no block or whose scales are not finite is not loaded: it is re
 nothing), and its blocks and every later block of that load go to
 :meth:`PolyKVWorker.take_load_errors`, so vLLM (``kv_load_failure_policy="recompute"``)
 recomputes them.
+
+Async loads (:attr:`~.metadata.LoadJob.async_load`) only start in :meth:`PolyKVWorker.start_load`:
+on CUDA on a side stream that first waits for the current stream (everything vLLM enqueued
+before, e.g. earlier users of the destination blocks), then copies the rows to the GPU, checks
+their scales and decodes into the blocks, all without a host sync; on a CPU build in one
+background thread (torch releases the GIL). :meth:`PolyKVWorker.get_finished` polls them
+(``Event.query()`` / ``Future.done()``) and, for each finished one, adds its report and its load
+errors exactly as a synchronous load would, in that step. Their blocks belong to a request vLLM
+holds in WAITING_FOR_REMOTE_KVS (even if it was aborted) until that step: nothing else writes or
+reads them meanwhile, and their slab rows stay referenced (never freed or rewritten) until the
+scheduler side heard of the load. A CUDA load decodes every block it could read and reports
+the ones whose scales are not finite as errors (blocks past the first bad one included), so
+vLLM recomputes them and never treats their contents as valid.
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -85,6 +99,9 @@ class PolyKVWorker:
         #: the same, never reset (for tests and benchmarks in the engine's process)
         self.totals = WorkerCounters()
         self._spans: list[tuple[str, _Span]] = []  # timings the GPU has not finished yet
+        self._in_flight: list[_AsyncLoad] = []  # async loads not yet reported, in start order
+        self._load_side: torch.cuda.Stream | None = None  # CUDA async loads
+        self._thread: ThreadPoolExecutor | None = None  # CPU async loads
 
     def bind(self, io: PagedIO, store: BlockSlab) -> None:
         self.io = io
@@ -103,12 +120,48 @@ class PolyKVWorker:
     # --- per-step hooks --------------------------------------------------------------------
 
     def start_load(self, plan: StepPlan) -> None:
-        """Decompress ``plan.loads`` into the paged cache, then mark ``plan.freed_rows`` empty
-        (after the loads: no load reads a freed row, and a store may reuse it this step)."""
+        """Decompress ``plan.loads`` into the paged cache (start the async ones), then mark
+        ``plan.freed_rows`` empty (after the loads: no load reads a freed row, and a store may
+        reuse it this step; an unfinished async load's rows are never among them)."""
         for job in plan.loads:
-            self._load(job)
+            if job.async_load:
+                self._in_flight.append(self._start_async(job))
+            else:
+                self._load(job)
         self.store.check_rows(plan.freed_rows)
         self.store.mark_empty(plan.freed_rows)
+
+    def get_finished(self) -> set[str]:
+        """Request ids of the async loads that finished since the last call (each reported
+        once); their reports and load errors are added for this step."""
+        if not self._in_flight:
+            return set()
+        finished: set[str] = set()
+        pending = []
+        for load in self._in_flight:
+            if not load.done():
+                pending.append(load)
+                continue
+            good, reason, seconds = load.result()
+            self._conclude(load.job, good, reason, drop_row=reason != "error")
+            if good:
+                self._record("load", load.span or _Span.of(seconds), good)
+            finished.add(load.job.req_id)
+        self._in_flight = pending
+        return finished
+
+    @property
+    def loads_in_flight(self) -> int:
+        """Async loads started and not yet reported by :meth:`get_finished`."""
+        return len(self._in_flight)
+
+    def shutdown(self) -> None:
+        """Wait for the async loads in flight (the engine is going away)."""
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
+        if self._load_side is not None:
+            self._load_side.synchronize()
 
     def save(self, plan: StepPlan) -> None:
         """Compress ``plan.stores`` (blocks computed by this step's forward) into the store."""
@@ -175,33 +228,60 @@ class PolyKVWorker:
         if getattr(self.io, "bound", None) is not None:
             self._load_at(job)
             return
-        store = self.store
-        store.check_rows(job.rows)
         timer = _Span.start(self.io.device)
-        good = next((i for i, r in enumerate(job.rows) if r not in store), len(job.rows))
-        reason = "missing"
+        good, reason = self._loadable(job)
         per_layer: list[PackedKV] = []
-        unusable = self.io.unusable()  # e.g. an fp8 layer scale that is not finite: recompute
-        if unusable is not None:
-            good, reason = 0, f"not loadable now ({unusable})"
         if good:
-            # the runs' rows on the cache's device: views of a GPU slab, one copy per tensor and
-            # layer from a pinned host slab
-            if self.io.device.type == "cuda":
-                store.ready_for_device()
-            else:
-                store.ready_for_host()
-            parts = [
-                [p.to(self.io.device, non_blocking=True) for p in store.view(r.row, r.length)]
-                for r in runs(job.rows[:good])
-            ]
-            per_layer = [
-                PackedKV.cat(list(layer)) if len(parts) > 1 else layer[0]
-                for layer in zip(*parts, strict=True)
-            ]
+            per_layer = self._read(job.rows[:good])
             bad = first_invalid_block(good, per_layer)
             if bad is not None:
                 good, reason = bad, "invalid"
+        self._conclude(job, good, reason)
+        if good == 0:
+            return
+        self._write(per_layer, job.block_ids[:good])
+        self._record("load", timer.stop(), good)
+
+    def _loadable(self, job: LoadJob) -> tuple[int, str]:
+        """How many of the job's blocks (from the first) its rows hold, and why not the rest."""
+        assert self.io is not None
+        store = self.store
+        store.check_rows(job.rows)
+        good = next((i for i, r in enumerate(job.rows) if r not in store), len(job.rows))
+        reason = "missing"
+        unusable = self.io.unusable()  # e.g. an fp8 layer scale that is not finite: recompute
+        if unusable is not None:
+            good, reason = 0, f"not loadable now ({unusable})"
+        return good, reason
+
+    def _read(self, rows: Sequence[int]) -> list[PackedKV]:
+        """The rows on the cache's device, per layer: views of a GPU slab, one copy per tensor
+        and layer from a pinned host slab (on the current stream)."""
+        assert self.io is not None
+        store = self.store
+        if self.io.device.type == "cuda":
+            store.ready_for_device()
+        else:
+            store.ready_for_host()
+        parts = [
+            [p.to(self.io.device, non_blocking=True) for p in store.view(r.row, r.length)]
+            for r in runs(rows)
+        ]
+        return [
+            PackedKV.cat(list(layer)) if len(parts) > 1 else layer[0]
+            for layer in zip(*parts, strict=True)
+        ]
+
+    def _write(self, per_layer: list[PackedKV], block_ids: Sequence[int]) -> None:
+        """Decode the first ``len(block_ids)`` blocks of ``per_layer`` into ``block_ids``."""
+        assert self.io is not None
+        if len(block_ids) * self.block_size < per_layer[0].tokens:
+            per_layer = [p.slice(0, len(block_ids) * self.block_size) for p in per_layer]
+        self.io.load(per_layer, block_ids)
+
+    def _conclude(self, job: LoadJob, good: int, reason: str, drop_row: bool = True) -> None:
+        """Report ``job``: ``good`` blocks loaded; the rest are load errors (recomputed), and
+        the first of them a failed row (its entry dropped) unless ``drop_row`` is False."""
         self._report.loads[job.load_id] = [1, good]
         if good < len(job.rows):
             row = job.rows[good]
@@ -213,30 +293,70 @@ class PolyKVWorker:
                 reason,
                 len(job.rows) - good,
             )
-            self._report.failed_rows.add(row)
+            if drop_row:
+                self._report.failed_rows.add(row)
             self._load_errors.update(job.block_ids[good:])
             self.counters.load_failures += 1
             self.totals.load_failures += 1
+
+    # --- async loads -------------------------------------------------------------------------
+
+    def _start_async(self, job: LoadJob) -> _AsyncLoad:
+        assert self.io is not None, "register_kv_caches must run before the first load"
+        good, reason = self._loadable(job)
         if good == 0:
-            return
-        if good * self.block_size < per_layer[0].tokens:
-            per_layer = [p.slice(0, good * self.block_size) for p in per_layer]
-        self.io.load(per_layer, job.block_ids[:good])
-        self._record("load", timer.stop(), good)
+            return _AsyncLoad(job, good, reason)
+        if self.io.device.type == "cuda":
+            return self._start_on_side_stream(job, good, reason)
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="polykv-load")
+        future = self._thread.submit(self._load_in_thread, job, good, reason)
+        return _AsyncLoad(job, good, reason, future=future)
+
+    def _start_on_side_stream(self, job: LoadJob, good: int, reason: str) -> _AsyncLoad:
+        """Copy, check and decode on a side stream that first waits for the current stream;
+        the scale check's flags come back to pinned host memory, read once the event is done."""
+        assert self.io is not None
+        device = self.io.device
+        if self._load_side is None:
+            self._load_side = torch.cuda.Stream(device)
+        self._load_side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(self._load_side):
+            span = _Span.start(device)
+            per_layer = self._read(job.rows[:good])
+            finite = _finite_blocks(good, per_layer)
+            flags = torch.empty(good, dtype=torch.bool, pin_memory=True)
+            flags.copy_(finite, non_blocking=True)
+            self._write(per_layer, job.block_ids[:good])
+            span.stop()
+            event = torch.cuda.Event()
+            event.record(self._load_side)
+        return _AsyncLoad(job, good, reason, event=event, flags=flags, span=span)
+
+    def _load_in_thread(self, job: LoadJob, good: int, reason: str) -> tuple[int, str, float]:
+        """A CPU build's async load, in the background thread: only valid blocks are written."""
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():  # vLLM's tensors are inference tensors
+                per_layer = self._read(job.rows[:good])
+                bad = first_invalid_block(good, per_layer)
+                if bad is not None:
+                    good, reason = bad, "invalid"
+                if good:
+                    self._write(per_layer, job.block_ids[:good])
+        except Exception:  # a lost load is recomputed, not an engine crash: say why, loudly
+            logger.exception("polykv: the async load of request %s failed", job.req_id)
+            return 0, "error", 0.0
+        return good, reason, time.perf_counter() - start
 
     def _load_at(self, job: LoadJob) -> None:
-        """CUDA: the bound kernels decode each run straight from the store's rows (a GPU slab,
-        or a pinned host slab read over PCIe: no staging copies), after one validity check per
-        run."""
+        """CUDA, synchronous: the bound kernels decode each run straight from the store's rows
+        (a GPU slab, or a pinned host slab read over PCIe: no staging copies), after one
+        validity check per run."""
         io, store = self.io, self.store
         assert io is not None
-        store.check_rows(job.rows)
         timer = _Span.start(io.device)
-        good = next((i for i, r in enumerate(job.rows) if r not in store), len(job.rows))
-        reason = "missing"
-        unusable = io.unusable()
-        if unusable is not None:
-            good, reason = 0, f"not loadable now ({unusable})"
+        good, reason = self._loadable(job)
         todo = []
         for run in runs(job.rows[:good]):
             bad = store.first_invalid_row(run.row, run.length)
@@ -246,7 +366,7 @@ class PolyKVWorker:
                     todo.append(dataclasses.replace(run, length=bad))
                 break
             todo.append(run)
-        self._finish_load(job, good, reason)
+        self._conclude(job, good, reason)
         if not todo:
             return
         store.ready_for_device()  # after pending side-stream writes into a host slab
@@ -254,24 +374,6 @@ class PolyKVWorker:
             ids = job.block_ids[run.offset : run.offset + run.length]
             io.load_at(store.addresses(run.row, run.length), ids)  # type: ignore[attr-defined]
         self._record("load", timer.stop(), good)
-
-    def _finish_load(self, job: LoadJob, good: int, reason: str) -> None:
-        """Report how far ``job`` loaded; the rest of its blocks are recomputed."""
-        self._report.loads[job.load_id] = [1, good]
-        if good < len(job.rows):
-            row = job.rows[good]
-            logger.warning(
-                "polykv: store row %d (block %d of request %s) is %s; recomputing %d blocks",
-                row,
-                good,
-                job.req_id,
-                reason,
-                len(job.rows) - good,
-            )
-            self._report.failed_rows.add(row)
-            self._load_errors.update(job.block_ids[good:])
-            self.counters.load_failures += 1
-            self.totals.load_failures += 1
 
     def _save(self, job: BlockJob) -> None:
         assert self.io is not None, "register_kv_caches must run before the first store"
@@ -376,6 +478,45 @@ class _Done:
         return
 
 
+def _finite_blocks(blocks: int, per_layer: Sequence[PackedKV]) -> torch.Tensor:
+    """bool ``[blocks]`` on the tensors' device: whether every scale and norm of each block is
+    finite in every layer (no host sync; :func:`~.slab.first_invalid_block` reads it back)."""
+    scales = [t.reshape(blocks, -1) for p in per_layer for t in (p.k_scale, p.v_norm)]
+    return torch.isfinite(torch.cat(scales, dim=1)).all(dim=1)
+
+
+@dataclasses.dataclass(eq=False)
+class _AsyncLoad:
+    """A started async load: ``good`` blocks (from the first) were readable when it started
+    (``reason`` says why not the rest). Done when its CUDA ``event`` completed (``flags``: each
+    block's scales were finite) or its ``future`` (the CPU thread's result) is done; at once
+    when it had nothing to load."""
+
+    job: LoadJob
+    good: int
+    reason: str
+    event: torch.cuda.Event | None = None
+    flags: torch.Tensor | None = None
+    future: Future[tuple[int, str, float]] | None = None
+    span: _Span | None = None
+
+    def done(self) -> bool:
+        if self.event is not None:
+            return bool(self.event.query())
+        return self.future is None or self.future.done()
+
+    def result(self) -> tuple[int, str, float]:
+        """``(blocks loaded, why not the rest, seconds)`` of a done load."""
+        if self.future is not None:
+            return self.future.result()
+        good, reason = self.good, self.reason
+        if self.flags is not None:
+            ok = self.flags.tolist()  # pinned host memory the finished event wrote: no sync
+            if False in ok:
+                good, reason = ok.index(False), "invalid"
+        return good, reason, 0.0
+
+
 class _Span:
     """Time of a piece of work on the device's current stream (CUDA events: no host sync), or
     wall time on the CPU. :meth:`seconds` waits for the end event."""
@@ -393,6 +534,13 @@ class _Span:
     @classmethod
     def start(cls, device: torch.device) -> _Span:
         return cls(device)
+
+    @classmethod
+    def of(cls, seconds: float) -> _Span:
+        """A finished wall-clock span of ``seconds`` (measured elsewhere)."""
+        span = cls(torch.device("cpu"))
+        span._t1 = span._t0 + seconds
+        return span
 
     def stop(self) -> _Span:
         if self._events is not None:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 from polykv_vllm.connector.scheduler.entries import DocKey, Entry
 from polykv_vllm.connector.scheduler.params import DocParams, parse_doc_params
 
-__all__ = ["LoadInFlight", "RequestLike", "RequestState", "ScheduledReq"]
+__all__ = ["LoadInFlight", "LoadsInFlight", "RequestLike", "RequestState", "ScheduledReq"]
 
 
 class RequestLike(Protocol):
@@ -76,14 +76,52 @@ class RequestState:
 @dataclass(eq=False)
 class LoadInFlight:
     """A planned load, from :meth:`~.store_index.StoreIndex.on_alloc` until every rank reported
-    it: its entries hold a reference (``Entry.refs``) the whole time."""
+    it: its entries hold a reference (``Entry.refs``) the whole time. ``async_load``: it may
+    finish steps later, and lookups of its blocks wait for it."""
 
     load_id: int
     req_id: str
     entries: list[Entry]
+    async_load: bool = False
     ranks_done: int = 0
     loaded_blocks: int = field(init=False)  # the minimum over the ranks that reported
     failed_rows: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.loaded_blocks = len(self.entries)
+
+
+class LoadsInFlight:
+    """The planned loads not yet reported by every rank, by load id, and which block hashes
+    the unfinished async ones are bringing in (for one load per document)."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, LoadInFlight] = {}
+        self._loading: dict[Hashable, int] = {}  # block hash -> unfinished async loads of it
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __getitem__(self, load_id: int) -> LoadInFlight:
+        return self._by_id[load_id]
+
+    def add(self, load: LoadInFlight) -> None:
+        self._by_id[load.load_id] = load
+        if load.async_load:
+            for entry in load.entries:
+                self._loading[entry.key] = self._loading.get(entry.key, 0) + 1
+
+    def remove(self, load: LoadInFlight) -> None:
+        del self._by_id[load.load_id]
+        if load.async_load:
+            for entry in load.entries:
+                left = self._loading[entry.key] - 1
+                if left:
+                    self._loading[entry.key] = left
+                else:
+                    del self._loading[entry.key]
+
+    def any_loading(self, keys: Sequence[Hashable]) -> bool:
+        """Whether an unfinished async load is bringing in one of the blocks ``keys``."""
+        loading = self._loading
+        return bool(loading) and any(k in loading for k in keys)

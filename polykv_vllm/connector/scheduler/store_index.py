@@ -2,13 +2,19 @@
 
 The life of a stored block, in the names of vLLM's ``OffloadingManager``:
 
-- **lookup** (:meth:`StoreIndex.lookup`, side-effect free): whole ready blocks continuing the
-  local prefix-cache hit, never the request's last token.
+- **lookup** (:meth:`StoreIndex.lookup`, side-effect free but for counting): whole ready blocks
+  continuing the local prefix-cache hit, never the request's last token. With async loads, a
+  lookup whose blocks another request's unfinished load is bringing in answers None ("ask again
+  later", counted once per request in ``loads_deduplicated``): once that load finished, vLLM
+  caches those blocks and the request finds them in its own prefix cache (one load per
+  document).
 - **prepare_load** (:meth:`StoreIndex.on_alloc`): the entries get a reference (``refs``) and a
   :class:`~.requests.LoadInFlight`; the load goes into the next plan with the entries' rows.
 - **complete_load** (:meth:`StoreIndex.complete_load`, from the workers' report once every rank
-  ran it): the references are dropped; entries a rank found missing or corrupt are dropped on
-  this one path (the worker only reports them) and their tokens are not counted as loaded.
+  ran it; a rank reports an async load in the step it finished there, the step vLLM hears of
+  it through ``get_finished``): the references are dropped; entries a rank found missing or
+  corrupt are dropped on this one path (the worker only reports them) and their tokens are not
+  counted as loaded.
 - **prepare_store** (in :meth:`StoreIndex.plan_step`): blocks the step completes get a pending
   entry and a row, making room by eviction if the eviction policy admits them in place of its
   victims (a pinned document is always admitted); **complete_store** (:meth:`StoreIndex.on_report`):
@@ -38,6 +44,7 @@ from polykv_vllm.connector.scheduler.params import PARAMS_KEY
 from polykv_vllm.connector.scheduler.pin_policy import PinPolicy
 from polykv_vllm.connector.scheduler.requests import (
     LoadInFlight,
+    LoadsInFlight,
     RequestLike,
     RequestState,
     ScheduledReq,
@@ -64,6 +71,7 @@ class SchedulerCounters:
     blocks_evicted: int = 0
     store_rejected_blocks: int = 0
     admission_refused_blocks: int = 0
+    loads_deduplicated: int = 0
 
 
 class StoreIndex:
@@ -73,7 +81,8 @@ class StoreIndex:
     request), :meth:`on_alloc` (per admitted request), :meth:`plan_step` (once), then later
     :meth:`on_report` (per step output) and :meth:`finish` (per finished request).
     ``pins``: the server's pin policy (default: anyone, half the budget per tenant);
-    ``eviction``: the eviction order and admission (default LRU, admitting everything).
+    ``eviction``: the eviction order and admission (default LRU, admitting everything);
+    ``async_loads``: loads are asynchronous (vLLM's ``load_async``; lookups deduplicate them).
     """
 
     def __init__(
@@ -84,8 +93,10 @@ class StoreIndex:
         min_store_tokens: int,
         pins: PinPolicy | None = None,
         eviction: EvictionPolicy | None = None,
+        async_loads: bool = False,
     ) -> None:
         self.geometry = geometry
+        self.async_loads = async_loads
         self.store_all = store_all
         self.min_store_tokens = min_store_tokens
         self.entries = EntryTable(geometry, budget_bytes, eviction)
@@ -94,9 +105,10 @@ class StoreIndex:
         self.documents = Documents(pins, geometry.block_bytes, budget_bytes)
         self._reqs: dict[str, RequestState] = {}
         self._lookups: dict[str, tuple[int, int]] = {}
-        self._loads: dict[int, LoadInFlight] = {}
+        self._loads = LoadsInFlight()
         self._planned_loads: list[LoadJob] = []
         self._next_load_id = 0
+        self._deduplicated: set[str] = set()  # requests told to wait for another's load
         self.counters = SchedulerCounters()
 
     # --- introspection (running totals, no scans) ------------------------------------------
@@ -112,6 +124,11 @@ class StoreIndex:
     @property
     def num_entries(self) -> int:
         return len(self.entries)
+
+    @property
+    def loads_in_flight(self) -> int:
+        """Loads planned whose every rank has not reported yet."""
+        return len(self._loads)
 
     @property
     def num_documents(self) -> int:
@@ -146,9 +163,10 @@ class StoreIndex:
 
     # --- lookups and loads -----------------------------------------------------------------
 
-    def lookup(self, request: RequestLike, num_computed_tokens: int) -> int:
+    def lookup(self, request: RequestLike, num_computed_tokens: int) -> int | None:
         """Tokens beyond ``num_computed_tokens`` the store can supply: whole ready blocks that
-        continue the local hit, never the last token of the request."""
+        continue the local hit, never the last token of the request; None (async loads only)
+        when an unfinished load of another request is bringing in one of those blocks."""
         bs = self.geometry.block_size
         if num_computed_tokens % bs:
             self._lookups.pop(request.request_id, None)
@@ -161,6 +179,12 @@ class StoreIndex:
             if entry is None or not entry.ready:
                 break
             n += 1
+        if n and self._loads.any_loading(request.block_hashes[start : start + n]):
+            self._lookups.pop(request.request_id, None)
+            if request.request_id not in self._deduplicated:
+                self._deduplicated.add(request.request_id)
+                self.counters.loads_deduplicated += 1
+            return None
         self._lookups[request.request_id] = (start, n)
         return n * bs
 
@@ -176,6 +200,7 @@ class StoreIndex:
             self.entries.policy.record(request.block_hashes[:full])
         state.block_ids = list(block_ids)
         lookup = self._lookups.pop(rid, None)
+        self._deduplicated.discard(rid)
         if num_external_tokens <= 0:
             return
         bs = self.geometry.block_size
@@ -190,15 +215,18 @@ class StoreIndex:
             assert entry is not None and entry.ready, "nothing evicts between lookup and alloc"
             entry.refs += 1
             entries.append(entry)
-        load = LoadInFlight(load_id=self._next_load_id, req_id=rid, entries=entries)
+        load = LoadInFlight(
+            load_id=self._next_load_id, req_id=rid, entries=entries, async_load=self.async_loads
+        )
         self._next_load_id += 1
-        self._loads[load.load_id] = load
+        self._loads.add(load)
         self._planned_loads.append(
             LoadJob(
                 req_id=rid,
                 rows=tuple(e.row for e in entries),
                 block_ids=tuple(state.block_ids[start : start + n]),
                 load_id=load.load_id,
+                async_load=load.async_load,
             )
         )
         state.tokens_from_store += num_external_tokens
@@ -209,7 +237,7 @@ class StoreIndex:
     def complete_load(self, load: LoadInFlight) -> None:
         """Every rank ran ``load``: release its entries, drop those found missing or corrupt,
         and stop counting the blocks not loaded (vLLM recomputes them)."""
-        del self._loads[load.load_id]
+        self._loads.remove(load)
         for entry in load.entries:
             self.entries.unref(entry)
         for entry in load.entries:
@@ -416,9 +444,11 @@ class StoreIndex:
 
     def finish(self, request: RequestLike) -> dict[str, Any]:
         """Forget the request; returns its receipt (``kv_transfer_params`` of the final
-        output). Its load, if still in flight, completes when the workers report it."""
+        output). Its load, if still in flight, completes when the workers report it (vLLM keeps
+        the blocks of a request aborted in WAITING_FOR_REMOTE_KVS until then)."""
         rid = request.request_id
         self._lookups.pop(rid, None)
+        self._deduplicated.discard(rid)
         state = self._reqs.pop(rid, None) or RequestState.of(request)
         doc = self.documents.get(*state.doc) if state.doc is not None else None
         if doc is None:
