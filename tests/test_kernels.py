@@ -556,28 +556,3 @@ def test_triton_bound_kernels_equal_the_validated_plans(layout: str) -> None:
     for o, r in zip(outs, ref, strict=True):
         for x, y in zip(o.tensors(), r.tensors(), strict=True):
             assert torch.equal(x, y)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="copy_ranges runs on CUDA")
-def test_copy_ranges_moves_every_range_into_device_and_pinned_host_memory() -> None:
-    from polykv_vllm.kernels.triton_copy import copy_ranges
-
-    src = torch.randint(0, 255, (1 << 20,), dtype=torch.uint8, device="cuda")
-    for dst in (
-        torch.zeros(1 << 20, dtype=torch.uint8, device="cuda"),
-        torch.zeros(1 << 20, dtype=torch.uint8, pin_memory=True),
-    ):
-        ranges = [(0, 4096, 256), (1024, 0, 16), (8192, 65536, 300000), (400000, 500000, 48)]
-        copy_ranges(
-            [src.data_ptr() + s for s, _, _ in ranges],
-            [dst.data_ptr() + d for _, d, _ in ranges],
-            [n for _, _, n in ranges],
-            src.device,
-        )
-        torch.cuda.synchronize()
-        want = torch.zeros_like(dst, device="cpu")
-        for s, d, n in ranges:
-            want[d : d + n] = src[s : s + n].cpu()
-        assert torch.equal(dst.cpu(), want)
-    with pytest.raises(ValueError, match="16-byte"):
-        copy_ranges([src.data_ptr() + 1], [src.data_ptr()], [16], src.device)

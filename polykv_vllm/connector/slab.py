@@ -15,8 +15,8 @@ The slab only remembers which rows hold a written block (:meth:`BlockSlab.mark_f
 
 Pinned host slabs are written from the GPU on a side stream, so the device-to-host copy of a
 stored document overlaps the next steps' compute: the worker stages the store and confirms its
-rows only once the copies landed (:mod:`~.staging`; :meth:`BlockSlab.copy_rows`: one copy
-kernel for every run, layer and tensor), so no reader waits; :meth:`BlockSlab.write` (tests)
+rows only once the copies landed (:mod:`~.staging`, :meth:`BlockSlab.write_rows`), so no reader
+waits; :meth:`BlockSlab.write` (tests)
 orders later readers after its copies instead (:meth:`BlockSlab.ready_for_device` on the GPU,
 :meth:`BlockSlab.ready_for_host` on the CPU).
 Rows of several runs from a source on the slab's device are written with one ``index_copy_``
@@ -241,31 +241,6 @@ class BlockSlab:
                 )
             )
         return out
-
-    def copy_rows(self, rows: Sequence[int], per_layer: Sequence[PackedKV]) -> None:
-        """:meth:`write_rows` of CUDA tensors into this slab as one copy kernel on the current
-        stream (:func:`~polykv_vllm.kernels.triton_copy.copy_ranges`: every run's rows of every
-        layer's four tensors, instead of one ``copy_`` each); :meth:`write_rows` where the
-        ranges are not 16-byte aligned or the source is not on a GPU."""
-        srcs = [t for p in per_layer for t in p.tensors()]
-        aligned = all(t.data_ptr() % 16 == 0 for t in srcs) and all(
-            ptr % 16 == 0 and per_row % 16 == 0 for layer in self._bases for ptr, per_row in layer
-        )
-        if not (srcs[0].is_cuda and aligned):
-            self.write_rows(rows, per_layer)
-            return
-        from polykv_vllm.kernels.triton_copy import copy_ranges
-
-        src: list[int] = []
-        dst: list[int] = []
-        nbytes: list[int] = []
-        for run in runs(rows):
-            for p, layer in zip(per_layer, self._bases, strict=True):
-                for t, (ptr, per_row) in zip(p.tensors(), layer, strict=True):
-                    src.append(t.data_ptr() + run.offset * per_row)
-                    dst.append(ptr + run.row * per_row)
-                    nbytes.append(run.length * per_row)
-        copy_ranges(src, dst, nbytes, srcs[0].device)
 
     def ready_for_device(self) -> None:
         """Make the current CUDA stream wait for pending writes into a host slab."""

@@ -450,7 +450,7 @@ class PolyKVWorker:
             self._side = torch.cuda.Stream(device)
         self._side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(self._side):
-            store.copy_rows(rows, staged)  # one copy kernel (or write_rows where it cannot)
+            store.write_rows(rows, staged)  # the copy engine: no SMs taken from the forward
         return self._side.record_event()
 
     def _confirm(self, rows: Sequence[int]) -> None:
