@@ -116,6 +116,7 @@ NON_DEFAULT: dict[str, Any] = {
     "pin": "token",
     "pin_quota": 5 * 2**20,
     "eviction": "tinylfu",
+    "registry_path": "/tmp/polykv-documents.json",
 }
 
 

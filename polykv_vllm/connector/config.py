@@ -107,6 +107,9 @@ class PolyKVConfig:
       evicts the least recently used for every new block; ``"tinylfu"`` stores a new block in
       its place only if that block was asked for more often, so scans and cycles larger than
       the store do not flush it (it loses where recency is what counts: ``docs/CONNECTOR.md``).
+    - ``registry_path``: a JSON file where the OpenAI server keeps the documents registered
+      through ``/v1/polykv/documents`` (canonical tokens, written atomically), so they survive a
+      restart; None: in memory only (``docs/DOCUMENTS.md``).
     """
 
     preset: str = "polykv"
@@ -117,6 +120,7 @@ class PolyKVConfig:
     pin: PinMode = "any"
     pin_quota: int | None = None
     eviction: Eviction = "lru"
+    registry_path: str | None = None
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -165,6 +169,13 @@ class PolyKVConfig:
                 "'256MiB' to from_extra_config."
             )
 
+        if self.registry_path is not None and (
+            not isinstance(self.registry_path, str) or not self.registry_path
+        ):
+            raise ValueError(
+                f"polykv option registry_path={self.registry_path!r} must be a file path (or "
+                "unset to keep registered documents in memory only)."
+            )
         if self.eviction not in get_args(Eviction):
             raise ValueError(
                 f"polykv option eviction={self.eviction!r} is invalid: allowed are 'lru' and "
@@ -289,6 +300,7 @@ _SPEC_OVERRIDES: dict[str, dict[str, Any]] = {
     "placement": {"default_text": "gpu on CUDA, cpu on CPU"},
     "min_store_tokens": {"default_text": "one block"},
     "pin_quota": {"value_type": str, "metavar": "SIZE", "default_text": "half of store_bytes"},
+    "registry_path": {"metavar": "FILE", "default_text": "in memory"},
 }
 _SIZE_FIELDS = frozenset({"store_bytes", "pin_quota"})
 _BINARY_UNITS = (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024))
