@@ -117,6 +117,8 @@ class Registry:
     def _load(self, path: Path) -> None:
         try:
             data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise RegistryError(f"a JSON {type(data).__name__}, expected an object")
             if data.get("version") != FORMAT_VERSION:
                 raise RegistryError(f"version {data.get('version')!r}, expected {FORMAT_VERSION}")
             records = [DocumentRecord.from_json(d) for d in data["documents"]]
