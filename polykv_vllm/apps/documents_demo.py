@@ -91,7 +91,7 @@ def embedded_server(log: Path, extra_flags: list[str] | None = None) -> Iterator
 
     port = serving.free_port()
     flags = [
-        *serving.embedded_server_flags(port, kv_cache_bytes=256 * 2**20, max_model_len=8192),
+        *serving.embedded_server_flags(port, kv_cache_bytes=256 * 2**20, max_model_len=4096),
         *("--kv-cache-plugin", "polykv", "--enable-prompt-tokens-details"),
         *(extra_flags or []),
     ]
