@@ -75,3 +75,15 @@ def test_the_plugin_adds_the_documents_middleware_once() -> None:
     off = argparse.Namespace(kv_cache_plugin=None, kv_transfer_config=None, middleware=[])
     apply_polykv_args(off)
     assert off.middleware == []
+
+
+def test_the_server_package_and_the_client_import_neither_vllm_nor_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, polykv_vllm.server.documents_api, polykv_vllm.client; "
+        "print([m for m in ('vllm', 'torch', 'transformers') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
