@@ -118,6 +118,7 @@ NON_DEFAULT: dict[str, Any] = {
     "pin_quota": 5 * 2**20,
     "eviction": "tinylfu",
     "async_load": "on",
+    "registry_path": "/tmp/polykv-documents.json",
 }
 
 

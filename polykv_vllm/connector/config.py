@@ -113,6 +113,9 @@ class PolyKVConfig:
       side stream, or a background thread on a CPU build), ``"off"`` (the load runs inside the
       step that needs it), or ``"auto"`` (the default: on for placement cpu on CUDA, where the
       host-to-device copy dominates; off elsewhere, where small loads are faster inline).
+    - ``registry_path``: a JSON file where the OpenAI server keeps the documents registered
+      through ``/v1/polykv/documents`` (canonical tokens, written atomically), so they survive a
+      restart; None: in memory only (``docs/DOCUMENTS.md``).
     """
 
     preset: str = "polykv"
@@ -124,6 +127,7 @@ class PolyKVConfig:
     pin_quota: int | None = None
     eviction: Eviction = "lru"
     async_load: AsyncLoad = "auto"
+    registry_path: str | None = None
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -172,6 +176,13 @@ class PolyKVConfig:
                 "'256MiB' to from_extra_config."
             )
 
+        if self.registry_path is not None and (
+            not isinstance(self.registry_path, str) or not self.registry_path
+        ):
+            raise ValueError(
+                f"polykv option registry_path={self.registry_path!r} must be a file path (or "
+                "unset to keep registered documents in memory only)."
+            )
         if self.eviction not in get_args(Eviction):
             raise ValueError(
                 f"polykv option eviction={self.eviction!r} is invalid: allowed are 'lru' and "
@@ -313,6 +324,7 @@ _SPEC_OVERRIDES: dict[str, dict[str, Any]] = {
     "min_store_tokens": {"default_text": "one block"},
     "pin_quota": {"value_type": str, "metavar": "SIZE", "default_text": "half of store_bytes"},
     "async_load": {"default_text": "auto (on for placement cpu on CUDA)"},
+    "registry_path": {"metavar": "FILE", "default_text": "in memory"},
 }
 _SIZE_FIELDS = frozenset({"store_bytes", "pin_quota"})
 _BINARY_UNITS = (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024))

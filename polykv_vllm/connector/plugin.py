@@ -176,12 +176,25 @@ def apply_polykv_args(namespace: argparse.Namespace) -> None:
         given = "".join(f" {OPTION_FLAGS[key]} {value}" for key, value in flag_options.items())
         raise ValueError(f"--kv-cache-plugin polykv{given}: {exc}") from exc
     namespace.kv_transfer_config = config
+    _add_documents_middleware(namespace)
     if hasattr(namespace, "kv_cache_plugin_config"):
         # vLLM with the upstream patch (its own --kv-cache-plugin and --kv-cache-plugin-config)
         # would resolve the plugin a second time; the config is built, so hand it none.
         namespace.kv_cache_plugin = None
         namespace.kv_cache_plugin_config = None
     logger.info("--kv-cache-plugin polykv: %s", config)
+
+
+def _add_documents_middleware(namespace: argparse.Namespace) -> None:
+    """The OpenAI server's parser has ``--middleware``: add the document routes
+    (:mod:`polykv_vllm.server.documents_api`, ``docs/DOCUMENTS.md``) once."""
+    middleware = getattr(namespace, "middleware", None)
+    if not isinstance(middleware, list):
+        return
+    from polykv_vllm.server import MIDDLEWARE
+
+    if MIDDLEWARE not in middleware:  # a new list: the parser's default must stay as it is
+        namespace.middleware = [*middleware, MIDDLEWARE]
 
 
 ParseKnownArgs = Callable[..., tuple[argparse.Namespace, list[str]]]

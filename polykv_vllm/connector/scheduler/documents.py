@@ -108,6 +108,18 @@ class Documents:
         if doc.pinned:
             self._pin_entry(entry, doc.tenant)
 
+    def forget(self, doc: Document) -> list[Entry]:
+        """Remove ``doc``: release its pin, drop its name; returns its entries that no other
+        document names and that may be evicted (the caller evicts them)."""
+        self.unpin(doc)
+        orphans = []
+        for entry in list(doc.entries.values()):
+            self._leave(entry, doc)
+            if not entry.docs and entry.evictable:
+                orphans.append(entry)
+        self._docs.pop(doc.key, None)
+        return orphans
+
     def forget_if_empty(self, doc: Document) -> None:
         """Drop ``doc`` when nothing of it is stored and it holds no pin."""
         if not doc.entries and not doc.pinned and self._docs.get(doc.key) is doc:

@@ -1,8 +1,10 @@
 """The per-request ``polykv`` parameters, read leniently (a client's bad value must not stop the
 engine: it is logged and ignored, and the receipt says what was refused).
 
-``kv_transfer_params = {"polykv": {"doc_id": str, "pin": bool, "pin_token": str}}``; all keys
-optional (``docs/CONNECTOR.md``).
+``kv_transfer_params = {"polykv": {"doc_id": str, "pin": bool, "pin_token": str, "forget": bool}}``;
+all keys optional (``docs/CONNECTOR.md``). ``forget`` (sent by the document routes'
+``DELETE``, :mod:`polykv_vllm.server`) unpins the tenant's document, drops its name and evicts
+its blocks that no other document names.
 """
 
 from __future__ import annotations
@@ -29,12 +31,15 @@ class DocParams:
     - ``pin``: True / False to pin / unpin the document, None to leave its pin as it is.
     - ``pin_token``: the secret a ``pin="token"`` server asks for (never printed: not in repr).
     - ``doc_id_refused``: why a given doc id was not used (for the receipt), or None.
+    - ``forget``: remove the tenant's document ``doc_id`` (unpin, unname, evict what only it
+      names); needs a ``doc_id``.
     """
 
     doc_id: str | None = None
     pin: bool | None = None
     pin_token: str | None = field(default=None, repr=False)
     doc_id_refused: str | None = None
+    forget: bool = False
 
 
 def parse_doc_params(kv_transfer_params: Mapping[str, Any] | None) -> DocParams:
@@ -75,4 +80,8 @@ def parse_doc_params(kv_transfer_params: Mapping[str, Any] | None) -> DocParams:
     if token is not None and not isinstance(token, str):
         logger.warning("ignoring polykv.pin_token of type %s: expected a string", type(token))
         token = None
-    return DocParams(doc_id=doc_id, pin=pin, pin_token=token, doc_id_refused=refused)
+    forget = raw.get("forget", False)
+    if not isinstance(forget, bool) or (forget and doc_id is None):
+        logger.warning("ignoring polykv.forget=%.80r: expected true with a polykv.doc_id", forget)
+        forget = False
+    return DocParams(doc_id=doc_id, pin=pin, pin_token=token, doc_id_refused=refused, forget=forget)

@@ -394,6 +394,11 @@ class StoreIndex:
         if p.doc_id is None:
             return None
         doc = self.documents.get(state.tenant, p.doc_id)
+        if doc is not None and p.forget:
+            orphans = self.documents.forget(doc)
+            self.entries.evict(orphans)
+            logger.info("polykv: forgot document %s, evicted %d blocks", p.doc_id, len(orphans))
+            return None
         if doc is None:
             if p.pin:
                 state.pin_refused = self.documents.policy.refusal(p) or (
@@ -455,10 +460,12 @@ class StoreIndex:
             doc = self._named_doc(state)
         if doc is not None:
             stored, total, pinned = doc.stored_blocks, doc.total_blocks, _pinned(doc)
+            stored_bytes = sum(e.real_bytes or e.nbytes for e in doc.entries.values())
             self.documents.forget_if_empty(doc)
         else:
             keys = state.prompt_keys(self.geometry.block_size)
             stored, total, pinned = self.entries.keys_present(keys), len(keys), False
+            stored_bytes = stored * self.geometry.block_bytes
         receipt: dict[str, Any] = {
             "doc_id": state.params.doc_id,
             "tokens_from_store": state.tokens_from_store,
@@ -466,6 +473,7 @@ class StoreIndex:
             "pinned": pinned,
             "stored_blocks": stored,
             "total_blocks": total,
+            "stored_bytes": stored_bytes,
         }
         if state.pin_refused is not None:
             receipt["pin_refused"] = state.pin_refused
