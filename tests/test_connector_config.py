@@ -99,6 +99,7 @@ def test_kv_transfer_config_selects_the_connector() -> None:
         "min_store_tokens": 256,
         "pin": "any",
         "eviction": "lru",
+        "disk_bytes": 50 * 2**30,
     }
     with pytest.raises(ValueError, match="unknown polykv option"):
         kv_transfer_config(budget="1GiB")
@@ -116,6 +117,9 @@ NON_DEFAULT: dict[str, Any] = {
     "pin": "token",
     "pin_quota": 5 * 2**20,
     "eviction": "tinylfu",
+    "disk_path": "/tmp/polykv-disk",
+    "disk_bytes": 7 * 2**30,
+    "remote": "redis://127.0.0.1:6380/1",
 }
 
 

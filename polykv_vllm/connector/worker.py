@@ -23,9 +23,10 @@ import time
 
 import torch
 
-from polykv_vllm.connector.metadata import BlockJob, LoadJob, StepPlan, WorkerReport
+from polykv_vllm.connector.metadata import BlockJob, FetchJob, LoadJob, StepPlan, WorkerReport
 from polykv_vllm.connector.paged_io import PagedIO
 from polykv_vllm.connector.slab import BlockSlab, first_invalid_block, runs
+from polykv_vllm.connector.tiers.worker_io import TierIO
 from polykv_vllm.core import PackedKV
 
 __all__ = ["PolyKVWorker", "WorkerCounters"]
@@ -66,6 +67,8 @@ class PolyKVWorker:
         #: the same, never reset (for tests and benchmarks in the engine's process)
         self.totals = WorkerCounters()
         self._spans: list[tuple[str, _Span]] = []  # timings the GPU has not finished yet
+        #: the tiers below the store (docs/TIERS.md), set by the connector; None: no tiers
+        self.tiers: TierIO | None = None
 
     def bind(self, io: PagedIO, store: BlockSlab) -> None:
         self.io = io
@@ -85,11 +88,24 @@ class PolyKVWorker:
 
     def start_load(self, plan: StepPlan) -> None:
         """Decompress ``plan.loads`` into the paged cache, then mark ``plan.freed_rows`` empty
-        (after the loads: no load reads a freed row, and a store may reuse it this step)."""
+        (after the loads: no load reads a freed row, and a store may reuse it this step).
+        Tiers first: rows confirmed since the last plan are written through (before anything
+        overwrites them), and a load's tier blocks are fetched before it runs."""
+        if self.tiers is not None and plan.tier_puts:
+            self.tiers.put_rows(self.store, plan.tier_puts)
         for job in plan.loads:
+            fetch = plan.fetches.get(job.load_id)
+            if fetch is not None:
+                self.fetch(job, fetch)
             self._load(job)
         self.store.check_rows(plan.freed_rows)
         self.store.mark_empty(plan.freed_rows)
+
+    def fetch(self, job: LoadJob, fetch: FetchJob) -> None:
+        """Read ``job``'s tier blocks into their rows (synchronous; docs/TIERS.md). Rows not
+        fetched are reported failed and left empty, so :meth:`_load` recomputes them."""
+        assert self.tiers is not None, "a fetch was planned without tiers"
+        self.tiers.fetch(self.store, job, fetch, self._report)
 
     def save(self, plan: StepPlan) -> None:
         """Compress ``plan.stores`` (blocks computed by this step's forward) into the store."""
