@@ -132,6 +132,8 @@ class Tier(abc.ABC):
 
     def __init__(self) -> None:
         self.stats = TierStats()
+        #: the same, never reset (for tests and benchmarks in the engine's process)
+        self.totals = TierStats()
         self._stats_lock = threading.Lock()
         self._last_warning = 0.0
 
@@ -162,7 +164,8 @@ class Tier(abc.ABC):
     def count(self, **amounts: int) -> None:
         with self._stats_lock:
             for k, v in amounts.items():
-                setattr(self.stats, k, getattr(self.stats, k) + v)
+                for s in (self.stats, self.totals):
+                    setattr(s, k, getattr(s, k) + v)
 
     def take_stats(self) -> TierStats:
         with self._stats_lock:
