@@ -274,14 +274,14 @@ def test_fetch_fills_rows_promotes_and_stops_at_the_first_bad_block(tmp_path: Pa
     lower.name = "remote"
     for i in range(3):
         _fill(slab, i, i)
-    writer_io = TierIO([lower], FP, rank=0)
+    writer_io = TierIO([lower], FP, rank=0, store=slab)
     writer_io.put_rows(slab, [(0, keys[0]), (1, keys[1]), (2, keys[2])])
     assert writer_io.flush()
     writer_io.close()
     # block 2 corrupt in the lower tier, block 3 in no tier
     path = lower.path_of(rank_key(keys[2], 0))
     path.write_bytes(path.read_bytes()[:-10])
-    io = TierIO([disk, lower], FP, rank=0)
+    io = TierIO([disk, lower], FP, rank=0, store=slab)
     report = WorkerReport()
     job = LoadJob(req_id="r", rows=(4, 5, 6, 7), block_ids=(10, 11, 12, 13), load_id=0)
     slab.mark_filled([6])  # an old block's row: a failed fetch must empty it

@@ -61,10 +61,13 @@ def test_restart_serves_from_disk_and_a_second_engine_from_redis(
     disk = str(tmp_path / "disk")
     options = {"store_bytes": STORE, "disk_path": disk, "disk_bytes": "64MiB"}
     with vh.engine({**options, "remote": redis_url}) as a:
-        outs = vh.run(a, pool[:2], GEN)
-        for out, want in zip(outs, off, strict=True):
-            assert vh.polykv_params(out)["tokens_stored"] == 5 * BS
-            assert list(out.outputs[0].token_ids) == want
+        (out,) = vh.run(a, pool[:1], GEN)
+        assert vh.polykv_params(out)["tokens_stored"] == 5 * BS
+        assert list(out.outputs[0].token_ids) == off[0]
+        # a one-token request (as a warming run sends): its blocks reach the tiers although no
+        # later step follows its store
+        (out,) = vh.run(a, pool[1:2], 1)
+        assert vh.polykv_params(out)["tokens_stored"] == 5 * BS
         _flush()
         for name in ("disk", "remote"):
             s = _tier_stats(name)

@@ -346,7 +346,7 @@ class PolyKVConnector(KVConnectorBase_V1):
         worker.bind(io, store)
         tiers = self._open_tiers(rank=_tp_rank(), scan=True)
         if tiers:
-            worker.tiers = TierIO(tiers, self.tier_fp, rank=_tp_rank())
+            worker.tiers = TierIO(tiers, self.tier_fp, rank=_tp_rank(), store=store)
 
     def _open_tiers(self, rank: int, scan: bool) -> list[Any]:
         c = self.config

@@ -55,13 +55,13 @@ class StepPlan:
     loads: list[LoadJob] = field(default_factory=list)
     stores: list[BlockJob] = field(default_factory=list)
     freed_rows: list[int] = field(default_factory=list)
-    # tiers (docs/TIERS.md): fetches by load id, run before their load; rows (with their chain
-    # keys) confirmed since the last plan, written through to the tiers before anything else
+    # tiers (docs/TIERS.md): fetches by load id, run before their load; the rows of ``stores``
+    # with their chain keys, written through to the tiers once stored
     fetches: dict[int, FetchJob] = field(default_factory=dict)
     tier_puts: list[tuple[int, bytes]] = field(default_factory=list)
 
     def is_empty(self) -> bool:
-        return not (self.loads or self.stores or self.freed_rows or self.tier_puts)
+        return not (self.loads or self.stores or self.freed_rows)
 
 
 @dataclass

@@ -89,10 +89,10 @@ class PolyKVWorker:
     def start_load(self, plan: StepPlan) -> None:
         """Decompress ``plan.loads`` into the paged cache, then mark ``plan.freed_rows`` empty
         (after the loads: no load reads a freed row, and a store may reuse it this step).
-        Tiers first: rows confirmed since the last plan are written through (before anything
-        overwrites them), and a load's tier blocks are fetched before it runs."""
-        if self.tiers is not None and plan.tier_puts:
-            self.tiers.put_rows(self.store, plan.tier_puts)
+        Tiers first: rows stored by the last plan and not yet written through are (before
+        anything overwrites them), and a load's tier blocks are fetched before it runs."""
+        if self.tiers is not None:
+            self.tiers.put_pending()
         for job in plan.loads:
             fetch = plan.fetches.get(job.load_id)
             if fetch is not None:
@@ -111,6 +111,9 @@ class PolyKVWorker:
         """Compress ``plan.stores`` (blocks computed by this step's forward) into the store."""
         for job in plan.stores:
             self._save(job)
+        if self.tiers is not None and plan.tier_puts:  # write-through: docs/TIERS.md
+            assert self.io is not None
+            self.tiers.queue_puts(plan.tier_puts, now=self.io.device.type == "cpu")
 
     def take_report(self) -> WorkerReport | None:
         report, self._report = self._report, WorkerReport()

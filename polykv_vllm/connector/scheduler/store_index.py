@@ -256,7 +256,7 @@ class StoreIndex:
                 plan.stores.append(job)
         plan.freed_rows = self.entries.take_freed_rows()
         if self.tiers is not None:
-            self.tiers.fill(plan, {job.load_id: job.rows for job in plan.loads})
+            self.tiers.fill(self, plan)
         return plan
 
     def _prepare_store(self, state: RequestState, computed_after: int) -> BlockJob | None:

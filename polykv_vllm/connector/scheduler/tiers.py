@@ -13,8 +13,9 @@ write-through.
   load gets a :class:`~..metadata.FetchJob`: the workers read the entries into the rows, report
   them stored (the entries become ready as a store's do) and load them; a block no tier
   could give is reported failed with every later one and recomputed on the existing path.
-- **Write-through** (:meth:`TierPlanner.on_ready`): every entry made ready by a store goes to
-  the next plan's ``tier_puts`` with its chain key (entries fetched from a tier do not).
+- **Write-through** (:meth:`TierPlanner.fill`): every row a plan stores goes into the same
+  plan's ``tier_puts`` with its chain key; each worker writes its part once its store of the
+  row is done (entries fetched from a tier are not written back).
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ class TierPlanner:
         self._probed: dict[str, tuple[int, int]] = {}  # request id -> (first block, blocks)
         self._fetched: set[Hashable] = set()  # block hashes whose pending entry is a fetch
         self._fetches: dict[int, FetchJob] = {}
-        self._puts: list[tuple[int, bytes]] = []
         self.probe_hits = 0  # blocks found in a tier by lookups that were then loaded
 
     def keys(self, request: RequestLike, block_size: int) -> list[bytes]:
@@ -123,22 +123,25 @@ class TierPlanner:
         self._fetches[load_id] = FetchJob(load_id=load_id, first=offset, keys=keys)
 
     def on_ready(self, entry: Entry) -> bool:
-        """``entry`` was confirmed by every rank: True if it was fetched from a tier, else (a
-        store) it is written through."""
+        """``entry`` was confirmed by every rank: True if it was fetched from a tier (not a
+        store)."""
         if entry.key in self._fetched:
             self._fetched.discard(entry.key)
             self._chain.pop(entry.key, None)
             return True
-        key = self._chain.pop(entry.key, None)
-        if key is not None:
-            self._puts.append((entry.row, key))
         return False
 
-    def fill(self, plan: StepPlan, loads_rows: dict[int, Sequence[int]]) -> None:
-        """This step's fetches and write-throughs into ``plan``; a fetched row is not marked
-        empty by the plan (the fetch fills it, or empties it when it fails)."""
+    def fill(self, index: StoreIndex, plan: StepPlan) -> None:
+        """This step's fetches and write-throughs (the rows it stores) into ``plan``; a fetched
+        row is not marked empty by the plan (the fetch fills it, or empties it if it fails)."""
         plan.fetches, self._fetches = self._fetches, {}
-        plan.tier_puts, self._puts = self._puts, []
+        for job in plan.stores:
+            for row in job.rows:
+                entry = index.entries.at_row(row)
+                key = self._chain.pop(entry.key, None) if entry is not None else None
+                if key is not None:
+                    plan.tier_puts.append((row, key))
+        loads_rows = {job.load_id: job.rows for job in plan.loads}
         if plan.fetches:
             fetched = {r for lid, f in plan.fetches.items() for r in loads_rows[lid][f.first :]}
             plan.freed_rows = [r for r in plan.freed_rows if r not in fetched]

@@ -60,11 +60,27 @@ def write_row(store: BlockSlab, row: int, payload: memoryview | bytes) -> None:
 class TierIO:
     """One rank's tiers, top first (module docstring)."""
 
-    def __init__(self, tiers: Sequence[Tier], fp: bytes, rank: int, queue_depth: int = 256):
+    def __init__(
+        self, tiers: Sequence[Tier], fp: bytes, rank: int, store: BlockSlab, queue_depth: int = 256
+    ) -> None:
         self.tiers = list(tiers)
+        self.store = store
+        self._pending: list[tuple[int, bytes]] = []
         self.fp = fp
         self.rank = rank
         self.writers = [AsyncWriter(t, queue_depth) for t in self.tiers]
+
+    def queue_puts(self, puts: Sequence[tuple[int, bytes]], now: bool) -> None:
+        """Write through rows this rank just stored: ``now`` (a CPU build: the rows are
+        written), else at the next :meth:`put_pending` (on CUDA the copy into a host slab may
+        still run on its side stream; reading it now would stall the step)."""
+        self._pending.extend(puts)
+        if now:
+            self.put_pending()
+
+    def put_pending(self) -> None:
+        puts, self._pending = self._pending, []
+        self.put_rows(self.store, puts)
 
     def put_rows(self, store: BlockSlab, puts: Sequence[tuple[int, bytes]]) -> None:
         for row, key in puts:
@@ -121,6 +137,7 @@ class TierIO:
         return all(w.flush(timeout) for w in self.writers)
 
     def close(self) -> None:
+        self.put_pending()
         for writer in self.writers:
             writer.close()
         for tier in self.tiers:
