@@ -296,3 +296,15 @@ def test_fetch_fills_rows_promotes_and_stops_at_the_first_bad_block(tmp_path: Pa
     assert stats["remote_hits"] == 2 and stats["remote_corrupt"] == 1
     assert stats["disk_writes"] == 2  # the promotions
     io.close()
+
+
+def test_every_tier_counter_is_a_metric() -> None:
+    pytest.importorskip("vllm")
+    from dataclasses import fields
+
+    from polykv_vllm.connector.metrics import COUNTERS
+    from polykv_vllm.connector.tiers import TIER_NAMES, TierStats
+
+    for tier in TIER_NAMES:
+        for f in fields(TierStats):
+            assert COUNTERS[f"{tier}_{f.name}"][0] == f"vllm:polykv_{tier}_{f.name}"

@@ -11,7 +11,6 @@ costs one timeout per interval, not one per step); the client reconnects on the 
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -39,7 +38,6 @@ class RedisTier(Tier):
         )
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self._down_until = 0.0
-        self._lock = threading.Lock()
 
     def _up(self) -> bool:
         return time.monotonic() >= self._down_until
