@@ -216,6 +216,7 @@ def test_redis_put_get_contains_delete(redis_url: str) -> None:
 
 
 def test_redis_unreachable_then_started_then_killed() -> None:
+    redis_helpers.require_redis()
     from polykv_vllm.apps.serving import free_port
     from polykv_vllm.connector.tiers.redis import RedisTier
 
