@@ -17,8 +17,9 @@ The life of a stored block, in the names of vLLM's ``OffloadingManager``:
   :meth:`StoreIndex.on_alloc` of a request tells the policy which prompt blocks were asked for.
 
 Requests are tracked in :mod:`.requests`; entries, budget, rows and eviction in :mod:`.entries`;
-names, pins and tenants in :mod:`.documents`. The receipt (:meth:`StoreIndex.finish`) is
-described in ``docs/CONNECTOR.md``.
+names, pins and tenants in :mod:`.documents`; the tiers below the store (disk, Redis) in
+:mod:`.tiers`, called from the hooks where ``self.tiers`` is set. The receipt
+(:meth:`StoreIndex.finish`) is described in ``docs/CONNECTOR.md``.
 """
 
 from __future__ import annotations
