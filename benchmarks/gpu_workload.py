@@ -105,6 +105,7 @@ def _worker_counters() -> dict[str, float] | None:
         "store_s": sum(t.store_seconds),
         "load_failures": t.load_failures,
         "tokens_decompressed": t.tokens_decompressed,
+        "store_stalls": t.store_stalls,
         "stored_bytes": worker.nbytes,
     }
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 from polykv_vllm.connector.slab import BlockSlab, runs
 from polykv_vllm.core import PackedKV
 
@@ -22,26 +20,10 @@ def put(slab: BlockSlab, rows: Sequence[int], per_layer: Sequence[PackedKV]) -> 
 
 
 def gather(slab: BlockSlab, rows: Sequence[int]) -> list[PackedKV]:
-    """A copy of the blocks in ``rows`` (any order), per layer, tokens in ``rows`` order."""
+    """A copy of the blocks in ``rows`` (any order), per layer, tokens in ``rows`` order (built
+    from the library's own :meth:`BlockSlab.view`)."""
     slab.ready_for_host()
-    index = torch.tensor(list(rows), dtype=torch.int64, device=slab.device)
-    tokens = len(rows) * slab.block_size
-    out = []
-    for layer in slab.layers:
-        k_codes, k_scale, v_codes, v_norm = (
-            t.index_select(0, index).reshape(tokens, *t.shape[2:]) for t in layer.tensors()
-        )
-        out.append(
-            PackedKV(
-                k_codes=k_codes,
-                k_scale=k_scale,
-                v_codes=v_codes,
-                v_norm=v_norm,
-                tokens=tokens,
-                kv_heads=slab.kv_heads,
-                head_dim=slab.head_dim,
-                key_bits=layer.key_bits,
-                value_bits=layer.value_bits,
-            )
-        )
-    return out
+    if not rows:
+        return slab.view(0, 0)
+    per_row = [slab.view(row, 1) for row in rows]
+    return [PackedKV.cat([blocks[i] for blocks in per_row]) for i in range(len(slab.layers))]

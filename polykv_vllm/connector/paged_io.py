@@ -18,15 +18,17 @@ miss when loaded); a load while a scale is unusable is refused by :meth:`PagedIO
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from polykv_vllm.connector.cpu_layout import CpuBlockLayout, probe_layout
 from polykv_vllm.core import KVCodec, LayerSpec, PackedKV
+from polykv_vllm.kernels.addresses import PackedAddresses
 from polykv_vllm.kernels.fp8 import (
     FP8_CACHE_DTYPES,
     dequantize,
@@ -34,6 +36,9 @@ from polykv_vllm.kernels.fp8 import (
     quantize,
     valid_scale,
 )
+
+if TYPE_CHECKING:
+    from polykv_vllm.kernels.triton_bound import BoundPagedKernels
 
 __all__ = ["CpuPagedIO", "FlashPagedIO", "PagedIO", "ScaleSource", "expand_block_ids"]
 
@@ -224,10 +229,46 @@ class FlashPagedIO:
     def unusable(self) -> str | None:
         return None if self.fp8 is None else _unusable(*self.scales())
 
+    @functools.cached_property
+    def bound(self) -> BoundPagedKernels | None:
+        """The Triton kernels bound to these caches (CUDA only; None elsewhere): the caches are
+        validated once and a transfer passes only addresses (:meth:`load_at`, :meth:`store_at`)."""
+        if self.device.type != "cuda":
+            return None
+        from polykv_vllm.kernels.triton_bound import BoundPagedKernels
+
+        return BoundPagedKernels(self.specs, self.key_caches, self.value_caches)
+
+    def load_at(self, src: PackedAddresses, block_ids: Sequence[int]) -> None:
+        """:meth:`load` of compressed tensors given by address (device memory or pinned host
+        memory, which the kernels read over PCIe); needs :attr:`bound`."""
+        assert self.bound is not None
+        ids = expand_block_ids(block_ids, self.ratio).to(self.device, non_blocking=True)
+        ks, vs = self.scales() if self.fp8 is not None else (None, None)
+        self.bound.decompress(src, ids, ks, vs)
+
+    def store_at(self, dst: PackedAddresses, block_ids: Sequence[int]) -> bool:
+        """:meth:`store` into tensors given by address; needs :attr:`bound`. Returns False (and
+        writes nothing) when an fp8 layer's scale is unusable: the caller then takes
+        :meth:`store`, which marks such an entry a miss."""
+        assert self.bound is not None
+        ks: Sequence[float] | None = None
+        vs: Sequence[float] | None = None
+        if self.fp8 is not None:
+            ks, vs = self.scales()
+            if _bad_layers(ks, vs):
+                return False
+        ids = expand_block_ids(block_ids, self.ratio).to(self.device, non_blocking=True)
+        self.bound.compress(dst, ids, ks, vs)
+        return True
+
     def load(self, packed: Sequence[PackedKV], block_ids: Sequence[int]) -> None:
         ids = expand_block_ids(block_ids, self.ratio).to(self.device, non_blocking=True)
         moved = [p.to(self.device, non_blocking=True) for p in packed]
         ks, vs = self.scales() if self.fp8 is not None else (None, None)
+        if self.bound is not None:
+            self.bound.decompress(PackedAddresses.of(moved), ids, ks, vs)
+            return
         self.kernels.decompress_layers_into_paged(
             moved, self.specs, self.key_caches, self.value_caches, ids, k_scales=ks, v_scales=vs
         )
@@ -244,6 +285,21 @@ class FlashPagedIO:
             bad = _bad_layers(ks, vs)
             ks = [1.0 if i in bad else s for i, s in enumerate(ks)]
             vs = [1.0 if i in bad else s for i, s in enumerate(vs)]
+        if self.bound is not None:
+            tokens = len(block_ids) * self.block_size
+            heads = self.bound.kv_heads
+            result = (
+                list(out)
+                if out is not None
+                else [s.empty(tokens, heads, self.device) for s in self.specs]
+            )
+            self.bound.compress(PackedAddresses.of(result), ids, ks, vs)
+            if bad:
+                logger.warning(
+                    "polykv: %s; the stored entry is marked a miss", _unusable(*self.scales())
+                )
+                _poison(result, bad)
+            return result
         result = self.kernels.compress_layers_from_paged(
             self.specs,
             self.key_caches,

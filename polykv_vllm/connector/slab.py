@@ -1,31 +1,37 @@
 """The worker's compressed store: preallocated per-layer slabs with one row per stored block.
 
-A row holds one block (``block_size`` tokens, this rank's kv heads) of one layer in the codec's
-own tensors (``docs/FORMAT.md``): ``k_codes [rows, bs, H, kw]``, ``k_scale [rows, bs, H]``,
-``v_codes [rows, bs, H, vw]``, ``v_norm [rows, bs, H]``.
+A row holds one block (``block_size`` tokens, this rank's kv heads) of one layer in the layout
+its :class:`~polykv_vllm.core.LayerSpec` allocates (``docs/FORMAT.md``): ``k_codes [rows, bs, H,
+kw]``, ``k_scale [rows, bs, H]``, ``v_codes [rows, bs, H, vw]``, ``v_norm [rows, bs, H]``.
 The slab does not place anything: the scheduler side decides which row holds which block
 (:mod:`~.scheduler.rows`) and every plan names rows. :func:`runs` splits a plan's rows into runs
-of consecutive rows, each read and written through one zero-copy view (:meth:`BlockSlab.view`):
-the kernels decode straight from a GPU-resident run and encode straight into it, and a pinned
-host run moves to the GPU in one copy per tensor and layer (vLLM's CUDA blocks are 16 tokens: a
-4K-token document is 256 blocks, so per-block tensors would mean thousands of tiny copies).
+of consecutive rows. On CUDA the kernels reach a run by address (:meth:`BlockSlab.addresses`,
+arithmetic, no views): they decode straight from a GPU-resident run or from a pinned host run
+(read over PCIe: no staging copy) and encode straight into a GPU run; elsewhere a run is one
+zero-copy view per layer (:meth:`BlockSlab.view`). vLLM's CUDA blocks are 16 tokens: a 4K-token
+document is 256 blocks, so per-block tensors would mean thousands of tiny copies.
 The slab only remembers which rows hold a written block (:meth:`BlockSlab.mark_filled`,
 :meth:`BlockSlab.mark_empty`), so a load of an empty row is caught and its bytes are measured.
 
-Pinned host slabs are written from the GPU on a side stream (:meth:`BlockSlab.write`), so the
-device-to-host copy of a stored document overlaps the next steps' compute; every later reader
-orders itself after it (:meth:`BlockSlab.ready_for_device` on the GPU,
-:meth:`BlockSlab.ready_for_host` on the CPU).
+Pinned host slabs are written from the GPU on a side stream, so the device-to-host copy of a
+stored document overlaps the next steps' compute: the worker stages the store and confirms its
+rows only once the copies landed (:mod:`~.staging`; :meth:`BlockSlab.copy_rows`: one copy
+kernel for every run, layer and tensor), so no reader waits; :meth:`BlockSlab.write` orders later readers after its copies instead
+(:meth:`BlockSlab.ready_for_device` on the GPU, :meth:`BlockSlab.ready_for_host` on the CPU).
+Rows of several runs from a source on the slab's device are written with one ``index_copy_``
+per tensor and layer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from polykv_vllm.core import KVCodec, PackedKV
+from polykv_vllm.core import KVCodec, LayerSpec, PackedKV
+from polykv_vllm.kernels.addresses import PackedAddresses
 
 __all__ = ["BlockSlab", "Run", "first_invalid_block", "runs"]
 
@@ -42,12 +48,29 @@ class Run:
 
 @dataclass(frozen=True, eq=False)
 class _LayerSlab:
+    """One layer's rows: ``packed`` holds every row's tokens (``rows * block_size``, row after
+    row, contiguous, in the layer spec's layout), and ``k_codes`` .. ``v_norm`` are the same
+    memory viewed per row, ``[rows, block_size, ...]``."""
+
+    packed: PackedKV
     k_codes: torch.Tensor
     k_scale: torch.Tensor
     v_codes: torch.Tensor
     v_norm: torch.Tensor
-    key_bits: int
-    value_bits: int
+
+    @classmethod
+    def allocate(
+        cls,
+        spec: LayerSpec,
+        rows: int,
+        block_size: int,
+        kv_heads: int,
+        device: torch.device,
+        pin: bool,
+    ) -> _LayerSlab:
+        packed = spec.zeros(rows * block_size, kv_heads, device, pin_memory=pin)
+        per_row = (t.view(rows, block_size, *t.shape[1:]) for t in packed.tensors())
+        return cls(packed, *per_row)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.k_codes, self.k_scale, self.v_codes, self.v_norm)
@@ -73,34 +96,26 @@ class BlockSlab:
         self.kv_heads = kv_heads
         self.head_dim = head_dim
         self.device = device
-        self.layers: list[_LayerSlab] = []
-        zero = torch.zeros(1, kv_heads, head_dim)
-        for layer in layers:
-            probe = codec.encode(zero, zero, layer)  # the widths and dtypes of this layer
-
-            def alloc(t: torch.Tensor) -> torch.Tensor:
-                shape = (capacity, block_size, *t.shape[1:])
-                return torch.zeros(
-                    shape, dtype=t.dtype, device=device, pin_memory=pin and device.type == "cpu"
-                )
-
-            self.layers.append(
-                _LayerSlab(
-                    k_codes=alloc(probe.k_codes),
-                    k_scale=alloc(probe.k_scale),
-                    v_codes=alloc(probe.v_codes),
-                    v_norm=alloc(probe.v_norm),
-                    key_bits=probe.key_bits,
-                    value_bits=probe.value_bits,
-                )
+        self.layers = [
+            _LayerSlab.allocate(
+                codec.layer_spec(layer, head_dim), capacity, block_size, kv_heads, device, pin
             )
+            for layer in layers
+        ]
         self.row_bytes = sum(
             t[0].numel() * t.element_size() for s in self.layers for t in s.tensors()
         )
         self.capacity = capacity
+        # (address of row 0, bytes per row) of each layer's four tensors: transfer addresses by
+        # arithmetic (:meth:`addresses`), no per-layer views on the hot path
+        self._bases = [
+            [(t.data_ptr(), t[0].numel() * t.element_size()) for t in s.tensors()]
+            for s in self.layers
+        ]
         self._filled: set[int] = set()  # rows holding a written block
         self._pending: torch.cuda.Event | None = None  # last side-stream write to a host slab
         self._side: torch.cuda.Stream | None = None
+        self._inflight: list[tuple[torch.cuda.Event, object]] = []  # sources of pending writes
 
     def __contains__(self, row: int) -> bool:
         """Whether ``row`` holds a written block."""
@@ -131,26 +146,32 @@ class BlockSlab:
         (``length * block_size`` tokens, in row order). Host views written from the GPU are
         valid on the host only after :meth:`ready_for_host`, on the GPU's current stream after
         :meth:`ready_for_device`."""
-        tokens = length * self.block_size
-        out = []
-        for slab in self.layers:
-            k_codes, k_scale, v_codes, v_norm = (
-                t.narrow(0, row, length).reshape(tokens, *t.shape[2:]) for t in slab.tensors()
-            )
-            out.append(
-                PackedKV(
-                    k_codes=k_codes,
-                    k_scale=k_scale,
-                    v_codes=v_codes,
-                    v_norm=v_norm,
-                    tokens=tokens,
-                    kv_heads=self.kv_heads,
-                    head_dim=self.head_dim,
-                    key_bits=slab.key_bits,
-                    value_bits=slab.value_bits,
-                )
-            )
-        return out
+        assert row >= 0 and row + length <= self.capacity, (row, length, self.capacity)
+        bs = self.block_size
+        return [slab.packed.slice(row * bs, (row + length) * bs) for slab in self.layers]
+
+    def addresses(self, row: int, length: int) -> PackedAddresses:
+        """Where rows ``row .. row + length - 1`` are, per layer (what :meth:`view` would
+        return, as addresses: device memory, or pinned host memory the GPU reads directly)."""
+        assert row >= 0 and row + length <= self.capacity, (row, length, self.capacity)
+        k_codes, k_scale, v_codes, v_norm = (
+            [b[c][0] + row * b[c][1] for b in self._bases] for c in range(4)
+        )
+        return PackedAddresses(length * self.block_size, k_codes, k_scale, v_codes, v_norm)
+
+    def first_invalid_row(self, row: int, length: int) -> int | None:
+        """Index (from ``row``) of the first of rows ``row .. row + length - 1`` whose scales or
+        norms are not finite in some layer, or None: one reduction on the slab's device (one
+        sync on a GPU slab; a host slab is read after :meth:`ready_for_host`)."""
+        if self.device.type == "cpu":
+            self.ready_for_host()
+        parts = [
+            t.narrow(0, row, length).reshape(length, -1)
+            for s in self.layers
+            for t in (s.k_scale, s.v_norm)
+        ]
+        good = torch.isfinite(torch.cat(parts, dim=1)).all(dim=1).tolist()
+        return good.index(False) if False in good else None
 
     def write(self, run: Run, per_layer: Sequence[PackedKV], offset: int = 0) -> None:
         """Copy tokens ``offset ..`` of ``per_layer`` (one entry per layer) into ``run``'s rows.
@@ -165,19 +186,85 @@ class BlockSlab:
         srcs = [t.narrow(0, begin, tokens) for p in per_layer for t in p.tensors()]
         async_d2h = self.device.type == "cpu" and srcs[0].is_cuda
         if not async_d2h:
-            for dst, src in zip(dsts, srcs, strict=True):
-                dst.copy_(src, non_blocking=True)
+            torch._foreach_copy_(dsts, srcs, non_blocking=True)
             return
         main = torch.cuda.current_stream(srcs[0].device)
         if self._side is None:
             self._side = torch.cuda.Stream(srcs[0].device)
         self._side.wait_stream(main)
         with torch.cuda.stream(self._side):
-            for dst, src in zip(dsts, srcs, strict=True):
-                dst.copy_(src, non_blocking=True)
-        for src in srcs:
-            src.record_stream(self._side)  # the allocator keeps it until the copy is done
+            torch._foreach_copy_(dsts, srcs, non_blocking=True)  # one call, not one per tensor
         self._pending = self._side.record_event()
+        # the sources stay referenced until their copies are done (instead of record_stream on
+        # every tensor): pruned here, on each write
+        self._inflight = [(e, p) for e, p in self._inflight if not e.query()]
+        self._inflight.append((self._pending, per_layer))
+
+    def write_rows(self, rows: Sequence[int], per_layer: Sequence[PackedKV]) -> None:
+        """Copy ``per_layer`` (``len(rows) * block_size`` tokens, blocks in ``rows`` order)
+        into ``rows`` on the current stream, ``non_blocking``: one copy per tensor and layer for
+        one run or a source on the slab's device (``index_copy_``), else one per run (the caller
+        orders it against readers: :mod:`~.staging`)."""
+        assert len(per_layer) == len(self.layers)
+        row_runs = runs(rows)
+        srcs = [t for p in per_layer for t in p.tensors()]
+        if len(row_runs) > 1 and srcs[0].device == self.device:
+            index = torch.tensor(list(rows), dtype=torch.int64, device=self.device)
+            dsts = [t for s in self.layers for t in s.tensors()]
+            for dst, src in zip(dsts, srcs, strict=True):
+                dst.index_copy_(0, index, src.reshape(len(rows), *dst.shape[1:]))
+            return
+        for run in row_runs:
+            begin, tokens = run.offset * self.block_size, run.length * self.block_size
+            dsts = [t for p in self.view(run.row, run.length) for t in p.tensors()]
+            for dst, src in zip(dsts, srcs, strict=True):
+                dst.copy_(src.narrow(0, begin, tokens), non_blocking=True)
+
+    def staging(self, tokens: int, device: torch.device) -> list[PackedKV]:
+        """Fresh contiguous per-layer buffers of ``tokens`` tokens in this slab's widths and
+        dtypes on ``device`` (:mod:`~.staging`)."""
+        out = []
+        for slab in self.layers:
+            k_codes, k_scale, v_codes, v_norm = (
+                torch.empty((tokens, *t.shape[2:]), dtype=t.dtype, device=device)
+                for t in slab.tensors()
+            )
+            out.append(
+                dataclasses.replace(
+                    slab.packed,
+                    k_codes=k_codes,
+                    k_scale=k_scale,
+                    v_codes=v_codes,
+                    v_norm=v_norm,
+                    tokens=tokens,
+                )
+            )
+        return out
+
+    def copy_rows(self, rows: Sequence[int], per_layer: Sequence[PackedKV]) -> None:
+        """:meth:`write_rows` of CUDA tensors into this slab as one copy kernel on the current
+        stream (:func:`~polykv_vllm.kernels.triton_copy.copy_ranges`: every run's rows of every
+        layer's four tensors, instead of one ``copy_`` each); :meth:`write_rows` where the
+        ranges are not 16-byte aligned or the source is not on a GPU."""
+        srcs = [t for p in per_layer for t in p.tensors()]
+        aligned = all(t.data_ptr() % 16 == 0 for t in srcs) and all(
+            ptr % 16 == 0 and per_row % 16 == 0 for layer in self._bases for ptr, per_row in layer
+        )
+        if not (srcs[0].is_cuda and aligned):
+            self.write_rows(rows, per_layer)
+            return
+        from polykv_vllm.kernels.triton_copy import copy_ranges
+
+        src: list[int] = []
+        dst: list[int] = []
+        nbytes: list[int] = []
+        for run in runs(rows):
+            for p, layer in zip(per_layer, self._bases, strict=True):
+                for t, (ptr, per_row) in zip(p.tensors(), layer, strict=True):
+                    src.append(t.data_ptr() + run.offset * per_row)
+                    dst.append(ptr + run.row * per_row)
+                    nbytes.append(run.length * per_row)
+        copy_ranges(src, dst, nbytes, srcs[0].device)
 
     def ready_for_device(self) -> None:
         """Make the current CUDA stream wait for pending writes into a host slab."""
@@ -189,6 +276,7 @@ class BlockSlab:
         if self._pending is not None:
             self._pending.synchronize()
             self._pending = None
+            self._inflight.clear()
 
     def clear(self) -> None:
         self._filled.clear()

@@ -8,11 +8,16 @@ executor: the scheduler side decides every row (:mod:`~.scheduler.rows`), and ea
 
 Per step (the plan bound by vLLM): :meth:`PolyKVWorker.start_load` decompresses the planned loads
 into their paged blocks, then marks the freed rows empty; :meth:`PolyKVWorker.save` compresses
-the blocks the step just computed into their rows. A row that holds no block or whose scales are
-not finite is not loaded: it is reported (:attr:`~.metadata.WorkerReport.failed_rows`; the
-scheduler drops its entry, the worker changes nothing), and its blocks and every later block of
-that load go to :meth:`PolyKVWorker.take_load_errors`, so vLLM
-(``kv_load_failure_policy="recompute"``) recomputes them.
+the blocks the step just computed into their rows. With the store in pinned host memory on
+CUDA a store is staged (:mod:`~.staging`): compressed into a GPU staging buffer on the current
+stream, copied to the host on a side stream, and reported stored only in a later step's report
+(:meth:`PolyKVWorker.take_report`), once that copy landed.
+
+A row that holds no block or whose scales are not finite is not loaded: it is reported
+(:attr:`~.metadata.WorkerReport.failed_rows`; the scheduler drops its entry, the worker changes
+nothing), and its blocks and every later block of that load go to
+:meth:`PolyKVWorker.take_load_errors`, so vLLM (``kv_load_failure_policy="recompute"``)
+recomputes them.
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable, Sequence
 
 import torch
 
 from polykv_vllm.connector.metadata import BlockJob, FetchJob, LoadJob, StepPlan, WorkerReport
 from polykv_vllm.connector.paged_io import PagedIO
-from polykv_vllm.connector.slab import BlockSlab, first_invalid_block, runs
+from polykv_vllm.connector.slab import BlockSlab, Run, first_invalid_block, runs
+from polykv_vllm.connector.staging import Fence, StagedStores
 from polykv_vllm.connector.tiers.worker_io import TierIO
 from polykv_vllm.core import PackedKV
 
@@ -47,6 +54,8 @@ class WorkerCounters:
     store_seconds: list[float] = dataclasses.field(default_factory=list)
     load_failures: int = 0
     tokens_decompressed: int = 0
+    #: staged stores that found every staging slot busy and waited for the oldest copy
+    store_stalls: int = 0
 
 
 class PolyKVWorker:
@@ -57,8 +66,18 @@ class PolyKVWorker:
     ``block_size``: logical tokens per block.
     """
 
-    def __init__(self, block_size: int) -> None:
+    #: tokens of one staging slot: a larger store is staged in pieces of this size
+    STAGING_TOKENS = 4096
+
+    def __init__(self, block_size: int, staging_slots: int = 4) -> None:
         self.block_size = block_size
+        self._staged = StagedStores(staging_slots)
+        #: stage stores and confirm them later (:mod:`~.staging`); None: exactly when the
+        #: caches are on CUDA and the store in host memory
+        self.stage_stores: bool | None = None
+        #: the fence of a staged copy made on the CPU (synchronous: done); tests inject theirs
+        self.host_fence: Callable[[], Fence] = _Done
+        self._side: torch.cuda.Stream | None = None
         self.io: PagedIO | None = None
         self._store: BlockSlab | None = None
         self._report = WorkerReport()
@@ -109,15 +128,38 @@ class PolyKVWorker:
 
     def save(self, plan: StepPlan) -> None:
         """Compress ``plan.stores`` (blocks computed by this step's forward) into the store."""
+        if self._staged:
+            self._staged.poll(self._confirm)
+        if self.tiers is not None and plan.tier_puts:  # written through once confirmed
+            self.tiers.expect(plan.tier_puts)
         for job in plan.stores:
             self._save(job)
-        if self.tiers is not None and plan.tier_puts:  # write-through: docs/TIERS.md
-            assert self.io is not None
-            self.tiers.queue_puts(plan.tier_puts, now=self.io.device.type == "cpu")
 
     def take_report(self) -> WorkerReport | None:
-        report, self._report = self._report, WorkerReport()
-        return None if report.is_empty() else report
+        """This step's report: loads run, and stores confirmed (staged ones once their copies
+        landed, so possibly a later step's)."""
+        if self._staged:
+            self._staged.poll(self._confirm)
+        report = self._report
+        if report.is_empty():
+            return None
+        self._report = WorkerReport()
+        return report
+
+    @property
+    def stores_in_flight(self) -> int:
+        """Staged stores whose copies have not been confirmed yet."""
+        return len(self._staged)
+
+    def flush_stores(self) -> None:
+        """Wait for every staged store's copies and confirm them (into the next report)."""
+        self._staged.flush(self._confirm)
+
+    def close(self) -> None:
+        """At shutdown: let the copies in flight land, then empty the store."""
+        self.flush_stores()
+        if self._store is not None:
+            self._store.clear()
 
     def take_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
@@ -129,7 +171,8 @@ class PolyKVWorker:
         return out
 
     def flush_timers(self) -> None:
-        """Wait for the GPU work of every timed load/store and record the times."""
+        """Wait for the GPU work of every timed load/store and staged copy; record the times."""
+        self.flush_stores()
         self._drain_spans(wait=True)
 
     def _drain_spans(self, wait: bool) -> None:
@@ -147,6 +190,9 @@ class PolyKVWorker:
 
     def _load(self, job: LoadJob) -> None:
         assert self.io is not None, "register_kv_caches must run before the first load"
+        if getattr(self.io, "bound", None) is not None:
+            self._load_at(job)
+            return
         store = self.store
         store.check_rows(job.rows)
         timer = _Span.start(self.io.device)
@@ -196,31 +242,158 @@ class PolyKVWorker:
         self.io.load(per_layer, job.block_ids[:good])
         self._record("load", timer.stop(), good)
 
+    def _load_at(self, job: LoadJob) -> None:
+        """CUDA: the bound kernels decode each run straight from the store's rows (a GPU slab,
+        or a pinned host slab read over PCIe: no staging copies), after one validity check per
+        run."""
+        io, store = self.io, self.store
+        assert io is not None
+        store.check_rows(job.rows)
+        timer = _Span.start(io.device)
+        good = next((i for i, r in enumerate(job.rows) if r not in store), len(job.rows))
+        reason = "missing"
+        unusable = io.unusable()
+        if unusable is not None:
+            good, reason = 0, f"not loadable now ({unusable})"
+        todo = []
+        for run in runs(job.rows[:good]):
+            bad = store.first_invalid_row(run.row, run.length)
+            if bad is not None:
+                good, reason = run.offset + bad, "invalid"
+                if bad:
+                    todo.append(dataclasses.replace(run, length=bad))
+                break
+            todo.append(run)
+        self._finish_load(job, good, reason)
+        if not todo:
+            return
+        store.ready_for_device()  # after pending side-stream writes into a host slab
+        for run in todo:
+            ids = job.block_ids[run.offset : run.offset + run.length]
+            io.load_at(store.addresses(run.row, run.length), ids)  # type: ignore[attr-defined]
+        self._record("load", timer.stop(), good)
+
+    def _finish_load(self, job: LoadJob, good: int, reason: str) -> None:
+        """Report how far ``job`` loaded; the rest of its blocks are recomputed."""
+        self._report.loads[job.load_id] = [1, good]
+        if good < len(job.rows):
+            row = job.rows[good]
+            logger.warning(
+                "polykv: store row %d (block %d of request %s) is %s; recomputing %d blocks",
+                row,
+                good,
+                job.req_id,
+                reason,
+                len(job.rows) - good,
+            )
+            self._report.failed_rows.add(row)
+            self._load_errors.update(job.block_ids[good:])
+            self.counters.load_failures += 1
+            self.totals.load_failures += 1
+
     def _save(self, job: BlockJob) -> None:
         assert self.io is not None, "register_kv_caches must run before the first store"
         store = self.store
         store.check_rows(job.rows)
         timer = _Span.start(self.io.device)
+        staged = self.stage_stores
+        if staged is None:
+            staged = store.device.type == "cpu" and self.io.device.type == "cuda"
         row_runs = runs(job.rows)
-        direct = len(row_runs) == 1 and store.device == self.io.device
-        if direct:  # one run on the cache's device: the kernels encode straight into it
+        if staged:
+            self._save_staged(job)
+        elif self._save_in_place(job, row_runs):
+            self._confirm(job.rows)
+        elif len(row_runs) == 1 and store.device == self.io.device:
+            # one run on the cache's device: the kernels encode straight into it
             run = row_runs[0]
             self.io.store(job.block_ids, out=store.view(run.row, run.length))
+            self._confirm(job.rows)
         else:
-            per_layer = self.io.store(job.block_ids)
-            for run in row_runs:
-                store.write(run, per_layer, offset=run.offset * self.block_size)
-        store.mark_filled(job.rows)
-        row_bytes = store.row_bytes
-        for row in job.rows:
-            self._report.stored[row] = [row_bytes, 1]
+            store.write_rows(job.rows, self.io.store(job.block_ids))
+            self._confirm(job.rows)
         self._record("store", timer.stop(), len(job.rows))
+
+    def _save_in_place(self, job: BlockJob, row_runs: list[Run]) -> bool:
+        """CUDA, GPU slab: the bound kernels encode each run straight into its rows, by address
+        (no views, no copies). False where this does not apply (CPU builds, a host slab, an
+        unusable fp8 scale: nothing was written, the caller takes the per-call path)."""
+        io, store = self.io, self.store
+        if io is None or getattr(io, "bound", None) is None or store.device != io.device:
+            return False
+        return all(
+            io.store_at(  # type: ignore[attr-defined]
+                store.addresses(run.row, run.length),
+                job.block_ids[run.offset : run.offset + run.length],
+            )
+            for run in row_runs
+        )
+
+    def _save_staged(self, job: BlockJob) -> None:
+        """Compress into a staging slot on the current stream, copy it into the slab's rows on
+        a side stream, and confirm the rows once that copy's fence passed (:mod:`~.staging`);
+        in pieces of at most :attr:`STAGING_TOKENS` tokens."""
+        assert self.io is not None
+        store, bs = self.store, self.block_size
+        step = max(1, self.STAGING_TOKENS // bs)
+        for lo in range(0, len(job.rows), step):
+            rows, block_ids = job.rows[lo : lo + step], job.block_ids[lo : lo + step]
+            slot = self._staged.acquire()
+            if slot is None:  # every slot in flight: wait for the oldest (synchronous)
+                self._staged.wait_oldest(self._confirm)
+                for c in (self.counters, self.totals):
+                    c.store_stalls += 1
+                slot = self._staged.acquire()
+                assert slot is not None
+            tokens = len(rows) * bs
+            if slot.capacity < tokens:  # grow (the slot is free): powers of two, up to a piece
+                blocks = min(step, 1 << (len(rows) - 1).bit_length())
+                slot.buffers = store.staging(blocks * bs, self.io.device)
+                slot.capacity = blocks * bs
+            out = slot.view(tokens)
+            self.io.store(block_ids, out=out)
+            self._staged.add(tuple(rows), slot, self._copy_to_slab(rows, out))
+
+    def _copy_to_slab(self, rows: Sequence[int], staged: list[PackedKV]) -> Fence:
+        """Copy ``staged`` into ``rows``: on CUDA on the side stream after the current stream's
+        work so far (the compression, and every earlier reader of these rows); its fence."""
+        store = self.store
+        if not staged[0].k_codes.is_cuda:
+            store.write_rows(rows, staged)
+            return self.host_fence()
+        device = staged[0].k_codes.device
+        if self._side is None:
+            self._side = torch.cuda.Stream(device)
+        self._side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(self._side):
+            store.copy_rows(rows, staged)  # one copy kernel (or write_rows where it cannot)
+        return self._side.record_event()
+
+    def _confirm(self, rows: Sequence[int]) -> None:
+        """The blocks in ``rows`` are in the slab: mark them and report them stored."""
+        store = self.store
+        store.mark_filled(rows)
+        row_bytes = store.row_bytes
+        for row in rows:
+            self._report.stored[row] = [row_bytes, 1]
+        if self.tiers is not None:  # write-through: docs/TIERS.md
+            self.tiers.stored(rows, now=self.io is not None and self.io.device.type == "cpu")
 
     def _record(self, kind: str, span: _Span, blocks: int) -> None:
         self._spans.append((kind, span))
         if kind == "load":
             for c in (self.counters, self.totals):
                 c.tokens_decompressed += blocks * self.block_size
+
+
+class _Done:
+    """The fence of work already done (a synchronous copy)."""
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        return
 
 
 class _Span:

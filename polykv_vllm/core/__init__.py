@@ -3,7 +3,9 @@
 Contract and byte layout: ``docs/FORMAT.md``. Importing this package imports only torch.
 """
 
-from polykv_vllm.core.codec import MIN_HEAD_DIM, KVCodec, LayerSpec, PackedKV
+from polykv_vllm.core.codec import MIN_HEAD_DIM, KVCodec
+from polykv_vllm.core.layer_spec import LayerSpec, StreamSpec
+from polykv_vllm.core.packed import PackedKV
 from polykv_vllm.core.presets import DEFAULT_PRESET, PRESETS, CodecConfig, get_preset
 
 __all__ = [
@@ -14,5 +16,6 @@ __all__ = [
     "KVCodec",
     "LayerSpec",
     "PackedKV",
+    "StreamSpec",
     "get_preset",
 ]

@@ -1,7 +1,9 @@
 """Paged-cache kernels: decode a stored document into vLLM's paged KV cache, and the inverse.
 
 Two backends with one signature: ``"torch"`` (:mod:`.paged_ref`, the reference, built on the
-codec's own quantizers) and ``"triton"`` (:mod:`.paged_triton`). ``backend="auto"`` picks Triton
+layer spec's own encode / decode) and ``"triton"`` (:mod:`.paged_triton`: kernels in
+:mod:`.triton_decode` / :mod:`.triton_encode`, tables in :mod:`.triton_tables`, launch plans and
+tuned launch shapes in :mod:`.triton_plan`). ``backend="auto"`` picks Triton
 for CUDA tensors when Triton imports, torch otherwise. ``"triton"`` on CPU tensors runs Triton's
 interpreter (slow; used by the tests). Cache layouts: :mod:`.layout`.
 

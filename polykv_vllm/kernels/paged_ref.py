@@ -1,6 +1,6 @@
 """Pure-torch references of the paged kernels (same signatures as :mod:`.paged_triton`).
 
-They reuse the codec's own quantizers (``polykv_vllm.core.quantizers``), so
+They call the layer spec's own encode / decode (:class:`~polykv_vllm.core.LayerSpec`), so
 ``decompress_into_paged`` equals ``KVCodec.decode`` scattered into blocks bit for bit, and
 ``compress_from_paged`` equals ``KVCodec.encode`` of the gathered tokens bit for bit.
 Cache views and the slot rule are described in :mod:`.layout`.
@@ -16,13 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from polykv_vllm.core import LayerSpec, PackedKV, lloyd_max
-from polykv_vllm.core.quantizers import (
-    int8_decode,
-    int8_encode,
-    rotated_decode,
-    rotated_encode,
-)
+from polykv_vllm.core import LayerSpec, PackedKV
 from polykv_vllm.kernels.fp8 import dequantize, is_fp8, quantize
 from polykv_vllm.kernels.layout import (
     check_block_ids,
@@ -49,31 +43,6 @@ def slot_index(
     return block_ids.to(torch.int64)[t // block_size], t % block_size
 
 
-def decode_fp32(packed: PackedKV, spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """The codec's float32 decode of ``packed``: ``(k, v)`` fp32 ``[T, H, D]``."""
-    if spec.key_mode == "int8":
-        k = int8_decode(packed.k_codes, packed.k_scale)
-    else:
-        assert spec.key_signs is not None and spec.key_centroids is not None
-        k = rotated_decode(
-            packed.k_codes,
-            packed.k_scale,
-            spec.key_bits,
-            spec.key_signs,
-            spec.key_centroids,
-            spec.norm_correction,
-        )
-    v = rotated_decode(
-        packed.v_codes,
-        packed.v_norm,
-        spec.value_bits,
-        spec.value_signs,
-        spec.value_centroids,
-        spec.norm_correction,
-    )
-    return k, v
-
-
 def decompress_into_paged(
     packed: PackedKV,
     spec: LayerSpec,
@@ -98,7 +67,7 @@ def decompress_into_paged(
     check_packed(packed, spec, kv_heads)
     check_block_ids(block_ids, packed.tokens, block_size)
     check_scales(key_cache.dtype, k_scale, v_scale)
-    k, v = decode_fp32(packed, spec)
+    k, v = spec.decode(packed)
     blk, slot = slot_index(block_ids, packed.tokens, block_size)
     if is_fp8(key_cache.dtype):
         key_cache[blk, slot] = quantize(k, k_scale, key_cache.dtype)
@@ -123,10 +92,10 @@ def compress_from_paged(
 
     Arguments as in :func:`decompress_into_paged`; returns a :class:`PackedKV` on the cache's
     device, equal to ``KVCodec.encode`` of the gathered K/V (of ``x8.float() * scale`` for an
-    fp8 cache). With ``out`` (a PackedKV of the right shapes, e.g. a slot of a preallocated
-    store) the result is written into its tensors and ``out`` is returned.
+    fp8 cache). With ``out`` (a PackedKV in ``spec.packed_shapes(num_tokens, kv_heads)``, e.g.
+    rows of the store's slab) the result is written into its tensors and ``out`` is returned.
     """
-    _, block_size, kv_heads = check_cache_pair(key_cache, value_cache, spec)
+    _, block_size, _ = check_cache_pair(key_cache, value_cache, spec)
     check_block_ids(block_ids, num_tokens, block_size)
     check_scales(key_cache.dtype, k_scale, v_scale)
     blk, slot = slot_index(block_ids, num_tokens, block_size)
@@ -134,27 +103,7 @@ def compress_from_paged(
     v = value_cache[blk, slot]
     if is_fp8(key_cache.dtype):
         k, v = dequantize(k, k_scale), dequantize(v, v_scale)
-    if spec.key_mode == "int8":
-        k_codes, k_norm = int8_encode(k)
-    else:
-        assert spec.key_signs is not None
-        k_codes, k_norm = rotated_encode(
-            k, spec.key_bits, spec.key_signs, lloyd_max.boundaries(spec.key_bits)
-        )
-    v_codes, v_norm = rotated_encode(
-        v, spec.value_bits, spec.value_signs, lloyd_max.boundaries(spec.value_bits)
-    )
-    result = PackedKV(
-        k_codes=k_codes,
-        k_scale=k_norm,
-        v_codes=v_codes,
-        v_norm=v_norm,
-        tokens=num_tokens,
-        kv_heads=kv_heads,
-        head_dim=spec.head_dim,
-        key_bits=spec.key_bits,
-        value_bits=spec.value_bits,
-    )
+    result = spec.encode(k, v)
     if out is None:
         return result
     check_out(out, result)

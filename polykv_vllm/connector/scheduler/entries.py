@@ -3,9 +3,10 @@
 Rules it keeps (the scheduler side's whole truth about the store):
 
 - An entry is keyed by vLLM's chained block hash and lives in one slab row (:mod:`.rows`)
-  from :meth:`EntryTable.add` until its row is freed; a freed row goes to the workers exactly
-  once (:meth:`EntryTable.take_freed_rows`), so a row number in a plan or a report always names
-  the entry this table gave it to.
+  from :meth:`EntryTable.place` (the blocks one request stores in a step are placed together,
+  in as few runs of rows as possible) until its row is freed; a freed row goes to the workers
+  exactly once (:meth:`EntryTable.take_freed_rows`), so a row number in a plan or a report
+  always names the entry this table gave it to.
 - It is **pending** until every rank confirmed its store (:meth:`EntryTable.confirm`), then
   **ready**; only ready entries serve lookups.
 - **Budget**: the bytes of all entries holding a row (pending, ready, or failed and still being
@@ -28,7 +29,10 @@ from polykv_vllm.connector.scheduler.eviction import EvictionPolicy, LRUPolicy
 from polykv_vllm.connector.scheduler.geometry import StoreGeometry, store_rows
 from polykv_vllm.connector.scheduler.rows import RowAllocator
 
-__all__ = ["DocKey", "Entry", "EntryTable"]
+__all__ = ["UNPLACED", "DocKey", "Entry", "EntryTable"]
+
+#: the row of an entry added but not placed yet (:meth:`EntryTable.add`, :meth:`EntryTable.place`)
+UNPLACED = -1
 
 #: a document's identity: (tenant, name); the tenant is the request's ``cache_salt`` or None
 DocKey = tuple[str | None, str]
@@ -97,17 +101,27 @@ class EntryTable:
     # --- life of an entry ------------------------------------------------------------------
 
     def add(self, key: Hashable) -> Entry:
-        """A pending entry in a fresh row; the caller made room (:meth:`make_room`)."""
+        """A pending entry, its bytes counted, without a row until :meth:`place` (the caller
+        made room, :meth:`make_room`)."""
         assert key not in self._by_key, "block stored twice"
         nbytes = self.geometry.block_bytes
         assert self.used_bytes + nbytes <= self.budget_bytes, "make room before adding"
-        (row,) = self.rows.alloc(1)
-        entry = Entry(key=key, row=row, nbytes=nbytes)
+        entry = Entry(key=key, row=UNPLACED, nbytes=nbytes)
         self._by_key[key] = entry
-        self._by_row[row] = entry
         self.policy.insert(key)
         self.used_bytes += nbytes
         return entry
+
+    def place(self, entries: Sequence[Entry], after: int | None = None) -> None:
+        """Rows for ``entries`` (just added, in token order) in as few runs of consecutive rows
+        as the free rows allow, continuing right after row ``after`` where it can
+        (:meth:`~.rows.RowAllocator.alloc`). Every added entry's bytes are counted, and the
+        budget holds as many rows, so there are enough free rows."""
+        rows = self.rows.alloc(len(entries), after)
+        for entry, row in zip(entries, rows, strict=True):
+            assert entry.row == UNPLACED, "placed twice"
+            entry.row = row
+            self._by_row[row] = entry
 
     def confirm(self, entry: Entry, nbytes: int, ranks: int) -> bool:
         """Count ``ranks`` confirmations of the store (``nbytes`` measured); True when this

@@ -261,20 +261,26 @@ class StoreIndex:
         return plan
 
     def _prepare_store(self, state: RequestState, computed_after: int) -> BlockJob | None:
+        if state.store_done:  # every decode step of every running request comes here
+            return None
         req = state.request
         bs = self.geometry.block_size
+        prompt_tokens = req.num_prompt_tokens
         if not (self.store_all or state.params.doc_id is not None):
+            state.store_done = True
             return None
-        if req.num_prompt_tokens < self.min_store_tokens:
+        if prompt_tokens < self.min_store_tokens:
+            state.store_done = True
             return None
-        full = min(computed_after, req.num_prompt_tokens, len(state.block_ids) * bs) // bs
+        full = min(computed_after, prompt_tokens, len(state.block_ids) * bs) // bs
         full = min(full, len(req.block_hashes))
         if full <= state.next_store_block:
             return None
         doc = self._bind_doc(state)
         protect = set(req.block_hashes[:full])  # never evict this prompt's blocks for its own
-        rows: list[int] = []
+        added: list[Entry] = []
         blocks: list[int] = []
+        after: int | None = None  # the row of the block before the first one added
         for i in range(state.next_store_block, full):
             key = req.block_hashes[i]
             entry = self.entries.get(key)
@@ -287,16 +293,25 @@ class StoreIndex:
                         self.counters.admission_refused_blocks += full - i
                     full = i  # a suffix without its prefix is useless: stop here
                     break
+                if not added:
+                    before = self.entries.get(req.block_hashes[i - 1]) if i else None
+                    after = before.row if before is not None and before.row >= 0 else None
                 entry = self.entries.add(key)
-                rows.append(entry.row)
+                added.append(entry)
                 blocks.append(state.block_ids[i])
             self.documents.join(entry, doc)
         state.next_store_block = max(state.next_store_block, full)
+        state.store_done = state.next_store_block >= prompt_tokens // bs
         self.entries.touch_chain(req.block_hashes[:full])
-        if not rows:
+        if not added:
             return None
-        state.tokens_stored += len(rows) * bs
-        return BlockJob(req_id=req.request_id, rows=tuple(rows), block_ids=tuple(blocks))
+        # all rows at once, after the evictions: as few runs as the freed rows allow (placing
+        # them block by block took each victim's row as it was freed, a document's tail in
+        # reverse, so one run per block)
+        self.entries.place(added, after)
+        state.tokens_stored += len(added) * bs
+        rows = tuple(e.row for e in added)
+        return BlockJob(req_id=req.request_id, rows=rows, block_ids=tuple(blocks))
 
     def _reject(self, state: RequestState, doc: Document, block: int, full: int) -> None:
         self.counters.store_rejected_blocks += full - block

@@ -113,6 +113,8 @@ class TierPlanner:
             entry.refs += 1
             self._fetched.add(h)
             out.append(entry)
+        before = index.entries.get(request.block_hashes[first - 1]) if first else None
+        index.entries.place(out, before.row if before is not None and before.row >= 0 else None)
         self.probe_hits += n
         return out
 

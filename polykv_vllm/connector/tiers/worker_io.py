@@ -65,16 +65,24 @@ class TierIO:
     ) -> None:
         self.tiers = list(tiers)
         self.store = store
-        self._pending: list[tuple[int, bytes]] = []
+        self._expected: dict[int, bytes] = {}  # row -> chain key, until the row is stored
+        self._pending: list[tuple[int, bytes]] = []  # stored rows to write through
         self.fp = fp
         self.rank = rank
         self.writers = [AsyncWriter(t, queue_depth) for t in self.tiers]
 
-    def queue_puts(self, puts: Sequence[tuple[int, bytes]], now: bool) -> None:
-        """Write through rows this rank just stored: ``now`` (a CPU build: the rows are
-        written), else at the next :meth:`put_pending` (on CUDA the copy into a host slab may
-        still run on its side stream; reading it now would stall the step)."""
-        self._pending.extend(puts)
+    def expect(self, puts: Sequence[tuple[int, bytes]]) -> None:
+        """Rows a plan stores, with their chain keys: written through once stored."""
+        self._expected.update(puts)
+
+    def stored(self, rows: Sequence[int], now: bool) -> None:
+        """This rank's store of ``rows`` is in the slab: write the expected ones through
+        ``now`` (a CPU build), else at the next :meth:`put_pending` (CUDA: reading the rows
+        back here would wait for the GPU inside the step)."""
+        for row in rows:
+            key = self._expected.pop(row, None)
+            if key is not None:
+                self._pending.append((row, key))
         if now:
             self.put_pending()
 
