@@ -100,6 +100,7 @@ def test_kv_transfer_config_selects_the_connector() -> None:
         "pin": "any",
         "eviction": "lru",
         "async_load": "auto",
+        "disk_bytes": 50 * 2**30,
     }
     with pytest.raises(ValueError, match="unknown polykv option"):
         kv_transfer_config(budget="1GiB")
@@ -119,6 +120,9 @@ NON_DEFAULT: dict[str, Any] = {
     "eviction": "tinylfu",
     "async_load": "on",
     "registry_path": "/tmp/polykv-documents.json",
+    "disk_path": "/tmp/polykv-disk",
+    "disk_bytes": 7 * 2**30,
+    "remote": "redis://127.0.0.1:6380/1",
 }
 
 

@@ -161,6 +161,40 @@ def test_salt_isolates_on_cuda(llm: Any) -> None:
     assert run(llm, ids, salt="alice").kv_transfer_params["polykv"]["tokens_from_store"] > 0
 
 
+# --- tiers (docs/TIERS.md): rows of a GPU slab and of a pinned host slab to bytes and back ---
+
+
+@pytest.mark.parametrize("placement", ["gpu", "cpu"])
+def test_tier_rows_round_trip_on_cuda_slabs(placement: str, tmp_path: Path) -> None:
+    from polykv_vllm.connector.metadata import FetchJob, LoadJob, WorkerReport
+    from polykv_vllm.connector.slab import BlockSlab
+    from polykv_vllm.connector.tiers import chain_keys, fingerprint
+    from polykv_vllm.connector.tiers.disk import DiskTier
+    from polykv_vllm.connector.tiers.worker_io import TierIO, read_row
+    from polykv_vllm.core import KVCodec
+
+    codec = KVCodec("polykv", num_layers=2, head_dim=128)
+    device = torch.device("cuda") if placement == "gpu" else torch.device("cpu")
+    slab = BlockSlab(codec, [0, 1], 4, 16, 8, 128, device, pin=placement == "cpu")
+    g = torch.Generator().manual_seed(0)
+    for p in slab.view(0, 1):
+        for t in p.tensors():
+            t.copy_(torch.randint(0, 100, t.shape, generator=g).to(t.dtype))
+    slab.mark_filled([0])
+    fp = fingerprint(model="cuda-test")
+    (key,) = chain_keys(fp, None, list(range(16)), 16)
+    io = TierIO([DiskTier(tmp_path, 10**8)], fp, rank=0, store=slab)
+    io.expect([(0, key)])
+    io.stored([0], now=True)
+    assert io.flush()
+    report = WorkerReport()
+    job = LoadJob(req_id="r", rows=(2,), block_ids=(5,), load_id=0)
+    assert io.fetch(slab, job, FetchJob(load_id=0, first=0, keys=(key,)), report) == 1
+    torch.cuda.synchronize()
+    assert read_row(slab, 2) == read_row(slab, 0) and 2 in slab
+    io.close()
+
+
 def test_staged_store_lands_in_pinned_memory_and_is_confirmed_after_its_copy() -> None:
     """The CPU tier's store path without vLLM: compressed into a GPU staging slot on the
     current stream, copied to the pinned slab on a side stream, confirmed once copied. The

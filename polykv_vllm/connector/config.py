@@ -116,6 +116,12 @@ class PolyKVConfig:
     - ``registry_path``: a JSON file where the OpenAI server keeps the documents registered
       through ``/v1/polykv/documents`` (canonical tokens, written atomically), so they survive a
       restart; None: in memory only (``docs/DOCUMENTS.md``).
+    - ``disk_path``: a directory for the persistent disk tier below the store (None: no disk
+      tier); entries survive restarts and are shared by the servers that use the same
+      directory (``docs/TIERS.md``).
+    - ``disk_bytes``: byte budget of the disk tier, summed over all workers (LRU eviction).
+    - ``remote``: ``redis://HOST:PORT/DB`` of a Redis (or Valkey) shared by several servers as
+      the tier below the disk (None: no remote tier).
     """
 
     preset: str = "polykv"
@@ -128,6 +134,9 @@ class PolyKVConfig:
     eviction: Eviction = "lru"
     async_load: AsyncLoad = "auto"
     registry_path: str | None = None
+    disk_path: str | None = None
+    disk_bytes: int = 50 * 1024**3
+    remote: str | None = None
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -193,6 +202,26 @@ class PolyKVConfig:
                 f"polykv option async_load={self.async_load!r} is invalid: allowed are 'auto' "
                 "(on for placement cpu on CUDA), 'on' and 'off'."
             )
+        if self.disk_path is not None and (
+            not isinstance(self.disk_path, str) or not self.disk_path
+        ):
+            raise ValueError(
+                f"polykv option disk_path={self.disk_path!r} must be a directory path (or unset "
+                "for no disk tier)."
+            )
+        if not isinstance(self.disk_bytes, int) or self.disk_bytes <= 0:
+            raise ValueError(
+                f"polykv option disk_bytes={self.disk_bytes!r} must be a positive number of "
+                "bytes; pass an int or a size string such as '50GiB'."
+            )
+        if self.remote is not None and (
+            not isinstance(self.remote, str)
+            or not self.remote.startswith(("redis://", "rediss://", "unix://"))
+        ):
+            raise ValueError(
+                f"polykv option remote={self.remote!r} must be a Redis URL such as "
+                "redis://127.0.0.1:6379/0 (or unset for no remote tier)."
+            )
 
     def pin_quota_bytes(self) -> int:
         """The per-tenant pinned-bytes quota: ``pin_quota``, or half of ``store_bytes``."""
@@ -211,6 +240,8 @@ class PolyKVConfig:
             )
         if "store_bytes" in extra:
             extra["store_bytes"] = parse_size(extra["store_bytes"])
+        if "disk_bytes" in extra:
+            extra["disk_bytes"] = parse_size(extra["disk_bytes"], field="disk_bytes")
         if extra.get("pin_quota") is not None:
             extra["pin_quota"] = parse_size(extra["pin_quota"], field="pin_quota")
         if "min_store_tokens" in extra and isinstance(extra["min_store_tokens"], str):
@@ -325,8 +356,11 @@ _SPEC_OVERRIDES: dict[str, dict[str, Any]] = {
     "pin_quota": {"value_type": str, "metavar": "SIZE", "default_text": "half of store_bytes"},
     "async_load": {"default_text": "auto (on for placement cpu on CUDA)"},
     "registry_path": {"metavar": "FILE", "default_text": "in memory"},
+    "disk_path": {"metavar": "DIR", "default_text": "no disk tier"},
+    "disk_bytes": {"value_type": str, "metavar": "SIZE"},
+    "remote": {"metavar": "URL", "default_text": "no remote tier"},
 }
-_SIZE_FIELDS = frozenset({"store_bytes", "pin_quota"})
+_SIZE_FIELDS = frozenset({"store_bytes", "pin_quota", "disk_bytes"})
 _BINARY_UNITS = (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024))
 
 

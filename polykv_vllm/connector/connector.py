@@ -39,6 +39,7 @@ from polykv_vllm.connector.scheduler import (
     make_eviction_policy,
     store_rows,
 )
+from polykv_vllm.connector.scheduler.tiers import TierPlanner
 from polykv_vllm.connector.slab import BlockSlab
 from polykv_vllm.connector.spec import (
     ModelFacts,
@@ -47,6 +48,8 @@ from polykv_vllm.connector.spec import (
     store_geometry,
 )
 from polykv_vllm.connector.spec import is_cpu_platform as _is_cpu
+from polykv_vllm.connector.tiers import fingerprint, open_tiers
+from polykv_vllm.connector.tiers.worker_io import TierIO
 from polykv_vllm.connector.worker import PolyKVWorker
 
 if TYPE_CHECKING:
@@ -114,6 +117,7 @@ class PolyKVConnector(KVConnectorBase_V1):
         # every engine-dependent default resolved once, here
         self.config = options.resolve(block_size=self.facts.block_size, cpu_platform=_is_cpu())
         self.codec = build_codec(self.config, self.facts)
+        self.tier_fp = tier_fingerprint(vllm_config, self.facts, self.config.preset)
         self.index: StoreIndex | None = None
         self.worker: PolyKVWorker | None = None
         self._last_saved: StepPlan | None = None
@@ -136,6 +140,9 @@ class PolyKVConnector(KVConnectorBase_V1):
                 ),
                 async_loads=self.config.load_async,
             )
+            tiers = self._open_tiers(rank=0, scan=False)  # docs/TIERS.md
+            if tiers:
+                self.index.tiers = TierPlanner(tiers, self.tier_fp)
             logger.info(
                 "polykv: store of %d bytes, %d bytes per %d-token block (%.2fx smaller than the "
                 "%s cache), preset %s",
@@ -216,6 +223,13 @@ class PolyKVConnector(KVConnectorBase_V1):
             pin=not self._on_device and not _is_cpu(),
         )
         worker.bind(io, store)
+        tiers = self._open_tiers(rank=_tp_rank(), scan=True)
+        if tiers:
+            worker.tiers = TierIO(tiers, self.tier_fp, rank=_tp_rank(), store=store)
+
+    def _open_tiers(self, rank: int, scan: bool) -> list[Any]:
+        c = self.config
+        return open_tiers(c.disk_path, c.disk_bytes, c.remote, rank, self.facts.world_size, scan)
 
     def _scale_source(self, names: list[str]) -> ScaleSource:
         """Each layer's current fp8 scales, read from its Attention module at every transfer
@@ -280,6 +294,9 @@ class PolyKVConnector(KVConnectorBase_V1):
         return None if report is None else PolyKVWorkerMetadata(report)
 
     def shutdown(self) -> None:
+        if self.worker is not None and self.worker.tiers is not None:
+            self.worker.tiers.close()
+            self.worker.tiers = None
         if self.worker is not None and self.worker.io is not None:
             self.worker.shutdown()  # async loads in flight finish first
             self.worker.close()  # staged stores in flight land, then the store is emptied
@@ -326,6 +343,9 @@ class PolyKVConnector(KVConnectorBase_V1):
                 stats.sample("store_seconds", s)
             if w.load_failures:
                 stats.add("load_failures", w.load_failures)
+            if self.worker.tiers is not None:
+                for name, amount in self.worker.tiers.take_stats().items():
+                    stats.add(name, amount)
         if self.index is not None:
             c = self.index.take_counters()
             for key, value in vars(c).items():  # flat ints: asdict's deep copy cost ~12 us
@@ -368,6 +388,32 @@ class PolyKVConnector(KVConnectorBase_V1):
     def _worker(self) -> PolyKVWorker:
         assert self.worker is not None, "worker hook called on the scheduler-role connector"
         return self.worker
+
+
+def tier_fingerprint(vllm_config: VllmConfig, facts: ModelFacts, preset: str) -> bytes:
+    """What tier entries depend on (docs/TIERS.md): engines share entries only when all match."""
+    mc = vllm_config.model_config
+    return fingerprint(
+        model=str(mc.model),
+        revision=str(getattr(mc, "revision", None)),
+        dtype=str(facts.model_dtype or facts.dtype),
+        cache_dtype=facts.cache_dtype,
+        preset=preset,
+        layers=facts.num_layers,
+        kv_heads=facts.kv_heads,
+        head_dim=facts.head_dim,
+        block_size=facts.block_size,
+        world_size=facts.world_size,
+    )
+
+
+def _tp_rank() -> int:
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return int(get_tensor_model_parallel_rank())
+    except Exception:  # no parallel state (e.g. a unit test)
+        return 0
 
 
 def _scheduled(scheduler_output: SchedulerOutput) -> list[ScheduledReq]:

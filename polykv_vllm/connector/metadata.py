@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["BlockJob", "LoadJob", "StepPlan", "WorkerReport"]
+__all__ = ["BlockJob", "FetchJob", "LoadJob", "StepPlan", "WorkerReport"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,16 @@ class LoadJob(BlockJob):
     async_load: bool = False
 
 
+@dataclass(frozen=True)
+class FetchJob:
+    """Tier fetch of a load (``docs/TIERS.md``): rows ``rows[first:]`` of load ``load_id`` are
+    read from the tiers (polykv chain keys ``keys``, in order) before the load runs."""
+
+    load_id: int
+    first: int
+    keys: tuple[bytes, ...]
+
+
 @dataclass
 class StepPlan:
     """The work of one step, applied by the worker in this order: loads (in ``start_load_kv``;
@@ -52,6 +62,10 @@ class StepPlan:
     loads: list[LoadJob] = field(default_factory=list)
     stores: list[BlockJob] = field(default_factory=list)
     freed_rows: list[int] = field(default_factory=list)
+    # tiers (docs/TIERS.md): fetches by load id, run before their load; the rows of ``stores``
+    # with their chain keys, written through to the tiers once stored
+    fetches: dict[int, FetchJob] = field(default_factory=dict)
+    tier_puts: list[tuple[int, bytes]] = field(default_factory=list)
 
     def is_empty(self) -> bool:
         return not (self.loads or self.stores or self.freed_rows)

@@ -63,6 +63,24 @@ COUNTERS: dict[str, tuple[str, str]] = {
         "Store entries found missing or invalid on load (those tokens were recomputed).",
     ),
 }
+# per tier (docs/TIERS.md): <tier>_<counter> → vllm:polykv_<tier>_<counter>_total
+_TIER_COUNTERS = {
+    "hits": "entries read from the tier and served",
+    "misses": "entries asked of the tier and absent",
+    "corrupt": "entries read from the tier that failed a check (deleted, recomputed)",
+    "bytes_read": "bytes read from the tier",
+    "bytes_written": "bytes written to the tier",
+    "writes": "entries written to the tier",
+    "drops": "writes dropped because the tier's write queue was full",
+    "errors": "faults of the tier (I/O errors, full disk, unreachable server)",
+    "evictions": "entries evicted from the tier to keep its byte budget",
+}
+for _tier in ("disk", "remote"):
+    for _key, _text in _TIER_COUNTERS.items():
+        COUNTERS[f"{_tier}_{_key}"] = (
+            f"vllm:polykv_{_tier}_{_key}",
+            f"polykv {_tier} tier: {_text}.",
+        )
 #: gauge key → (Prometheus name, help)
 GAUGES: dict[str, tuple[str, str]] = {
     "stored_documents": ("vllm:polykv_stored_documents", "Documents with blocks in the store."),

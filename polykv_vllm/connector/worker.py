@@ -43,10 +43,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from polykv_vllm.connector.metadata import BlockJob, LoadJob, StepPlan, WorkerReport
+from polykv_vllm.connector.metadata import BlockJob, FetchJob, LoadJob, StepPlan, WorkerReport
 from polykv_vllm.connector.paged_io import PagedIO
 from polykv_vllm.connector.slab import BlockSlab, Run, first_invalid_block, runs
 from polykv_vllm.connector.staging import Fence, StagedStores
+from polykv_vllm.connector.tiers.worker_io import TierIO
 from polykv_vllm.core import PackedKV
 
 __all__ = ["PolyKVWorker", "WorkerCounters"]
@@ -102,6 +103,8 @@ class PolyKVWorker:
         self._in_flight: list[_AsyncLoad] = []  # async loads not yet reported, in start order
         self._load_side: torch.cuda.Stream | None = None  # CUDA async loads
         self._thread: ThreadPoolExecutor | None = None  # CPU async loads
+        #: the tiers below the store (docs/TIERS.md), set by the connector; None: no tiers
+        self.tiers: TierIO | None = None
 
     def bind(self, io: PagedIO, store: BlockSlab) -> None:
         self.io = io
@@ -122,11 +125,20 @@ class PolyKVWorker:
     def start_load(self, plan: StepPlan) -> None:
         """Decompress ``plan.loads`` into the paged cache (start the async ones), then mark
         ``plan.freed_rows`` empty (after the loads: no load reads a freed row, and a store may
-        reuse it this step; an unfinished async load's rows are never among them)."""
+        reuse it this step; an unfinished async load's rows are never among them). Tiers first:
+        rows stored by the last plan and not yet written through are (before anything
+        overwrites them), and a load's tier blocks are fetched before it runs or starts."""
+        if self.tiers is not None:
+            self.tiers.put_pending()
         for job in plan.loads:
+            fetch = plan.fetches.get(job.load_id)
+            failed = self.fetch(job, fetch) if fetch is not None else set()
             if job.async_load:
-                self._in_flight.append(self._start_async(job))
+                load = self._start_async(job)
+                load.fetch_failed = failed  # reported with the load, when it finishes
+                self._in_flight.append(load)
             else:
+                self._report.failed_rows |= failed
                 self._load(job)
         self.store.check_rows(plan.freed_rows)
         self.store.mark_empty(plan.freed_rows)
@@ -144,6 +156,7 @@ class PolyKVWorker:
                 continue
             good, reason, seconds = load.result()
             self._conclude(load.job, good, reason, drop_row=reason != "error")
+            self._report.failed_rows |= load.fetch_failed
             if good:
                 self._record("load", load.span or _Span.of(seconds), good)
             finished.add(load.job.req_id)
@@ -163,10 +176,22 @@ class PolyKVWorker:
         if self._load_side is not None:
             self._load_side.synchronize()
 
+    def fetch(self, job: LoadJob, fetch: FetchJob) -> set[int]:
+        """Read ``job``'s tier blocks into their rows (synchronous; docs/TIERS.md); returns the
+        rows no tier could give, which stay empty: the load that follows recomputes them, and
+        its report names them failed (so the scheduler drops their pending entries)."""
+        assert self.tiers is not None, "a fetch was planned without tiers"
+        report = WorkerReport()
+        self.tiers.fetch(self.store, job, fetch, report)
+        self._report.stored.update(report.stored)
+        return report.failed_rows
+
     def save(self, plan: StepPlan) -> None:
         """Compress ``plan.stores`` (blocks computed by this step's forward) into the store."""
         if self._staged:
             self._staged.poll(self._confirm)
+        if self.tiers is not None and plan.tier_puts:  # written through once confirmed
+            self.tiers.expect(plan.tier_puts)
         for job in plan.stores:
             self._save(job)
 
@@ -460,6 +485,8 @@ class PolyKVWorker:
         row_bytes = store.row_bytes
         for row in rows:
             self._report.stored[row] = [row_bytes, 1]
+        if self.tiers is not None:  # write-through: docs/TIERS.md
+            self.tiers.stored(rows, now=self.io is not None and self.io.device.type == "cpu")
 
     def _record(self, kind: str, span: _Span, blocks: int) -> None:
         self._spans.append((kind, span))
@@ -499,6 +526,7 @@ class _AsyncLoad:
     flags: torch.Tensor | None = None
     future: Future[tuple[int, str, float]] | None = None
     span: _Span | None = None
+    fetch_failed: set[int] = dataclasses.field(default_factory=set)  # rows no tier could give
 
     def done(self) -> bool:
         if self.event is not None:

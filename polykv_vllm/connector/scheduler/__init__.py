@@ -11,6 +11,8 @@ Who owns what (``docs/CONNECTOR.md`` has the picture):
 - :mod:`.documents`: doc names, pins and tenants; :mod:`.pin_policy`: who may pin and how
   much; :mod:`.params`: the per-request ``polykv`` parameters;
 - :mod:`.geometry`: the sizes it plans with, and the budget → rows rule the workers share.
+- :mod:`.tiers`: the tiers below the store (keys, lookups, fetches, write-through;
+  ``docs/TIERS.md``).
 """
 
 from polykv_vllm.connector.scheduler.entries import Entry, EntryTable

@@ -23,8 +23,9 @@ The life of a stored block, in the names of vLLM's ``OffloadingManager``:
   :meth:`StoreIndex.on_alloc` of a request tells the policy which prompt blocks were asked for.
 
 Requests are tracked in :mod:`.requests`; entries, budget, rows and eviction in :mod:`.entries`;
-names, pins and tenants in :mod:`.documents`. The receipt (:meth:`StoreIndex.finish`) is
-described in ``docs/CONNECTOR.md``.
+names, pins and tenants in :mod:`.documents`; the tiers below the store (disk, Redis) in
+:mod:`.tiers`, called from the hooks where ``self.tiers`` is set. The receipt
+(:meth:`StoreIndex.finish`) is described in ``docs/CONNECTOR.md``.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from polykv_vllm.connector.scheduler.requests import (
     RequestState,
     ScheduledReq,
 )
+from polykv_vllm.connector.scheduler.tiers import TierPlanner
 
 __all__ = ["SchedulerCounters", "StoreIndex"]
 
@@ -110,6 +112,8 @@ class StoreIndex:
         self._next_load_id = 0
         self._deduplicated: set[str] = set()  # requests told to wait for another's load
         self.counters = SchedulerCounters()
+        #: the tiers below the store (docs/TIERS.md), set by the connector; None: no tiers
+        self.tiers: TierPlanner | None = None
 
     # --- introspection (running totals, no scans) ------------------------------------------
 
@@ -185,6 +189,8 @@ class StoreIndex:
                 self._deduplicated.add(request.request_id)
                 self.counters.loads_deduplicated += 1
             return None
+        if self.tiers is not None and start + n < limit:  # tiers: docs/TIERS.md
+            n += self.tiers.probe(self, request, start + n, limit)
         self._lookups[request.request_id] = (start, n)
         return n * bs
 
@@ -198,6 +204,8 @@ class StoreIndex:
             state = self._reqs[rid] = RequestState.of(request)
             full = request.num_prompt_tokens // self.geometry.block_size
             self.entries.policy.record(request.block_hashes[:full])
+            if self.tiers is not None:
+                self.tiers.note(request, self.geometry.block_size)
         state.block_ids = list(block_ids)
         lookup = self._lookups.pop(rid, None)
         self._deduplicated.discard(rid)
@@ -209,17 +217,22 @@ class StoreIndex:
         n = num_external_tokens // bs
         assert num_external_tokens % bs == 0 and n <= n_found, (num_external_tokens, lookup)
         keys = request.block_hashes[start : start + n]
+        n_tier = self.tiers.tier_blocks(request, start, n) if self.tiers is not None else 0
         entries: list[Entry] = []
-        for key in keys:
+        for key in keys[: n - n_tier]:
             entry = self.entries.get(key)
             assert entry is not None and entry.ready, "nothing evicts between lookup and alloc"
             entry.refs += 1
             entries.append(entry)
+        if self.tiers is not None and n_tier:
+            entries += self.tiers.prepare_fetch(self, request, start + n - n_tier, n_tier)
         load = LoadInFlight(
             load_id=self._next_load_id, req_id=rid, entries=entries, async_load=self.async_loads
         )
         self._next_load_id += 1
         self._loads.add(load)
+        if self.tiers is not None and n_tier:
+            self.tiers.plan_fetch(load.load_id, n - n_tier, request, start + n - n_tier, n_tier, bs)
         self._planned_loads.append(
             LoadJob(
                 req_id=rid,
@@ -271,6 +284,8 @@ class StoreIndex:
             if job is not None:
                 plan.stores.append(job)
         plan.freed_rows = self.entries.take_freed_rows()
+        if self.tiers is not None:
+            self.tiers.fill(self, plan)
         return plan
 
     def _prepare_store(self, state: RequestState, computed_after: int) -> BlockJob | None:
@@ -420,6 +435,8 @@ class StoreIndex:
             entry = self.entries.at_row(row)
             assert entry is not None and not entry.ready, f"row {row} reported, not pending"
             if self.entries.confirm(entry, nbytes, ranks):
+                if self.tiers is not None and self.tiers.on_ready(entry):
+                    continue  # fetched from a tier, not stored
                 self.counters.tokens_stored += self.geometry.block_size
                 for _, name in entry.docs:
                     acc = stored.setdefault(name, [0, 0])
@@ -454,6 +471,8 @@ class StoreIndex:
         rid = request.request_id
         self._lookups.pop(rid, None)
         self._deduplicated.discard(rid)
+        if self.tiers is not None:
+            self.tiers.forget(self, request)
         state = self._reqs.pop(rid, None) or RequestState.of(request)
         doc = self.documents.get(*state.doc) if state.doc is not None else None
         if doc is None:
