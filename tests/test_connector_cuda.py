@@ -270,7 +270,13 @@ def test_side_stream_load_waits_for_the_current_stream_and_equals_the_sync_load(
     worker.start_load(StepPlan(loads=[LoadJob("sync", (0, 1, 2), (4, 5, 6), load_id=0)]))
     torch.cuda.synchronize()
     assert worker.take_report().loads == {0: [1, 3]}
-    torch.cuda._sleep(500_000_000)  # keep the current stream busy for a while (~0.25 s)
+    # warm the async path once (first-call compiles must not outlast the busy stream below)
+    warm = LoadJob("warm", (0, 1, 2), (10, 11, 9), load_id=9, async_load=True)
+    worker.start_load(StepPlan(loads=[warm]))
+    torch.cuda.synchronize()
+    assert worker.get_finished() == {"warm"}
+    assert worker.take_report() is not None
+    torch.cuda._sleep(2_000_000_000)  # keep the current stream busy for a while (~1 s)
     job = LoadJob("async", (0, 1, 2), (7, 8, 9), load_id=1, async_load=True)
     worker.start_load(StepPlan(loads=[job]))
     assert worker.get_finished() == set(), "the side stream waits for the current stream"
@@ -284,7 +290,7 @@ def test_side_stream_load_waits_for_the_current_stream_and_equals_the_sync_load(
     for cache in caches:
         assert torch.equal(cache[[7, 8, 9]], cache[[4, 5, 6]]), "async == sync, bit for bit"
     worker.flush_timers()
-    assert len(worker.totals.load_seconds) == 2 and worker.totals.tokens_decompressed == 6 * 16
+    assert len(worker.totals.load_seconds) == 3 and worker.totals.tokens_decompressed == 9 * 16
 
 
 def test_async_load_reports_a_corrupt_block_and_every_later_one_as_load_errors() -> None:
