@@ -39,7 +39,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -48,6 +48,7 @@ from polykv_vllm.connector.paged_io import PagedIO
 from polykv_vllm.connector.slab import BlockSlab, Run, first_invalid_block, runs
 from polykv_vllm.connector.staging import Fence, StagedStores
 from polykv_vllm.connector.tiers.worker_io import TierIO
+from polykv_vllm.connector.transfers import AsyncLoad, DoneFence, Span, finite_blocks
 from polykv_vllm.core import PackedKV
 
 __all__ = ["PolyKVWorker", "WorkerCounters"]
@@ -90,7 +91,7 @@ class PolyKVWorker:
         #: caches are on CUDA and the store in host memory
         self.stage_stores: bool | None = None
         #: the fence of a staged copy made on the CPU (synchronous: done); tests inject theirs
-        self.host_fence: Callable[[], Fence] = _Done
+        self.host_fence: Callable[[], Fence] = DoneFence
         self._side: torch.cuda.Stream | None = None
         self.io: PagedIO | None = None
         self._store: BlockSlab | None = None
@@ -99,8 +100,8 @@ class PolyKVWorker:
         self.counters = WorkerCounters()
         #: the same, never reset (for tests and benchmarks in the engine's process)
         self.totals = WorkerCounters()
-        self._spans: list[tuple[str, _Span]] = []  # timings the GPU has not finished yet
-        self._in_flight: list[_AsyncLoad] = []  # async loads not yet reported, in start order
+        self._spans: list[tuple[str, Span]] = []  # timings the GPU has not finished yet
+        self._in_flight: list[AsyncLoad] = []  # async loads not yet reported, in start order
         self._load_side: torch.cuda.Stream | None = None  # CUDA async loads
         self._thread: ThreadPoolExecutor | None = None  # CPU async loads
         #: the tiers below the store (docs/TIERS.md), set by the connector; None: no tiers
@@ -158,7 +159,7 @@ class PolyKVWorker:
             self._conclude(load.job, good, reason, drop_row=reason != "error")
             self._report.failed_rows |= load.fetch_failed
             if good:
-                self._record("load", load.span or _Span.of(seconds), good)
+                self._record("load", load.span or Span.of(seconds), good)
             finished.add(load.job.req_id)
         self._in_flight = pending
         return finished
@@ -253,7 +254,7 @@ class PolyKVWorker:
         if getattr(self.io, "bound", None) is not None:
             self._load_at(job)
             return
-        timer = _Span.start(self.io.device)
+        timer = Span.start(self.io.device)
         good, reason = self._loadable(job)
         per_layer: list[PackedKV] = []
         if good:
@@ -326,19 +327,19 @@ class PolyKVWorker:
 
     # --- async loads -------------------------------------------------------------------------
 
-    def _start_async(self, job: LoadJob) -> _AsyncLoad:
+    def _start_async(self, job: LoadJob) -> AsyncLoad:
         assert self.io is not None, "register_kv_caches must run before the first load"
         good, reason = self._loadable(job)
         if good == 0:
-            return _AsyncLoad(job, good, reason)
+            return AsyncLoad(job, good, reason)
         if self.io.device.type == "cuda":
             return self._start_on_side_stream(job, good, reason)
         if self._thread is None:
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="polykv-load")
         future = self._thread.submit(self._load_in_thread, job, good, reason)
-        return _AsyncLoad(job, good, reason, future=future)
+        return AsyncLoad(job, good, reason, future=future)
 
-    def _start_on_side_stream(self, job: LoadJob, good: int, reason: str) -> _AsyncLoad:
+    def _start_on_side_stream(self, job: LoadJob, good: int, reason: str) -> AsyncLoad:
         """Copy, check and decode on a side stream that first waits for the current stream;
         the scale check's flags come back to pinned host memory, read once the event is done."""
         assert self.io is not None
@@ -347,16 +348,16 @@ class PolyKVWorker:
             self._load_side = torch.cuda.Stream(device)
         self._load_side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(self._load_side):
-            span = _Span.start(device)
+            span = Span.start(device)
             per_layer = self._read(job.rows[:good])
-            finite = _finite_blocks(good, per_layer)
+            finite = finite_blocks(good, per_layer)
             flags = torch.empty(good, dtype=torch.bool, pin_memory=True)
             flags.copy_(finite, non_blocking=True)
             self._write(per_layer, job.block_ids[:good])
             span.stop()
             event = torch.cuda.Event()
             event.record(self._load_side)
-        return _AsyncLoad(job, good, reason, event=event, flags=flags, span=span)
+        return AsyncLoad(job, good, reason, event=event, flags=flags, span=span)
 
     def _load_in_thread(self, job: LoadJob, good: int, reason: str) -> tuple[int, str, float]:
         """A CPU build's async load, in the background thread: only valid blocks are written."""
@@ -380,7 +381,7 @@ class PolyKVWorker:
         validity check per run."""
         io, store = self.io, self.store
         assert io is not None
-        timer = _Span.start(io.device)
+        timer = Span.start(io.device)
         good, reason = self._loadable(job)
         todo = []
         for run in runs(job.rows[:good]):
@@ -404,7 +405,7 @@ class PolyKVWorker:
         assert self.io is not None, "register_kv_caches must run before the first store"
         store = self.store
         store.check_rows(job.rows)
-        timer = _Span.start(self.io.device)
+        timer = Span.start(self.io.device)
         staged = self.stage_stores
         if staged is None:
             staged = store.device.type == "cpu" and self.io.device.type == "cuda"
@@ -488,101 +489,8 @@ class PolyKVWorker:
         if self.tiers is not None:  # write-through: docs/TIERS.md
             self.tiers.stored(rows, now=self.io is not None and self.io.device.type == "cpu")
 
-    def _record(self, kind: str, span: _Span, blocks: int) -> None:
+    def _record(self, kind: str, span: Span, blocks: int) -> None:
         self._spans.append((kind, span))
         if kind == "load":
             for c in (self.counters, self.totals):
                 c.tokens_decompressed += blocks * self.block_size
-
-
-class _Done:
-    """The fence of work already done (a synchronous copy)."""
-
-    def query(self) -> bool:
-        return True
-
-    def synchronize(self) -> None:
-        return
-
-
-def _finite_blocks(blocks: int, per_layer: Sequence[PackedKV]) -> torch.Tensor:
-    """bool ``[blocks]`` on the tensors' device: whether every scale and norm of each block is
-    finite in every layer (no host sync; :func:`~.slab.first_invalid_block` reads it back)."""
-    scales = [t.reshape(blocks, -1) for p in per_layer for t in (p.k_scale, p.v_norm)]
-    return torch.isfinite(torch.cat(scales, dim=1)).all(dim=1)
-
-
-@dataclasses.dataclass(eq=False)
-class _AsyncLoad:
-    """A started async load: ``good`` blocks (from the first) were readable when it started
-    (``reason`` says why not the rest). Done when its CUDA ``event`` completed (``flags``: each
-    block's scales were finite) or its ``future`` (the CPU thread's result) is done; at once
-    when it had nothing to load."""
-
-    job: LoadJob
-    good: int
-    reason: str
-    event: torch.cuda.Event | None = None
-    flags: torch.Tensor | None = None
-    future: Future[tuple[int, str, float]] | None = None
-    span: _Span | None = None
-    fetch_failed: set[int] = dataclasses.field(default_factory=set)  # rows no tier could give
-
-    def done(self) -> bool:
-        if self.event is not None:
-            return bool(self.event.query())
-        return self.future is None or self.future.done()
-
-    def result(self) -> tuple[int, str, float]:
-        """``(blocks loaded, why not the rest, seconds)`` of a done load."""
-        if self.future is not None:
-            return self.future.result()
-        good, reason = self.good, self.reason
-        if self.flags is not None:
-            ok = self.flags.tolist()  # pinned host memory the finished event wrote: no sync
-            if False in ok:
-                good, reason = ok.index(False), "invalid"
-        return good, reason, 0.0
-
-
-class _Span:
-    """Time of a piece of work on the device's current stream (CUDA events: no host sync), or
-    wall time on the CPU. :meth:`seconds` waits for the end event."""
-
-    def __init__(self, device: torch.device) -> None:
-        self._cuda = device.type == "cuda"
-        self._events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
-        self._t0 = time.perf_counter()
-        self._t1: float | None = None
-        if self._cuda:
-            begin = torch.cuda.Event(enable_timing=True)
-            begin.record()
-            self._events = (begin, torch.cuda.Event(enable_timing=True))
-
-    @classmethod
-    def start(cls, device: torch.device) -> _Span:
-        return cls(device)
-
-    @classmethod
-    def of(cls, seconds: float) -> _Span:
-        """A finished wall-clock span of ``seconds`` (measured elsewhere)."""
-        span = cls(torch.device("cpu"))
-        span._t1 = span._t0 + seconds
-        return span
-
-    def stop(self) -> _Span:
-        if self._events is not None:
-            self._events[1].record()
-        else:
-            self._t1 = time.perf_counter()
-        return self
-
-    def done(self) -> bool:
-        return self._events is None or self._events[1].query()
-
-    def seconds(self) -> float:
-        if self._events is not None:
-            self._events[1].synchronize()
-            return self._events[0].elapsed_time(self._events[1]) / 1000
-        assert self._t1 is not None
-        return self._t1 - self._t0
