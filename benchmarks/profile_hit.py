@@ -114,8 +114,8 @@ def run_one(name: str, args: argparse.Namespace, model_dir: str, out: Path) -> d
             "cpu": ka.table(sort_by="self_cpu_time_total", row_limit=args.rows),
             "cuda": ka.table(sort_by="self_device_time_total", row_limit=args.rows),
         }
-        # a record_function range appears twice (its CPU event and its GPU-timeline
-        # annotation, whose CPU time is 0): sum over both instead of keeping the last
+        # a record_function range can appear twice (likely its CPU event and its GPU-timeline
+        # annotation, CPU time 0; not checked on the GPU): sum them instead of keeping the last
         hooks: dict[str, dict[str, float]] = {}
         for e in ka:
             if e.key.startswith("polykv."):
