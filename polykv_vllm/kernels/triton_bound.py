@@ -28,19 +28,18 @@ import triton
 
 from polykv_vllm.core import LayerSpec
 from polykv_vllm.kernels.addresses import PackedAddresses
-from polykv_vllm.kernels.fp8 import is_fp8
 from polykv_vllm.kernels.layout import check_cache_pair
 from polykv_vllm.kernels.triton_decode import decode_kernel
 from polykv_vllm.kernels.triton_encode import encode_kernel
 from polykv_vllm.kernels.triton_plan import (
-    _TL_DTYPES,
     DEFAULT_DECODE_CONFIG,
     DEFAULT_ENCODE_CONFIG,
     KernelConfig,
     _grid,
     _kernel,
+    stream_constants,
 )
-from polykv_vllm.kernels.triton_tables import pow2, spec_key, stream_tables
+from polykv_vllm.kernels.triton_tables import spec_key
 
 __all__ = ["BoundPagedKernels"]
 
@@ -117,35 +116,12 @@ class BoundPagedKernels:
             group = [caches[i] for i in layers]
             st = spec.stream("k" if name == "k" else "v")
             addr = [c.data_ptr() for c in group]
-            dtype = _TL_DTYPES[group[0].dtype]
-            fp8 = is_fp8(group[0].dtype)
-            common = {
-                "INT8": not st.rotated,
-                "FP8": fp8,
-                "BITS": st.bits,
-                "DP": pow2(spec.head_dim),
-            }
-            if st.rotated:
-                tb = stream_tables(spec, name, self.device)
-                luts_dec: tuple[torch.Tensor, ...] = (tb.centroids, tb.dec_colscale, tb.hadamard)
-                luts_enc: tuple[torch.Tensor, ...] = (
-                    tb.signs,
-                    tb.enc_colscale,
-                    tb.boundaries,
-                    tb.hadamard,
-                )
-            else:
-                luts_dec, luts_enc = (self._dummy,) * 3, (self._dummy,) * 4
-            e5m2 = group[0].dtype == torch.float8_e5m2
-            meta_dec = {
-                **common,
-                "FP8_MAX": torch.finfo(group[0].dtype).max if fp8 else 0.0,
-                "FP8_EMIN": -14 if e5m2 else -6,
-                "FP8_MBITS": 2 if e5m2 else 3,
-                "NORM_CORR": spec.norm_correction,
-                "OUT_DTYPE": dtype,
-            }
-            meta_enc = {**common, "IN_DTYPE": dtype}
+            luts_dec, meta_dec = stream_constants(
+                spec, name, group[0].dtype, self.device, False, self._dummy
+            )
+            luts_enc, meta_enc = stream_constants(
+                spec, name, group[0].dtype, self.device, True, self._dummy
+            )
             table = torch.tensor(addr, dtype=torch.int64).to(self.device)
             streams.append(
                 _Stream(

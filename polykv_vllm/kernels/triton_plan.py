@@ -207,6 +207,48 @@ def _check_layers(
             )
 
 
+def stream_constants(
+    spec: LayerSpec,
+    stream: str,
+    cache_dtype: torch.dtype,
+    device: torch.device,
+    encode: bool,
+    dummy: torch.Tensor,
+) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
+    """What a launch of ``stream`` (``"k"`` / ``"v"``) of ``spec`` over caches of
+    ``cache_dtype`` reads that does not change between calls: the codec's tables (``dummy``
+    where the int8 branch reads none) and the compile-time constants."""
+    st = spec.stream("k" if stream == "k" else "v")
+    if st.rotated:
+        tb = stream_tables(spec, stream, device)
+        lut: tuple[torch.Tensor, ...] = (
+            (tb.signs, tb.enc_colscale, tb.boundaries, tb.hadamard)
+            if encode
+            else (tb.centroids, tb.dec_colscale, tb.hadamard)
+        )
+    else:
+        lut = (dummy,) * (4 if encode else 3)
+    dtype = _TL_DTYPES[cache_dtype]
+    fp8 = is_fp8(cache_dtype)
+    consts: dict[str, Any] = {
+        "INT8": not st.rotated,
+        "FP8": fp8,
+        "BITS": st.bits,
+        "DP": pow2(spec.head_dim),
+    }
+    if encode:
+        consts["IN_DTYPE"] = dtype
+    else:
+        # e4m3: max 448, smallest normal 2**-6, 3 mantissa bits; e5m2: 57344, 2**-14, 2
+        e5m2 = cache_dtype == torch.float8_e5m2
+        consts["FP8_MAX"] = torch.finfo(cache_dtype).max if fp8 else 0.0
+        consts["FP8_EMIN"] = -14 if e5m2 else -6
+        consts["FP8_MBITS"] = 2 if e5m2 else 3
+        consts["NORM_CORR"] = spec.norm_correction
+        consts["OUT_DTYPE"] = dtype
+    return lut, consts
+
+
 def _stream_launch(
     kernel: Any,
     stream: str,
@@ -222,8 +264,6 @@ def _stream_launch(
 ) -> tuple[Launch, torch.Tensor, torch.Tensor]:
     device = caches[0].device
     _, block_size, kv_heads, d = caches[0].shape
-    st = spec.stream("k" if stream == "k" else "v")
-    int8, bits = not st.rotated, st.bits
     addr = [[t.data_ptr() for t in group] for group in tables_in]
     # Pointers read from a table carry no alignment facts; when every one is 16-byte aligned the
     # kernel says so (tl.multiple_of), which lets Triton emit 16-byte loads and stores.
@@ -235,41 +275,17 @@ def _stream_launch(
     tiles = triton.cdiv(num_rows, config.rows)
     total = tiles * len(caches)
     s_b, s_n, s_h, s_d = caches[0].stride()
-    if int8:
-        dummy = codes[0]  # unused by the int8 branch
-        lut: tuple[torch.Tensor, ...] = (dummy,) * (4 if encode else 3)
-    else:
-        tb = stream_tables(spec, stream, device)
-        lut = (
-            (tb.signs, tb.enc_colscale, tb.boundaries, tb.hadamard)
-            if encode
-            else (tb.centroids, tb.dec_colscale, tb.hadamard)
-        )
-    dtype = _TL_DTYPES[caches[0].dtype]
-    fp8 = is_fp8(caches[0].dtype)
+    lut, consts = stream_constants(spec, stream, caches[0].dtype, device, encode, codes[0])
     cscale = torch.tensor(list(cache_scales), dtype=torch.float32)
     if device.type == "cuda":
         cscale = cscale.to(device, non_blocking=True)
     meta: dict[str, Any] = {
-        "INT8": int8,
-        "FP8": fp8,
-        "BITS": bits,
+        **consts,
         "ALIGNED": aligned,
         "ROWS": config.rows,
-        "DP": pow2(d),
         "num_warps": config.num_warps,
         "num_stages": config.num_stages,
     }
-    if encode:
-        meta["IN_DTYPE"] = dtype
-    else:
-        # e4m3: max 448, smallest normal 2**-6, 3 mantissa bits; e5m2: 57344, 2**-14, 2
-        e5m2 = caches[0].dtype == torch.float8_e5m2
-        meta["FP8_MAX"] = torch.finfo(caches[0].dtype).max if fp8 else 0.0
-        meta["FP8_EMIN"] = -14 if e5m2 else -6
-        meta["FP8_MBITS"] = 2 if e5m2 else 3
-        meta["NORM_CORR"] = spec.norm_correction
-        meta["OUT_DTYPE"] = dtype
     args = (
         table[0],
         table[1],
