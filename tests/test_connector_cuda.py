@@ -199,8 +199,9 @@ def test_staged_store_lands_in_pinned_memory_and_is_confirmed_after_its_copy() -
     """The CPU tier's store path without vLLM: compressed into a GPU staging slot on the
     current stream, copied to the pinned slab on a side stream, confirmed once copied. The
     paged blocks are overwritten right after the save (as a later step may): the stored bytes
-    are still the blocks' compression. One staging slot: the second store waits for the first
-    (a counted stall) and reuses its slot."""
+    are still the blocks' compression. One staging slot of two blocks: the step's three blocks
+    (two requests) go in two pieces, so the second piece waits for the first (a counted stall)
+    and reuses its slot."""
     from polykv_vllm.connector.metadata import BlockJob, StepPlan
     from polykv_vllm.connector.paged_io import FlashPagedIO
     from polykv_vllm.connector.slab import BlockSlab
@@ -217,6 +218,7 @@ def test_staged_store_lands_in_pinned_memory_and_is_confirmed_after_its_copy() -
     io = FlashPagedIO(codec, caches, list(range(layers)), dim, bs)
     slab = BlockSlab(codec, list(range(layers)), 8, bs, heads, dim, torch.device("cpu"), True)
     worker = PolyKVWorker(block_size=bs, staging_slots=1)
+    worker.STAGING_TOKENS = 2 * bs
     worker.bind(io, slab)
     want = [p.to("cpu") for p in io.store([1, 2, 7])]
     torch.cuda.synchronize()

@@ -115,7 +115,32 @@ def test_busy_slots_fall_back_to_waiting_and_large_stores_go_in_pieces(
     got, want = gather(worker.store, [0, 1, 2, 3, 4]), expected(worker, [5, 6, 7, 8, 9])
     for g, w in zip(got, want, strict=True):
         assert all(torch.equal(x, y) for x, y in zip(g.tensors(), w.tensors(), strict=True))
-    assert len(worker.totals.store_seconds) == 1
+    assert len(worker.totals.store_seconds) == 3, "one timed store per staged piece"
+
+
+def test_a_steps_stores_share_slots_in_store_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three requests' stores in one step (4 + 1 + 2 blocks) are packed into pieces of up to 4
+    blocks across requests: 2 slots, no stall, and confirmed in store order."""
+    monkeypatch.setattr(PolyKVWorker, "STAGING_TOKENS", 4 * BS)
+    worker, _, fences = make_worker(slots=2)
+    jobs = [
+        BlockJob("a", (0, 1, 2, 3), (5, 6, 7, 8)),
+        BlockJob("b", (4,), (9,)),
+        BlockJob("c", (6, 7), (10, 11)),
+    ]
+    worker.save(StepPlan(stores=jobs))
+    assert len(fences) == 2 and worker.totals.store_stalls == 0
+    fences[1].done = True
+    assert worker.take_report() is None, "the older piece is still in flight"
+    fences[0].done = True
+    report = worker.take_report()
+    assert report is not None and list(report.stored) == [0, 1, 2, 3, 4, 6, 7]
+    got, want = (
+        gather(worker.store, [0, 1, 2, 3, 4, 6, 7]),
+        expected(worker, [5, 6, 7, 8, 9, 10, 11]),
+    )
+    for g, w in zip(got, want, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(g.tensors(), w.tensors(), strict=True))
 
 
 def test_entries_become_ready_only_when_the_worker_confirms() -> None:

@@ -193,6 +193,9 @@ class PolyKVWorker:
             self._staged.poll(self._confirm)
         if self.tiers is not None and plan.tier_puts:  # written through once confirmed
             self.tiers.expect(plan.tier_puts)
+        if self._stages(plan.stores):
+            self._save_staged(plan.stores)
+            return
         for job in plan.stores:
             self._save(job)
 
@@ -401,18 +404,23 @@ class PolyKVWorker:
             io.load_at(store.addresses(run.row, run.length), ids)  # type: ignore[attr-defined]
         self._record("load", timer.stop(), good)
 
+    def _stages(self, jobs: Sequence[BlockJob]) -> bool:
+        """Whether stores are staged (:mod:`~.staging`): ``stage_stores``, or when unset exactly
+        when the caches are on CUDA and the store in host memory."""
+        if not jobs:
+            return False
+        assert self.io is not None, "register_kv_caches must run before the first store"
+        if self.stage_stores is not None:
+            return self.stage_stores
+        return self.store.device.type == "cpu" and self.io.device.type == "cuda"
+
     def _save(self, job: BlockJob) -> None:
         assert self.io is not None, "register_kv_caches must run before the first store"
         store = self.store
         store.check_rows(job.rows)
         timer = Span.start(self.io.device)
-        staged = self.stage_stores
-        if staged is None:
-            staged = store.device.type == "cpu" and self.io.device.type == "cuda"
         row_runs = runs(job.rows)
-        if staged:
-            self._save_staged(job)
-        elif self._save_in_place(job, row_runs):
+        if self._save_in_place(job, row_runs):
             self._confirm(job.rows)
         elif len(row_runs) == 1 and store.device == self.io.device:
             # one run on the cache's device: the kernels encode straight into it
@@ -439,15 +447,21 @@ class PolyKVWorker:
             for run in row_runs
         )
 
-    def _save_staged(self, job: BlockJob) -> None:
-        """Compress into a staging slot on the current stream, copy it into the slab's rows on
-        a side stream, and confirm the rows once that copy's fence passed (:mod:`~.staging`);
-        in pieces of at most :attr:`STAGING_TOKENS` tokens."""
+    def _save_staged(self, jobs: Sequence[BlockJob]) -> None:
+        """Compress a step's stores into staging slots on the current stream, copy each slot
+        into the slab's rows on a side stream, and confirm the rows once that copy's fence
+        passed (:mod:`~.staging`). The step's blocks are packed in store order, up to
+        :attr:`STAGING_TOKENS` tokens per slot, whatever request they belong to: a wave of
+        revisits storing a few query blocks each takes one slot, not one slot per request."""
         assert self.io is not None
         store, bs = self.store, self.block_size
+        rows = [r for job in jobs for r in job.rows]
+        block_ids = [b for job in jobs for b in job.block_ids]
+        store.check_rows(rows)
         step = max(1, self.STAGING_TOKENS // bs)
-        for lo in range(0, len(job.rows), step):
-            rows, block_ids = job.rows[lo : lo + step], job.block_ids[lo : lo + step]
+        for lo in range(0, len(rows), step):
+            timer = Span.start(self.io.device)
+            piece_rows, piece_ids = rows[lo : lo + step], block_ids[lo : lo + step]
             slot = self._staged.acquire()
             if slot is None:  # every slot in flight: wait for the oldest (synchronous)
                 self._staged.wait_oldest(self._confirm)
@@ -455,14 +469,15 @@ class PolyKVWorker:
                     c.store_stalls += 1
                 slot = self._staged.acquire()
                 assert slot is not None
-            tokens = len(rows) * bs
+            tokens = len(piece_rows) * bs
             if slot.capacity < tokens:  # grow (the slot is free): powers of two, up to a piece
-                blocks = min(step, 1 << (len(rows) - 1).bit_length())
+                blocks = min(step, 1 << (len(piece_rows) - 1).bit_length())
                 slot.buffers = store.staging(blocks * bs, self.io.device)
                 slot.capacity = blocks * bs
             out = slot.view(tokens)
-            self.io.store(block_ids, out=out)
-            self._staged.add(tuple(rows), slot, self._copy_to_slab(rows, out))
+            self.io.store(piece_ids, out=out)
+            self._staged.add(tuple(piece_rows), slot, self._copy_to_slab(piece_rows, out))
+            self._record("store", timer.stop(), len(piece_rows))
 
     def _copy_to_slab(self, rows: Sequence[int], staged: list[PackedKV]) -> Fence:
         """Copy ``staged`` into ``rows``: on CUDA on the side stream after the current stream's
