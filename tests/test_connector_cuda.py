@@ -219,6 +219,7 @@ def test_staged_store_lands_in_pinned_memory_and_is_confirmed_after_its_copy() -
     slab = BlockSlab(codec, list(range(layers)), 8, bs, heads, dim, torch.device("cpu"), True)
     worker = PolyKVWorker(block_size=bs, staging_slots=1)
     worker.STAGING_TOKENS = 2 * bs
+    worker.DIRECT_STORE_TOKENS = 0  # the staging slots, not the direct path below
     worker.bind(io, slab)
     want = [p.to("cpu") for p in io.store([1, 2, 7])]
     torch.cuda.synchronize()
@@ -236,6 +237,55 @@ def test_staged_store_lands_in_pinned_memory_and_is_confirmed_after_its_copy() -
         assert all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors(), strict=True))
     worker.flush_timers()
     assert len(worker.totals.store_seconds) == 2
+
+
+def test_small_staged_store_is_encoded_straight_into_pinned_rows() -> None:
+    """A step's small stores (two requests' query blocks, 3 blocks <= DIRECT_STORE_TOKENS) skip
+    the staging slots: the kernels write the pinned rows over PCIe on the current stream, the
+    rows are confirmed once that stream passed, and hold the blocks' compression. A larger piece
+    in the same step still goes through a slot."""
+    from polykv_vllm.connector.metadata import BlockJob, StepPlan
+    from polykv_vllm.connector.paged_io import FlashPagedIO
+    from polykv_vllm.connector.slab import BlockSlab
+    from polykv_vllm.connector.worker import PolyKVWorker
+    from polykv_vllm.core import KVCodec
+
+    layers, heads, dim, bs = 3, 2, 64, 16
+    codec = KVCodec("polykv", num_layers=layers, head_dim=dim)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    caches = [
+        torch.randn(12, heads, bs, 2 * dim, device="cuda", generator=g).to(torch.bfloat16)
+        for _ in range(layers)
+    ]
+    io = FlashPagedIO(codec, caches, list(range(layers)), dim, bs)
+    slab = BlockSlab(codec, list(range(layers)), 10, bs, heads, dim, torch.device("cpu"), True)
+    assert slab.is_pinned
+    worker = PolyKVWorker(block_size=bs)
+    worker.DIRECT_STORE_TOKENS = 3 * bs
+    worker.STAGING_TOKENS = 3 * bs
+    worker.bind(io, slab)
+    want = [p.to("cpu") for p in io.store([1, 2, 7, 3, 4, 5, 8])]
+    torch.cuda.synchronize()
+    # the rows in store order, in pieces of at most 3 blocks: 5,6,0 / 1,2,3 / 4, all direct
+    plan = StepPlan(
+        stores=[BlockJob("a", (5, 6), (1, 2)), BlockJob("b", (0,), (7,))]
+        + [BlockJob("c", (1, 2, 3, 4), (3, 4, 5, 8))]
+    )
+    worker.save(plan)
+    assert all(s.buffers is None for s in worker._staged.slots), "no staging buffer used"
+    for c in caches:
+        c.fill_(7.0)  # a later step reuses the blocks
+    torch.cuda.synchronize()
+    report = worker.take_report()
+    assert report is not None and sorted(report.stored) == [0, 1, 2, 3, 4, 5, 6]
+    got = gather(slab, [5, 6, 0, 1, 2, 3, 4])
+    for a, b in zip(got, want, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors(), strict=True))
+    worker.DIRECT_STORE_TOKENS = bs  # now a 2-block piece is staged through a slot
+    worker.save(StepPlan(stores=[BlockJob("d", (7, 8), (9, 10))]))
+    assert any(s.buffers is not None for s in worker._staged.slots)
+    worker.flush_timers()
+    assert worker.totals.store_stalls == 0
 
 
 # --- async loads on a side stream (the worker alone: CUDA tensors, no engine) -------------------

@@ -113,10 +113,17 @@ class BlockSlab:
             [(t.data_ptr(), t[0].numel() * t.element_size()) for t in s.tensors()]
             for s in self.layers
         ]
+        self._pinned = device.type == "cpu" and self.layers[0].k_codes.is_pinned()
         self._filled: set[int] = set()  # rows holding a written block
         self._pending: torch.cuda.Event | None = None  # last side-stream write to a host slab
         self._side: torch.cuda.Stream | None = None
         self._inflight: list[tuple[torch.cuda.Event, object]] = []  # sources of pending writes
+
+    @property
+    def is_pinned(self) -> bool:
+        """Whether the rows are in pinned host memory (the GPU reads and writes them over
+        PCIe, by address)."""
+        return self._pinned
 
     def __contains__(self, row: int) -> bool:
         """Whether ``row`` holds a written block."""

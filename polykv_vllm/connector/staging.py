@@ -11,6 +11,12 @@ passed: nothing reads a row before its bytes landed, so a load never waits for a
 :class:`StagedStores` is that bookkeeping, with no CUDA in it: a small ring of staging slots,
 each reused only after its fence passed, and the stores in flight. The fence is anything with
 ``query()`` and ``synchronize()`` (a CUDA event; tests pass their own).
+
+A small piece (at most ``PolyKVWorker.DIRECT_STORE_TOKENS``, e.g. an agent's query blocks) skips
+the staging buffer: the kernels encode it straight into the pinned rows over PCIe, on the
+current stream, and it is confirmed the same way once that stream's fence passed. It costs one
+launch instead of a buffer, a view per tensor and a copy per tensor and layer (host time that a
+prefix-cache hit, whose forward is short, would wait for).
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ class StagingSlot:
 @dataclass(eq=False)
 class _InFlight:
     rows: tuple[int, ...]
-    slot: StagingSlot
+    slot: StagingSlot | None  # None: written straight into the rows, no staging buffer
     fence: Fence
 
 
@@ -79,10 +85,12 @@ class StagedStores:
         """A slot no store in flight uses, or None."""
         return next((s for s in self.slots if id(s) not in self._busy), None)
 
-    def add(self, rows: tuple[int, ...], slot: StagingSlot, fence: Fence) -> None:
-        """A store into ``rows`` staged in ``slot`` whose copies end at ``fence``."""
-        assert id(slot) not in self._busy, "slot reused before its copies finished"
-        self._busy.add(id(slot))
+    def add(self, rows: tuple[int, ...], slot: StagingSlot | None, fence: Fence) -> None:
+        """A store into ``rows`` staged in ``slot`` (None: written into the rows directly, by
+        work that ends at ``fence`` too) whose copies end at ``fence``."""
+        if slot is not None:
+            assert id(slot) not in self._busy, "slot reused before its copies finished"
+            self._busy.add(id(slot))
         self._flight.append(_InFlight(rows, slot, fence))
 
     def poll(self, confirm: Callable[[tuple[int, ...]], None]) -> int:
@@ -106,5 +114,6 @@ class StagedStores:
 
     def _complete(self, confirm: Callable[[tuple[int, ...]], None]) -> None:
         done = self._flight.popleft()
-        self._busy.discard(id(done.slot))
+        if done.slot is not None:
+            self._busy.discard(id(done.slot))
         confirm(done.rows)

@@ -83,6 +83,9 @@ class PolyKVWorker:
 
     #: tokens of one staging slot: a larger store is staged in pieces of this size
     STAGING_TOKENS = 4096
+    #: a staged piece of at most this many tokens is encoded straight into its pinned host rows
+    #: (no staging buffer or copies: :mod:`~.staging`); 0: never
+    DIRECT_STORE_TOKENS = 256
 
     def __init__(self, block_size: int, staging_slots: int = 4) -> None:
         self.block_size = block_size
@@ -462,6 +465,9 @@ class PolyKVWorker:
         for lo in range(0, len(rows), step):
             timer = Span.start(self.io.device)
             piece_rows, piece_ids = rows[lo : lo + step], block_ids[lo : lo + step]
+            if self._store_direct(piece_rows, piece_ids):
+                self._record("store", timer.stop(), len(piece_rows))
+                continue
             slot = self._staged.acquire()
             if slot is None:  # every slot in flight: wait for the oldest (synchronous)
                 self._staged.wait_oldest(self._confirm)
@@ -478,6 +484,29 @@ class PolyKVWorker:
             self.io.store(piece_ids, out=out)
             self._staged.add(tuple(piece_rows), slot, self._copy_to_slab(piece_rows, out))
             self._record("store", timer.stop(), len(piece_rows))
+
+    def _store_direct(self, rows: Sequence[int], block_ids: Sequence[int]) -> bool:
+        """A small staged piece on CUDA: the bound kernels encode each run straight into its
+        pinned host rows (over PCIe) on the current stream; the piece is confirmed once that
+        stream's event passed. False where this does not apply (too large, no bound kernels,
+        an unusable fp8 scale: nothing was written)."""
+        io, store = self.io, self.store
+        if (
+            io is None
+            or len(rows) * self.block_size > self.DIRECT_STORE_TOKENS
+            or getattr(io, "bound", None) is None
+            or not store.is_pinned
+        ):
+            return False
+        if io.unusable() is not None:
+            return False
+        for run in runs(rows):
+            ids = block_ids[run.offset : run.offset + run.length]
+            written = io.store_at(store.addresses(run.row, run.length), ids)  # type: ignore[attr-defined]
+            assert written, "fp8 scales checked above"
+        fence = torch.cuda.current_stream(io.device).record_event()
+        self._staged.add(tuple(rows), None, fence)
+        return True
 
     def _copy_to_slab(self, rows: Sequence[int], staged: list[PackedKV]) -> Fence:
         """Copy ``staged`` into ``rows``: on CUDA on the side stream after the current stream's
