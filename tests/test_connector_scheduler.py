@@ -253,6 +253,24 @@ def test_store_policy_tagged_and_min_store_tokens() -> None:
     assert eng.run(FakeRequest("c", doc(16, 3.5), tagged))["polykv"]["tokens_stored"] == 3 * BS
 
 
+def test_doc_tokens_stores_only_the_document_and_the_next_agent_hits_it() -> None:
+    """``doc_tokens`` = 2 blocks of a 4.5-block prompt: only the document's 2 blocks are stored
+    (not the agent's question after it), and another agent with its own question gets them."""
+    index = make_index()
+    eng = Engine(index)
+    document = doc(18, 2)
+    first = FakeRequest("a", document + doc(19, 2.5), {"polykv": {"doc_tokens": 2 * BS + 3}})
+    assert eng.run(first)["polykv"]["tokens_stored"] == 2 * BS
+    second = FakeRequest("b", document + doc(20, 1.5), {"polykv": {"doc_tokens": 2 * BS}})
+    assert index.lookup(second, 0) == 2 * BS
+    assert eng.run(second)["polykv"]["tokens_stored"] == 0, "its question is not stored"
+    bad = parse_doc_params({"polykv": {"doc_tokens": 0}})
+    assert (
+        bad.doc_tokens is None
+        and parse_doc_params({"polykv": {"doc_tokens": True}}).doc_tokens is None
+    )
+
+
 def test_chunked_prefill_stores_blocks_as_they_complete() -> None:
     index = make_index()
     prompt = doc(17, 5.5)

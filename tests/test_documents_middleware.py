@@ -109,7 +109,8 @@ def test_completions_get_the_canonical_tokens_in_front() -> None:
     path, sent = app.seen[-1]
     assert path == "/v1/completions"
     assert sent["prompt"] == [BOS, *map(ord, "DOC"), *map(ord, "?!")]
-    assert sent["kv_transfer_params"] == {"polykv": {}}, "no doc id for the connector"
+    # no doc id for the connector; where the document ends, so the question is not stored
+    assert sent["kv_transfer_params"] == {"polykv": {"doc_tokens": 4}}
     receipt = r["json"]["kv_transfer_params"]["polykv"]
     assert receipt["by_reference"] is True and receipt["doc_id"] == "d"
     assert receipt["document_tokens"] == 4

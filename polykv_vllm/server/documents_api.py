@@ -363,7 +363,8 @@ class DocumentsMiddleware:
         else:
             payload["messages"] = await self._chat_messages(scope, record, payload)
         payload["kv_transfer_params"]["polykv"] = {
-            k: v for k, v in polykv.items() if k not in _DOCUMENT_KEYS
+            **{k: v for k, v in polykv.items() if k not in _DOCUMENT_KEYS},
+            "doc_tokens": len(record.tokens),  # the agent's own question is not stored
         }
         body = json.dumps(payload).encode()
         inner = json_scope(scope, "POST", scope["path"], body)

@@ -1,8 +1,8 @@
 """The per-request ``polykv`` parameters, read leniently (a client's bad value must not stop the
 engine: it is logged and ignored, and the receipt says what was refused).
 
-``kv_transfer_params = {"polykv": {"doc_id": str, "pin": bool, "pin_token": str, "forget": bool}}``;
-all keys optional (``docs/CONNECTOR.md``). ``forget`` (sent by the document routes'
+``kv_transfer_params = {"polykv": {"doc_id": str, "pin": bool, "pin_token": str, "forget": bool,
+"doc_tokens": int}}``; all keys optional (``docs/CONNECTOR.md``). ``forget`` (sent by the document routes'
 ``DELETE``, :mod:`polykv_vllm.server`) unpins the tenant's document, drops its name and evicts
 its blocks that no other document names.
 """
@@ -33,6 +33,9 @@ class DocParams:
     - ``doc_id_refused``: why a given doc id was not used (for the receipt), or None.
     - ``forget``: remove the tenant's document ``doc_id`` (unpin, unname, evict what only it
       names); needs a ``doc_id``.
+    - ``doc_tokens``: the first ``doc_tokens`` prompt tokens are the shared document; only its
+      whole blocks are stored, not the agent's own question after it (None: the whole prompt).
+      The document routes set it on every by-reference request.
     """
 
     doc_id: str | None = None
@@ -40,6 +43,7 @@ class DocParams:
     pin_token: str | None = field(default=None, repr=False)
     doc_id_refused: str | None = None
     forget: bool = False
+    doc_tokens: int | None = None
 
 
 def parse_doc_params(kv_transfer_params: Mapping[str, Any] | None) -> DocParams:
@@ -84,4 +88,21 @@ def parse_doc_params(kv_transfer_params: Mapping[str, Any] | None) -> DocParams:
     if not isinstance(forget, bool) or (forget and doc_id is None):
         logger.warning("ignoring polykv.forget=%.80r: expected true with a polykv.doc_id", forget)
         forget = False
-    return DocParams(doc_id=doc_id, pin=pin, pin_token=token, doc_id_refused=refused, forget=forget)
+    doc_tokens = raw.get("doc_tokens")
+    if doc_tokens is not None and (
+        isinstance(doc_tokens, bool) or not isinstance(doc_tokens, int) or doc_tokens < 1
+    ):
+        logger.warning(
+            "ignoring polykv.doc_tokens=%.80r: expected a positive integer (the document's "
+            "length in prompt tokens)",
+            doc_tokens,
+        )
+        doc_tokens = None
+    return DocParams(
+        doc_id=doc_id,
+        pin=pin,
+        pin_token=token,
+        doc_id_refused=refused,
+        forget=forget,
+        doc_tokens=doc_tokens,
+    )

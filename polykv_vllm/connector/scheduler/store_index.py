@@ -300,7 +300,13 @@ class StoreIndex:
         if prompt_tokens < self.min_store_tokens:
             state.store_done = True
             return None
-        full = min(computed_after, prompt_tokens, len(state.block_ids) * bs) // bs
+        storable = prompt_tokens  # the document only, when the request says where it ends
+        if state.params.doc_tokens is not None:
+            storable = min(storable, state.params.doc_tokens)
+        if state.next_store_block >= storable // bs:
+            state.store_done = True
+            return None
+        full = min(computed_after, storable, len(state.block_ids) * bs) // bs
         full = min(full, len(req.block_hashes))
         if full <= state.next_store_block:
             return None
@@ -329,7 +335,7 @@ class StoreIndex:
                 blocks.append(state.block_ids[i])
             self.documents.join(entry, doc)
         state.next_store_block = max(state.next_store_block, full)
-        state.store_done = state.next_store_block >= prompt_tokens // bs
+        state.store_done = state.next_store_block >= storable // bs
         self.entries.touch_chain(req.block_hashes[:full])
         if not added:
             return None
