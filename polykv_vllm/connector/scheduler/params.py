@@ -2,9 +2,9 @@
 engine: it is logged and ignored, and the receipt says what was refused).
 
 ``kv_transfer_params = {"polykv": {"doc_id": str, "pin": bool, "pin_token": str, "forget": bool,
-"doc_tokens": int}}``; all keys optional (``docs/CONNECTOR.md``). ``forget`` (sent by the document routes'
-``DELETE``, :mod:`polykv_vllm.server`) unpins the tenant's document, drops its name and evicts
-its blocks that no other document names.
+"doc_tokens": int}}``; all keys optional (``docs/CONNECTOR.md``). ``forget`` (sent by the
+document routes' ``DELETE``, :mod:`polykv_vllm.server`) unpins the tenant's document, drops its
+name and evicts its blocks that no other document names.
 """
 
 from __future__ import annotations
