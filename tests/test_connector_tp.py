@@ -242,3 +242,34 @@ def test_parallelism_other_than_tensor_is_refused(name: str) -> None:
     check_parallelism(SimpleNamespace(tensor_parallel_size=4, **{name: 1}))
     with pytest.raises(ValueError, match=f"{name}=2.*tensor-parallel-size"):
         check_parallelism(SimpleNamespace(**{name: 2}))
+
+
+def test_gpu_serve_reads_every_ranks_timers_and_bytes_through_collective_rpc() -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from gpu_serve import RankWorkers
+
+    def state(rank: int, flushed: bool) -> dict[str, Any]:
+        return {
+            "rank": rank,
+            "load_seconds": [0.001 * (rank + 1)] * (2 if flushed else 1),
+            "store_seconds": [0.002],
+            "nbytes": 500,
+            "row_bytes": 50,
+            "block_size": 16,
+            "device": "cuda:0",
+        }
+
+    class FakeLLM:
+        def collective_rpc(self, fn: Any, args: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+            (flush,) = args
+            return [state(1, flush), state(0, flush)]  # any order
+
+    workers = RankWorkers.of(FakeLLM())
+    assert workers is not None and workers.totals.load_seconds == [0.001]
+    workers.flush_timers()
+    assert workers.totals.load_seconds == [0.001, 0.001], "rank 0's timers"
+    assert workers.store.row_bytes == 100, "one block over both ranks"
+    assert workers.rank_bytes() == [500, 500]

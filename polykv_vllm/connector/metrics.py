@@ -64,7 +64,8 @@ COUNTERS: dict[str, tuple[str, str]] = {
     ),
     "load_failures": (
         "vllm:polykv_load_failures",
-        "Store entries found missing or invalid on load (those tokens were recomputed).",
+        "Store entries found missing or invalid on load, counted by each rank that found one "
+        "(those tokens were recomputed).",
     ),
 }
 # per tier (docs/TIERS.md): <tier>_<counter> → vllm:polykv_<tier>_<counter>_total
