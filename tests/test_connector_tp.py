@@ -273,3 +273,31 @@ def test_gpu_serve_reads_every_ranks_timers_and_bytes_through_collective_rpc() -
     assert workers.totals.load_seconds == [0.001, 0.001], "rank 0's timers"
     assert workers.store.row_bytes == 100, "one block over both ranks"
     assert workers.rank_bytes() == [500, 500]
+
+
+def test_the_scheduler_side_exports_each_ranks_bytes_when_they_change() -> None:
+    from scheduler_helpers import make_index
+
+    from polykv_vllm.connector.connector import PolyKVConnector
+
+    conn = PolyKVConnector.__new__(PolyKVConnector)  # the scheduler side's state, no engine
+    conn.worker, conn.index = None, make_index(world_size=2)
+    conn._gauges, conn._rank_bytes, conn._rank_gauges = {}, {}, {}
+
+    def report(**rank_bytes: int) -> None:
+        meta = PolyKVWorkerMetadata(
+            WorkerReport(rank_bytes={int(k[1:]): v for k, v in rank_bytes.items()})
+        )
+        conn.update_connector_output(KVConnectorOutput(kv_connector_worker_meta=meta))
+
+    def rank_keys() -> dict[str, Any]:
+        stats = conn.get_kv_connector_stats()
+        data = {} if stats is None else stats.data
+        return {k: v for k, v in data.items() if k.startswith("rank_")}
+
+    report(r0=700, r1=700)
+    assert conn.rank_bytes == {0: 700, 1: 700}
+    assert rank_keys() == {"rank_stored_bytes:0": 700, "rank_stored_bytes:1": 700}
+    assert rank_keys() == {}, "unchanged: not sent again"
+    report(r1=0)
+    assert rank_keys() == {"rank_stored_bytes:1": 0}
