@@ -7,7 +7,9 @@ the store (counts), the decompressed blocks equal the codec's decode of the stor
 measured bytes, and salt isolation. Output quality is tested on CPU with real weights
 (``test_connector_vllm.py``).
 
-Run on a GPU host: ``python -m pytest -q tests/test_connector_cuda.py``.
+Run on a GPU host: ``python -m pytest -q tests/test_connector_cuda.py``. The ``tp2`` tests
+(tensor parallelism over 2 GPUs; skipped with fewer) need a 2-GPU host:
+``NCCL_NVLS_ENABLE=0 python -m pytest -q tests/test_connector_cuda.py -k tp2``.
 """
 
 from __future__ import annotations
