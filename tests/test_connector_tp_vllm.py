@@ -3,14 +3,18 @@
 SmolLM2-135M has 9 attention heads and 3 kv heads, so vLLM refuses ``tensor_parallel_size=2``
 (asserted below, with its message); 3 is the only TP > 1 it accepts on a CPU box: three worker
 processes (vLLM's multiprocessing executor, gloo), one kv head each, OpenMP bound to cores
-``0|1|0`` (vLLM wants one CPU list per rank). The scheduler side stays in this process
-(``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so its index and per-rank byte counts are read directly.
+``0|1|0`` (vLLM wants one CPU list per rank). TP=2 itself runs on a tiny random Llama with 4
+attention / 2 kv heads (its weights saved once, so TP=1 and TP=2 read the same ones). The
+scheduler side stays in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so its index and
+per-rank byte counts are read directly.
 Slow on two cores (three ranks, one shared): short documents, few tokens.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -91,3 +95,84 @@ def test_tp3_revisit_is_served_from_every_ranks_store_and_equals_tp1(
     assert whole > 0 and tp1["rank_bytes"] == {0: whole}
     assert rank_bytes == {r: whole // TP for r in range(TP)}, "a third of TP=1's bytes per rank"
     assert real == tp1["real_bytes"] == whole, "the scheduler counts all ranks' bytes"
+
+
+def _tp_env(monkeypatch: pytest.MonkeyPatch, bind: str) -> None:
+    from vllm import envs
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", bind)
+    envs.disable_envs_cache()  # an earlier engine froze vLLM's environment; read it again
+
+
+@pytest.fixture(scope="module")
+def even_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama whose heads split over 2 ranks, with the embedded tokenizer."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from polykv_vllm.embedded import embedded_model_dir
+
+    config = transformers.LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=49152,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-llama-tp2")
+    transformers.LlamaForCausalLM(config).to(torch.float32).save_pretrained(out)
+    for f in embedded_model_dir().iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def _even_run(model: Path, tp: int) -> dict[str, Any]:
+    from vllm import LLM
+
+    from polykv_vllm.connector.config import kv_transfer_config
+
+    llm = LLM(
+        str(model),
+        dtype="float32",
+        enforce_eager=True,
+        kv_cache_memory_bytes=64 * 2**20,
+        max_model_len=2048,
+        seed=0,
+        tensor_parallel_size=tp,
+        kv_transfer_config=kv_transfer_config(**OPTIONS),
+    )
+    try:
+        doc = [1000 + (i * 37) % 40000 for i in range(2 * BS + 40)]
+        first, again = _visit_and_revisit(llm, doc)
+        conn = vh.scheduler_connector(llm)
+        assert conn.index is not None
+        return {
+            "first": list(first.outputs[0].token_ids),
+            "again": list(again.outputs[0].token_ids),
+            "from_store": vh.polykv_params(again)["tokens_from_store"],
+            "rank_bytes": conn.rank_bytes,
+            "real_bytes": conn.index.real_bytes,
+        }
+    finally:
+        vh.shutdown(llm)
+
+
+def test_tp2_on_a_model_with_even_heads(even_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    one = _even_run(even_model, 1)
+    _tp_env(monkeypatch, "0|1")  # one core per rank
+    try:
+        two = _even_run(even_model, 2)
+    finally:
+        from vllm import envs
+
+        envs.disable_envs_cache()  # later engines read the restored environment
+    assert one["from_store"] == two["from_store"] == 2 * BS, "revisit served from the store"
+    assert two["first"] == one["first"] and two["again"] == one["again"], "TP=2 answers as TP=1"
+    whole = one["rank_bytes"][0]
+    assert whole > 0 and two["rank_bytes"] == {0: whole // 2, 1: whole // 2}, "half per rank"
+    assert two["real_bytes"] == one["real_bytes"] == whole
