@@ -13,7 +13,6 @@ Slow on two cores (three ranks, one shared): short documents, few tokens.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,8 +40,9 @@ def _visit_and_revisit(llm: LLM, doc: list[int]) -> tuple[Any, Any]:
 
 
 @pytest.fixture(scope="module")
-def tp1() -> Iterator[dict[str, Any]]:
-    """The document, and what a TP=1 engine did with it."""
+def tp1() -> dict[str, Any]:
+    """The document, and what a TP=1 engine did with it (the engine is gone before any other
+    starts: vLLM's connector and distributed state are process-global)."""
     pytest.importorskip("vllm")
     with vh.engine(OPTIONS) as llm:
         doc = vh.documents(llm, 1, DOC_TOKENS, skip=7)[0]
@@ -51,7 +51,7 @@ def tp1() -> Iterator[dict[str, Any]]:
         assert conn.index is not None
         worker = vh.worker_connector().worker
         assert worker is not None
-        yield {
+        result = {
             "doc": doc,
             "first": list(first.outputs[0].token_ids),
             "again": list(again.outputs[0].token_ids),
@@ -59,6 +59,7 @@ def tp1() -> Iterator[dict[str, Any]]:
             "worker_bytes": worker.nbytes,
             "real_bytes": conn.index.real_bytes,
         }
+    return result
 
 
 def test_tp2_is_refused_by_vllm_for_the_embedded_model() -> None:
