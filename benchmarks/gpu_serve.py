@@ -25,9 +25,16 @@ force ``async_load`` off / on (default ``auto``: on for ``polykv-cpu``); ``fp8+o
 ``tq+offload``, ``polykv-gpu-fp8``, ``polykv-cpu-fp8`` combine an fp8 / turboquant KV cache
 with the CPU tier (:data:`CONFIGS`).
 
+``--tensor-parallel-size N`` runs every configuration at TP=N (vLLM's worker processes, one GPU
+each; ``--kv-gib`` / ``--store-gib`` stay per GPU as vLLM counts them). NVLink multicast is off in
+every process started (``NCCL_NVLS_ENABLE=0``, the GPU hosts' rule). At TP>1 polykv's timers and
+store bytes come from every rank through ``LLM.collective_rpc``: timers of rank 0 (every rank
+does the same work on its kv heads), bytes per rank in ``rank_store_bytes``.
+
 Usage (GPU host with vLLM 0.26 installed)::
 
     python benchmarks/gpu_serve.py --out $OUT/gpu_serve.json --configs bf16,fp8,offload,polykv-gpu
+    python benchmarks/gpu_serve.py --out $OUT/gpu_serve_tp2.json --tensor-parallel-size 2
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 LLAMA3_8B = {
@@ -156,13 +164,75 @@ def _engine_kwargs(name: str, args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-def _polykv_worker() -> Any:
-    """The in-process polykv worker (VLLM_ENABLE_V1_MULTIPROCESSING=0), or None."""
+def _polykv_worker(llm: Any = None, tp: int = 1) -> Any:
+    """The in-process polykv worker (VLLM_ENABLE_V1_MULTIPROCESSING=0, TP=1), a
+    :class:`RankWorkers` over vLLM's worker processes (TP>1), or None (no polykv)."""
+    if tp > 1:
+        return RankWorkers.of(llm)
     from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 
     if not has_kv_transfer_group():
         return None
     return getattr(get_kv_transfer_group(), "worker", None)
+
+
+def _rank_state(_worker: Any, flush: bool) -> dict[str, Any] | None:
+    """In each vLLM worker process (``collective_rpc``): that rank's polykv timers and bytes."""
+    from types import SimpleNamespace
+
+    from vllm.distributed import get_tensor_model_parallel_rank
+    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+    if not has_kv_transfer_group():
+        return None
+    w = getattr(get_kv_transfer_group(), "worker", None)
+    if w is None:
+        return None
+    if flush:
+        w.flush_timers()
+    return vars(
+        SimpleNamespace(
+            rank=int(get_tensor_model_parallel_rank()),
+            load_seconds=list(w.totals.load_seconds),
+            store_seconds=list(w.totals.store_seconds),
+            nbytes=int(w.nbytes),
+            row_bytes=int(w.store.row_bytes),
+            block_size=int(w.block_size),
+            device=str(w.store.device),
+        )
+    )
+
+
+class RankWorkers:
+    """The polykv workers of a TP>1 engine, read through ``LLM.collective_rpc``, with the
+    attributes :func:`run_one` reads from an in-process worker (rank 0's timers)."""
+
+    def __init__(self, llm: Any, states: list[dict[str, Any]]) -> None:
+        self.llm = llm
+        self._set(states)
+
+    @classmethod
+    def of(cls, llm: Any) -> RankWorkers | None:
+        states = llm.collective_rpc(_rank_state, args=(False,))
+        return None if any(s is None for s in states) else cls(llm, states)
+
+    def _set(self, states: list[dict[str, Any]]) -> None:
+        self.ranks = sorted(states, key=lambda s: s["rank"])
+        first = self.ranks[0]
+        self.totals = SimpleNamespace(
+            load_seconds=first["load_seconds"], store_seconds=first["store_seconds"]
+        )
+        self.block_size = first["block_size"]
+        # one block of every rank's kv heads: the bytes the document takes over all GPUs
+        self.store = SimpleNamespace(
+            row_bytes=sum(s["row_bytes"] for s in self.ranks), device=first["device"]
+        )
+
+    def flush_timers(self) -> None:
+        self._set(self.llm.collective_rpc(_rank_state, args=(True,)))
+
+    def rank_bytes(self) -> list[int]:
+        return [s["nbytes"] for s in self.ranks]
 
 
 def run_one(name: str, args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
@@ -180,6 +250,7 @@ def run_one(name: str, args: argparse.Namespace, model_dir: str) -> dict[str, An
         enforce_eager=args.eager,
         disable_log_stats=False,  # per-request timestamps (ITL)
         seed=0,
+        tensor_parallel_size=args.tensor_parallel_size,
         **kw,
     )
     start_s = time.perf_counter() - t0
@@ -203,10 +274,11 @@ def run_one(name: str, args: argparse.Namespace, model_dir: str) -> dict[str, An
     ttft(999, 1)
     res: dict[str, Any] = {"config": name, "engine_kwargs": {k: str(v) for k, v in kw.items()}}
     res["engine_start_s"] = round(start_s, 1)
+    res["tensor_parallel_size"] = args.tensor_parallel_size
     # --reps documents: cold read, prefix-cache hit; then (after --others other documents) each
     # revisited once vLLM's own prefix cache no longer holds it (reset_prefix_cache empties the
     # GPU cache only, not a connector's tier), then read again (a prefix-cache hit once more).
-    worker = _polykv_worker()
+    worker = _polykv_worker(llm, args.tensor_parallel_size)
     if worker is not None:
         worker.flush_timers()
         loads_before = len(worker.totals.load_seconds)
@@ -298,6 +370,9 @@ def run_one(name: str, args: argparse.Namespace, model_dir: str) -> dict[str, An
     if worker is not None:
         res["store_bytes_per_doc"] = worker.store.row_bytes / worker.block_size * args.doc_tokens
         res["store_device"] = str(worker.store.device)
+        if isinstance(worker, RankWorkers):
+            worker.flush_timers()
+            res["rank_store_bytes"] = worker.rank_bytes()
     import torch
 
     res["gpu_max_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
@@ -327,9 +402,16 @@ def main() -> None:
     ap.add_argument("--noreuse-docs", type=int, default=32)
     ap.add_argument("--noreuse-out-tokens", type=int, default=128)
     ap.add_argument("--eager", action="store_true", help="enforce_eager (faster start)")
+    ap.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="GPUs per engine (tensor parallelism; NCCL_NVLS_ENABLE=0 in every process)",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast off here, in children, in workers
 
     if args.child:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the worker's timers in-process
@@ -343,7 +425,8 @@ def main() -> None:
     for name in args.configs.split(","):
         cmd = [sys.executable, __file__, "--child", name, "--model-dir", model_dir, *sys.argv[1:]]
         t = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        env = {**os.environ, "NCCL_NVLS_ENABLE": "0"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
             tail = (proc.stdout + proc.stderr)[-3000:]

@@ -352,6 +352,9 @@ def test_server_with_kv_cache_plugin(server: str) -> None:
     assert status == 200
     polykv_lines = [ln for ln in metrics.splitlines() if ln.startswith("vllm:polykv_")]
     assert polykv_lines, "no vllm:polykv_* series on /metrics"
+    rank0 = [ln for ln in polykv_lines if ln.startswith("vllm:polykv_rank_stored_bytes{")]
+    assert len(rank0) == 1 and 'rank="0"' in rank0[0], rank0  # TP=1: one rank
+    assert float(rank0[0].rsplit(" ", 1)[1]) > 0, "rank 0 holds the stored document"
 
 
 def test_version_fix_is_narrow() -> None:

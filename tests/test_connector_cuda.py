@@ -7,7 +7,9 @@ the store (counts), the decompressed blocks equal the codec's decode of the stor
 measured bytes, and salt isolation. Output quality is tested on CPU with real weights
 (``test_connector_vllm.py``).
 
-Run on a GPU host: ``python -m pytest -q tests/test_connector_cuda.py``.
+Run on a GPU host: ``python -m pytest -q tests/test_connector_cuda.py``. The ``tp2`` tests
+(tensor parallelism over 2 GPUs; skipped with fewer) need a 2-GPU host:
+``NCCL_NVLS_ENABLE=0 python -m pytest -q tests/test_connector_cuda.py -k tp2``.
 """
 
 from __future__ import annotations
@@ -81,13 +83,20 @@ def llm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     cleanup_dist_env_and_memory()
 
 
-def run(llm: Any, ids: list[int], n: int = 8, salt: str | None = None) -> Any:
+def run(
+    llm: Any,
+    ids: list[int],
+    n: int = 8,
+    salt: str | None = None,
+    params: dict[str, Any] | None = None,
+) -> Any:
     from vllm import SamplingParams
 
     prompt: dict[str, Any] = {"prompt_token_ids": ids}
     if salt:
         prompt["cache_salt"] = salt
-    sp = SamplingParams(max_tokens=n, temperature=0.0, detokenize=False)
+    extra = {"kv_transfer_params": {"polykv": params}} if params is not None else None
+    sp = SamplingParams(max_tokens=n, temperature=0.0, detokenize=False, extra_args=extra)
     (out,) = llm.generate([prompt], sp, use_tqdm=False)
     return out
 
@@ -365,3 +374,186 @@ def test_async_load_reports_a_corrupt_block_and_every_later_one_as_load_errors()
     assert worker.get_finished() == {"gone"}
     assert worker.take_load_errors() == {8}
     assert all(torch.equal(c[8], b) for c, b in zip(caches, before, strict=True))
+
+
+# --- tensor parallelism: two GPUs (docs/CONNECTOR.md, "Tensor parallelism") ------------------
+# A dummy Llama whose 8 attention / 2 kv heads split over 2 ranks (SmolLM2's 9 heads do not).
+# The workers run in vLLM's worker processes; the checks that need their tensors run there,
+# through ``LLM.collective_rpc`` (functions defined inside the tests, so cloudpickle sends them
+# by value). Every process keeps NVLink multicast off (NCCL_NVLS_ENABLE=0, the GPU host's rule).
+
+TP2_MODEL = {
+    **SMOLLM2_135M,
+    "hidden_size": 512,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+}
+needs_two_gpus = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"
+)
+
+
+def _engine(model: Path, tp: int, placement: str) -> Any:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ["NCCL_NVLS_ENABLE"] = "0"  # inherited by vLLM's worker processes
+    from vllm import LLM
+
+    from polykv_vllm.connector.config import kv_transfer_config
+
+    return LLM(
+        str(model),
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        dtype="bfloat16",
+        enforce_eager=True,
+        max_model_len=4096,
+        gpu_memory_utilization=0.25,
+        seed=0,
+        tensor_parallel_size=tp,
+        kv_transfer_config=kv_transfer_config(store_bytes="64MiB", placement=placement),
+    )
+
+
+def _shutdown(llm: Any) -> None:
+    from vllm.distributed import cleanup_dist_env_and_memory
+    from vllm.distributed.kv_transfer.kv_transfer_state import ensure_kv_transfer_shutdown
+
+    llm.llm_engine.engine_core.shutdown()
+    ensure_kv_transfer_shutdown()
+    del llm
+    gc.collect()
+    cleanup_dist_env_and_memory()
+
+
+def _scheduler_conn(llm: Any) -> Any:
+    return llm.llm_engine.engine_core.engine_core.scheduler.connector
+
+
+@pytest.fixture(scope="module", params=["gpu", "cpu"])
+def tp2(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A TP=2 engine of the dummy Llama (its scheduler side in this process)."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    model = Path(tmp_path_factory.mktemp("llama-tp2-dummy"))
+    (model / "config.json").write_text(json.dumps(TP2_MODEL))
+    llm = _engine(model, 2, request.param)
+    yield llm
+    _shutdown(llm)
+
+
+def _tp1_row_bytes(conn: Any) -> int:
+    """Bytes of one stored block at TP=1 (all kv heads), from a slab built as a TP=1 worker
+    builds its own (the connector's codec; a second in-process engine would share vLLM's
+    process-global connector state with the module's other engine)."""
+    from polykv_vllm.connector.slab import BlockSlab
+
+    f = conn.facts
+    heads = f.kv_heads * f.world_size
+    layers = range(f.num_layers)
+    cpu = torch.device("cpu")
+    return BlockSlab(conn.codec, layers, 1, f.block_size, heads, f.head_dim, cpu, False).row_bytes
+
+
+@needs_two_gpus
+def test_tp2_revisit_is_served_from_both_ranks_stores(tp2: Any) -> None:
+    conn = _scheduler_conn(tp2)
+    index = conn.index
+    bs = index.geometry.block_size
+    assert conn.facts.world_size == 2 and conn.facts.kv_heads == 1
+    ids = doc(21)
+    first = run(tp2, ids)
+    assert first.kv_transfer_params["polykv"]["tokens_stored"] == (DOC // bs) * bs
+    tp2.reset_prefix_cache()
+    again = run(tp2, ids)
+    expected = ((DOC - 1) // bs) * bs
+    assert again.kv_transfer_params["polykv"]["tokens_from_store"] == expected
+    assert again.num_cached_tokens == expected
+    assert index.loads_in_flight == 0
+    # bytes per rank: half of TP=1's, from each rank's tensors (reported and measured there)
+    tp1_bytes = index.entries.ready_entries * _tp1_row_bytes(conn)
+    assert index.real_bytes == tp1_bytes
+    assert conn.rank_bytes == {0: tp1_bytes // 2, 1: tp1_bytes // 2}
+
+    def measured(worker: Any) -> tuple[int, int, int]:
+        from vllm.distributed import get_tensor_model_parallel_rank
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+        w = get_kv_transfer_group().worker
+        return get_tensor_model_parallel_rank(), w.nbytes, w.store.kv_heads
+
+    got = sorted(tp2.collective_rpc(measured))
+    assert got == [(0, tp1_bytes // 2, 1), (1, tp1_bytes // 2, 1)]
+
+
+@needs_two_gpus
+def test_tp2_decompressed_blocks_equal_the_codec_decode_on_each_rank(tp2: Any) -> None:
+    index = _scheduler_conn(tp2).index
+    if not any(e.ready for e in index.entries.values()):
+        run(tp2, doc(22))
+    row = next(e.row for e in index.entries.values() if e.ready)
+
+    def check(worker: Any, row: int) -> tuple[int, bool]:
+        import torch
+        from vllm.distributed import get_tensor_model_parallel_rank
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+        conn = get_kv_transfer_group()
+        w, io = conn.worker, conn.worker.io
+        w.store.ready_for_host()
+        parts = [p.to(io.device) for p in w.store.view(row, 1)]
+        scratch = io.key_caches[0].shape[0] - 1  # the last block: free in an idle engine
+        io.load(parts, [scratch])
+        ok = True
+        for layer in range(len(parts)):
+            k, v = conn.codec.decode(parts[layer], dtype=torch.float32, device=io.device)
+            got_k = io.key_caches[layer][scratch].float()
+            got_v = io.value_caches[layer][scratch].float()
+            ok &= torch.allclose(got_k, k.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
+            ok &= torch.allclose(got_v, v.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
+        return get_tensor_model_parallel_rank(), bool(ok)
+
+    assert sorted(tp2.collective_rpc(check, args=(row,))) == [(0, True), (1, True)]
+
+
+@needs_two_gpus
+def test_tp2_salt_isolates(tp2: Any) -> None:
+    ids = doc(23)
+    run(tp2, ids, salt="alice")
+    tp2.reset_prefix_cache()
+    assert run(tp2, ids, salt="bob").kv_transfer_params["polykv"]["tokens_from_store"] == 0
+    tp2.reset_prefix_cache()
+    assert run(tp2, ids, salt="alice").kv_transfer_params["polykv"]["tokens_from_store"] > 0
+
+
+@needs_two_gpus
+def test_tp2_load_failing_on_one_rank_is_recomputed_on_both(tp2: Any) -> None:
+    index = _scheduler_conn(tp2).index
+    bs = index.geometry.block_size
+    ids, params = doc(24), {"doc_id": "tp2-bad"}
+    run(tp2, ids, params=params)
+    tp2.reset_prefix_cache()
+    stored = index.documents.get(None, "tp2-bad")
+    bad = stored.entries[stored.keys[2]]  # the document's third block
+
+    def corrupt(worker: Any, row: int) -> int:
+        import torch
+        from vllm.distributed import get_tensor_model_parallel_rank
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+        rank = get_tensor_model_parallel_rank()
+        if rank == 1:  # rank 0's copy of its heads stays valid
+            store = get_kv_transfer_group().worker.store
+            with torch.inference_mode():
+                store.layers[3].v_norm[row, 0] = float("nan")
+        return rank
+
+    assert sorted(tp2.collective_rpc(corrupt, args=(bad.row,))) == [0, 1]
+    again = run(tp2, ids, params=params)
+    assert again.kv_transfer_params["polykv"]["tokens_from_store"] == 2 * bs, "blocks 0-1 only"
+    # vLLM got rank 1's invalid blocks in the one merged set and recomputed them from block 2
+    # on, on both ranks; the answer is complete
+    assert len(again.outputs[0].token_ids) == 8
+    assert bad.failed and stored.entries.get(stored.keys[2]) is not bad, "the entry was dropped"

@@ -14,6 +14,7 @@ from polykv_vllm.connector.metrics import (  # noqa: E402
     COUNTERS,
     DEPRECATED_GAUGES,
     GAUGES,
+    RANK_GAUGES,
     SAMPLES,
     PolyKVPromMetrics,
     PolyKVStats,
@@ -40,6 +41,15 @@ def test_stats_aggregate_sums_counters_keeps_gauges_and_concatenates_samples() -
     assert not a.is_empty() and PolyKVStats().is_empty()
 
 
+def test_stats_aggregate_keeps_each_ranks_latest_bytes() -> None:
+    a, b = PolyKVStats(), PolyKVStats()
+    a.set_rank_gauge("rank_stored_bytes", 0, 10)
+    a.set_rank_gauge("rank_stored_bytes", 1, 10)
+    b.set_rank_gauge("rank_stored_bytes", 1, 30)
+    a.aggregate(b)
+    assert a.reduce() == {"rank_stored_bytes:0": 10, "rank_stored_bytes:1": 30}
+
+
 def test_prometheus_metrics_are_registered_and_observed() -> None:
     labels = {"model_name": "m", "engine": "0"}
     prom = PolyKVPromMetrics(
@@ -57,7 +67,10 @@ def test_prometheus_metrics_are_registered_and_observed() -> None:
     stats.add("store_rejected_blocks", 7)
     stats.sample("load_seconds", 0.17)
     stats.sample("load_seconds", 0.33)
+    stats.set_rank_gauge("rank_stored_bytes", 0, 19077120)
+    stats.set_rank_gauge("rank_stored_bytes", 1, 19077120)
     prom.observe(stats.data, engine_idx=0)
+    prom.observe({"rank_stored_bytes:1": 0}, engine_idx=0)
     prom.observe({"hits": 1}, engine_idx=0)
     get = REGISTRY.get_sample_value
     assert get("vllm:polykv_hits_total", labels) == 3
@@ -69,7 +82,9 @@ def test_prometheus_metrics_are_registered_and_observed() -> None:
     assert get("vllm:polykv_store_rejected_blocks_total", labels) == 7
     assert get("vllm:polykv_load_seconds_count", labels) == 2
     assert get("vllm:polykv_load_seconds_sum", labels) == pytest.approx(0.5)
+    assert get("vllm:polykv_rank_stored_bytes", {**labels, "rank": "0"}) == 19077120
+    assert get("vllm:polykv_rank_stored_bytes", {**labels, "rank": "1"}) == 0, "latest value"
     names = {m.name for m in REGISTRY.collect()}
-    groups = (COUNTERS, GAUGES, DEPRECATED_GAUGES, SAMPLES)
+    groups = (COUNTERS, GAUGES, DEPRECATED_GAUGES, RANK_GAUGES, SAMPLES)
     for name, _ in (v for group in groups for v in group.values()):
         assert name in names, name

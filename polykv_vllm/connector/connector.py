@@ -122,6 +122,9 @@ class PolyKVConnector(KVConnectorBase_V1):
         self.worker: PolyKVWorker | None = None
         self._last_saved: StepPlan | None = None
         self._gauges: dict[str, float] = {}
+        #: scheduler side: each tensor-parallel rank's store bytes, as it last reported them
+        self._rank_bytes: dict[int, int] = {}
+        self._rank_gauges: dict[int, int] = {}
         on_device = self.config.placement == "gpu"
         if _HAS_CACHE_HIT_SOURCE:
             from vllm.v1.metrics.cache_hit_source import CacheHitSource
@@ -223,6 +226,7 @@ class PolyKVConnector(KVConnectorBase_V1):
             pin=not self._on_device and not _is_cpu(),
         )
         worker.bind(io, store)
+        worker.rank = _tp_rank()  # this slab holds that rank's kv heads (docs/CONNECTOR.md)
         tiers = self._open_tiers(rank=_tp_rank(), scan=True)
         if tiers:
             worker.tiers = TierIO(tiers, self.tier_fp, rank=_tp_rank(), store=store)
@@ -322,6 +326,7 @@ class PolyKVConnector(KVConnectorBase_V1):
         meta = connector_output.kv_connector_worker_meta
         if isinstance(meta, PolyKVWorkerMetadata):
             self._index().on_report(meta.report)
+            self._rank_bytes.update(meta.report.rank_bytes)
 
     def request_finished(
         self, request: Request, block_ids: list[int]
@@ -361,7 +366,21 @@ class PolyKVConnector(KVConnectorBase_V1):
                 self._gauges = gauges
                 for key, value in gauges.items():
                     stats.set_gauge(key, value)
+            self._add_rank_gauges(stats)
         return None if stats.is_empty() else stats
+
+    def _add_rank_gauges(self, stats: PolyKVStats) -> None:
+        """Each rank's store bytes (``vllm:polykv_rank_stored_bytes{rank=...}``), when changed."""
+        if self._rank_bytes != self._rank_gauges:
+            for rank, nbytes in self._rank_bytes.items():
+                if self._rank_gauges.get(rank) != nbytes:
+                    stats.set_rank_gauge("rank_stored_bytes", rank, nbytes)
+            self._rank_gauges = dict(self._rank_bytes)
+
+    @property
+    def rank_bytes(self) -> dict[int, int]:
+        """Scheduler side: tensor-parallel rank → bytes its store holds (as last reported)."""
+        return dict(self._rank_bytes)
 
     @classmethod
     def build_kv_connector_stats(

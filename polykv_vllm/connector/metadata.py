@@ -82,17 +82,21 @@ class WorkerReport:
       are recomputed). A rank reports an async load in the step it finished there.
     - ``failed_rows``: rows a load found missing or invalid (the scheduler drops their entries;
       the worker changes nothing on its own).
+    - ``rank_bytes``: tensor-parallel rank → bytes its store holds (measured from its slab),
+      sent by a rank when the figure changed; ranks are distinct, so merging is a union.
     """
 
     stored: dict[int, list[int]] = field(default_factory=dict)
     loads: dict[int, list[int]] = field(default_factory=dict)
     failed_rows: set[int] = field(default_factory=set)
+    rank_bytes: dict[int, int] = field(default_factory=dict)
 
     def merge(self, other: WorkerReport) -> WorkerReport:
         out = WorkerReport(
             stored={k: list(v) for k, v in self.stored.items()},
             loads={k: list(v) for k, v in self.loads.items()},
             failed_rows=set(self.failed_rows) | other.failed_rows,
+            rank_bytes={**self.rank_bytes, **other.rank_bytes},
         )
         for row, (nbytes, ranks) in other.stored.items():
             cur = out.stored.setdefault(row, [0, 0])
@@ -107,4 +111,4 @@ class WorkerReport:
         return out
 
     def is_empty(self) -> bool:
-        return not (self.stored or self.loads or self.failed_rows)
+        return not (self.stored or self.loads or self.failed_rows or self.rank_bytes)

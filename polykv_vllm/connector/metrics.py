@@ -7,6 +7,9 @@ same dict here) with three kinds of keys, merged across workers and the schedule
 - counters (summed): :data:`COUNTERS`;
 - gauges (the scheduler's latest value): :data:`GAUGES` (plus :data:`DEPRECATED_GAUGES`, old
   names kept for one release and set to the same value);
+- per-rank gauges (the scheduler's latest value of each tensor-parallel rank):
+  :data:`RANK_GAUGES`, keyed ``"<key>:<rank>"`` in the dict and labelled ``rank`` on
+  ``/metrics``;
 - samples (lists, concatenated; Prometheus histograms): :data:`SAMPLES`.
 """
 
@@ -27,6 +30,7 @@ __all__ = [
     "COUNTERS",
     "DEPRECATED_GAUGES",
     "GAUGES",
+    "RANK_GAUGES",
     "SAMPLES",
     "PolyKVPromMetrics",
     "PolyKVStats",
@@ -60,7 +64,8 @@ COUNTERS: dict[str, tuple[str, str]] = {
     ),
     "load_failures": (
         "vllm:polykv_load_failures",
-        "Store entries found missing or invalid on load (those tokens were recomputed).",
+        "Store entries found missing or invalid on load, counted by each rank that found one "
+        "(those tokens were recomputed).",
     ),
 }
 # per tier (docs/TIERS.md): <tier>_<counter> → vllm:polykv_<tier>_<counter>_total
@@ -93,6 +98,14 @@ GAUGES: dict[str, tuple[str, str]] = {
         "Bytes the stored tokens take in the engine's KV cache dtype.",
     ),
     "capacity_bytes": ("vllm:polykv_capacity_bytes", "Byte budget of the polykv store."),
+}
+#: per-rank gauge key → (Prometheus name, help); the metric carries a ``rank`` label
+RANK_GAUGES: dict[str, tuple[str, str]] = {
+    "rank_stored_bytes": (
+        "vllm:polykv_rank_stored_bytes",
+        "Compressed bytes held by one tensor-parallel rank's polykv store (its kv heads; "
+        "measured from its tensors).",
+    ),
 }
 #: gauge key → (old Prometheus name, help): deprecated aliases, set with the same value; to be
 #: removed in the release after the one that renamed them
@@ -135,6 +148,10 @@ class PolyKVStats(KVConnectorStats):
     def set_gauge(self, key: str, value: float) -> None:
         assert key in GAUGES, key
         self.data[key] = value
+
+    def set_rank_gauge(self, key: str, rank: int, value: float) -> None:
+        assert key in RANK_GAUGES, key
+        self.data[f"{key}:{rank}"] = value
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
         for key, value in other.data.items():
@@ -191,6 +208,16 @@ class PolyKVPromMetrics(KVConnectorPromMetrics):
 
         self._gauges = {key: gauge(name, doc) for key, (name, doc) in GAUGES.items()}
         self._deprecated = {key: gauge(n, doc) for key, (n, doc) in DEPRECATED_GAUGES.items()}
+        # labelled by rank too: one child per (engine, rank), made when a rank first reports
+        self._rank_gauges = {
+            key: gauge_cls(
+                name=name,
+                documentation=doc,
+                labelnames=[*labelnames, "rank"],
+                multiprocess_mode="mostrecent",
+            )
+            for key, (name, doc) in RANK_GAUGES.items()
+        }
         self._histograms = {
             key: self._per_engine(
                 histogram_cls(name=name, documentation=doc, labelnames=labelnames, buckets=_BUCKETS)
@@ -213,3 +240,7 @@ class PolyKVPromMetrics(KVConnectorPromMetrics):
                 hist = self._histograms[key][engine_idx]
                 for v in value:
                     hist.observe(v)
+            elif key.partition(":")[0] in self._rank_gauges:
+                name, _, rank = key.partition(":")
+                values = self.per_engine_labelvalues[engine_idx]
+                self._rank_gauges[name].labels(*values, rank).set(value)

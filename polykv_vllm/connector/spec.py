@@ -27,6 +27,7 @@ __all__ = [
     "ModelFacts",
     "build_codec",
     "check_cache_dtype",
+    "check_parallelism",
     "is_cpu_platform",
     "model_facts",
     "store_geometry",
@@ -121,6 +122,7 @@ def model_facts(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> Mode
             "polykv needs automatic prefix caching (its lookups use vLLM's block hashes): "
             "remove --no-enable-prefix-caching / set enable_prefix_caching=True."
         )
+    check_parallelism(vllm_config.parallel_config)
     return ModelFacts(
         num_layers=len(groups[0].layer_names),
         total_layers=int(model_config.hf_text_config.num_hidden_layers),
@@ -132,6 +134,26 @@ def model_facts(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> Mode
         cache_dtype=cache_dtype,
         model_dtype=model_dtype if cache_dtype != "auto" else spec.dtype,
     )
+
+
+def check_parallelism(parallel_config: object) -> None:
+    """Tensor parallelism only: every rank holds every layer and its own kv heads of every
+    token, so the store's bytes are the ranks' sum and each rank confirms every store
+    (docs/CONNECTOR.md, "Tensor parallelism"). Pipeline stages (layers split over ranks) and
+    context parallelism (tokens split over ranks) break both counts: refused, naming why."""
+    for name in (
+        "pipeline_parallel_size",
+        "prefill_context_parallel_size",
+        "decode_context_parallel_size",
+    ):
+        size = int(getattr(parallel_config, name, 1))
+        if size > 1:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"polykv cannot serve {name}={size}: its store counts one block as every "
+                "layer of every token on each rank, which holds only with tensor parallelism. "
+                f"Use {flag} 1 (--tensor-parallel-size is supported)."
+            )
 
 
 def build_codec(config: PolyKVConfig, facts: ModelFacts) -> KVCodec:

@@ -109,6 +109,10 @@ class PolyKVWorker:
         self._thread: ThreadPoolExecutor | None = None  # CPU async loads
         #: the tiers below the store (docs/TIERS.md), set by the connector; None: no tiers
         self.tiers: TierIO | None = None
+        #: this worker's tensor-parallel rank (its slab holds that rank's kv heads), set by the
+        #: connector; its report names the rank's store bytes (:meth:`_report_rank_bytes`)
+        self.rank = 0
+        self._reported_bytes = 0  # an empty store is not news
 
     def bind(self, io: PagedIO, store: BlockSlab) -> None:
         self.io = io
@@ -207,11 +211,20 @@ class PolyKVWorker:
         landed, so possibly a later step's)."""
         if self._staged:
             self._staged.poll(self._confirm)
+        self._report_rank_bytes()
         report = self._report
         if report.is_empty():
             return None
         self._report = WorkerReport()
         return report
+
+    def _report_rank_bytes(self) -> None:
+        """Name this rank's store bytes in the report when they changed since the last one
+        (stores confirmed, rows freed): the scheduler side keeps the figure per rank."""
+        nbytes = self.nbytes
+        if nbytes != self._reported_bytes:
+            self._report.rank_bytes[self.rank] = nbytes
+            self._reported_bytes = nbytes
 
     @property
     def stores_in_flight(self) -> int:
