@@ -11,7 +11,12 @@ from test_hf_support import make_model, make_tokenizer
 from polykv_vllm.calibrate import allocate_greedy, allocate_knapsack, calibrate
 from polykv_vllm.calibrate.allocate import Choice, check_target
 from polykv_vllm.calibrate.command import main
-from polykv_vllm.calibrate.measure import _Runner, measure_sensitivity, model_fingerprint
+from polykv_vllm.calibrate.measure import (
+    _Runner,
+    measure_sensitivity,
+    model_fingerprint,
+    prefill_windows,
+)
 from polykv_vllm.core import CodecProfile, KVCodec, LayerSetting, ProfileError
 
 TEXT = " ".join(f"word{i % 97} is followed by word{(i * 7) % 97}." for i in range(400))
@@ -35,7 +40,7 @@ def test_partial_forward_matches_full_forward() -> None:
 
 def test_sensitivity_orders_bits() -> None:
     model, tok = make_model(layers=2, head_dim=32), make_tokenizer(chat=False)
-    sens = measure_sensitivity(model, _windows(tok, 2, 49), 40)
+    sens = measure_sensitivity(prefill_windows(model, _windows(tok, 2, 49), 40))
     for layer in range(2):
         assert (
             sens.keys[layer][(8, False)] < sens.keys[layer][(4, True)] < sens.keys[layer][(2, True)]

@@ -7,7 +7,7 @@ transformers) and allocates a byte budget (:mod:`.allocate`, pure Python); the r
 
 from polykv_vllm.calibrate.allocate import Choice, allocate_greedy, allocate_knapsack
 from polykv_vllm.calibrate.command import calibrate, main
-from polykv_vllm.calibrate.measure import measure_sensitivity, model_fingerprint
+from polykv_vllm.calibrate.measure import measure_sensitivity, model_fingerprint, prefill_windows
 
 __all__ = [
     "Choice",
@@ -17,4 +17,5 @@ __all__ = [
     "main",
     "measure_sensitivity",
     "model_fingerprint",
+    "prefill_windows",
 ]

@@ -34,6 +34,7 @@ from polykv_vllm.calibrate.measure import (
     measure_profile_loss,
     measure_sensitivity,
     model_fingerprint,
+    prefill_windows,
     text_digest,
 )
 from polykv_vllm.core import CodecProfile, LayerSetting, ModelFingerprint, ProfileError
@@ -121,21 +122,18 @@ def calibrate(
         scored,
     )
     ids = [tokens[a:b] for a, b in spans]
-    sens = measure_sensitivity(model, ids, context, seed, progress=logger.info)
+    runner = prefill_windows(model, ids, context)
+    sens = measure_sensitivity(runner, seed, progress=logger.info)
     table = choices(sens, fp.head_dim, seed)
     profiles = {}
     for ratio, budget in budgets.items():
         t0 = time.time()
         exact = allocate_knapsack(table, budget)
         greedy = allocate_greedy(table, budget)
-        measured = {
-            "knapsack": measure_profile_loss(model, ids, context, [c.setting for c in exact], seed)
-        }
+        measured = {"knapsack": measure_profile_loss(runner, [c.setting for c in exact], seed)}
         same = [c.setting for c in exact] == [c.setting for c in greedy]
         if not same:
-            measured["greedy"] = measure_profile_loss(
-                model, ids, context, [c.setting for c in greedy], seed
-            )
+            measured["greedy"] = measure_profile_loss(runner, [c.setting for c in greedy], seed)
         predicted = {
             "knapsack": round(sum(c.loss for c in exact), 7),
             "greedy": round(sum(c.loss for c in greedy), 7),

@@ -38,6 +38,7 @@ __all__ = [
     "measure_profile_loss",
     "measure_sensitivity",
     "model_fingerprint",
+    "prefill_windows",
 ]
 
 logger = logging.getLogger(__name__)
@@ -207,20 +208,19 @@ def _roundtrip(x: torch.Tensor, stream: str, bits: int, nc: bool, seed: int) -> 
     return out.reshape(b, t, h, d).permute(0, 2, 1, 3).contiguous()
 
 
-def measure_sensitivity(
-    model: Any,
-    windows: Sequence[Sequence[int]],
-    context: int,
-    seed: int = 0,
-    progress: Callable[[str], None] | None = None,
-) -> Sensitivity:
-    """Per-layer, per-stream losses of every setting (see the module docstring).
-
-    ``windows``: token id lists of ``context + scored + 1`` tokens each (batched together).
-    """
-    t0 = time.time()
+def prefill_windows(model: Any, windows: Sequence[Sequence[int]], context: int) -> _Runner:
+    """Prefill ``windows`` (token id lists of ``context + scored + 1`` tokens each, batched
+    together) once; the result is what :func:`measure_sensitivity` and
+    :func:`measure_profile_loss` measure on."""
     ids = torch.tensor([list(w) for w in windows], device=model.device)
-    runner = _Runner(model, ids, context)
+    return _Runner(model, ids, context)
+
+
+def measure_sensitivity(
+    runner: _Runner, seed: int = 0, progress: Callable[[str], None] | None = None
+) -> Sensitivity:
+    """Per-layer, per-stream losses of every setting (see the module docstring)."""
+    t0 = time.time()
     n_layers = len(runner.kv)
     keys: list[dict[tuple[int, bool], float]] = []
     values: list[dict[tuple[int, bool], float]] = []
@@ -248,18 +248,10 @@ def measure_sensitivity(
     return Sensitivity(keys, values, time.time() - t0, int(runner.scored.numel()))
 
 
-def measure_profile_loss(
-    model: Any,
-    windows: Sequence[Sequence[int]],
-    context: int,
-    settings: Sequence[LayerSetting],
-    seed: int = 0,
-) -> float:
+def measure_profile_loss(runner: _Runner, settings: Sequence[LayerSetting], seed: int = 0) -> float:
     """Measured mean KL per scored token with every layer encoded by ``settings`` at once
     (keys and values), decoded to bf16 — the joint figure the additive prediction is checked
     against."""
-    ids = torch.tensor([list(w) for w in windows], device=model.device)
-    runner = _Runner(model, ids, context)
     kv = []
     for (k, v), s in zip(runner.kv, settings, strict=True):
         kn = s.norm_correction if s.key_bits != 8 else False
