@@ -1092,6 +1092,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="measure only the first K of the chosen windows (cross-checks on slow machines)",
     )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="S",
+        help="stop starting new windows after S seconds and report the windows measured so far "
+        "(recorded in the JSON; for a shared, slow CPU)",
+    )
     p.add_argument("--note", action="append", default=[], help="a line for quality.md")
     p.add_argument(
         "--rerender",
@@ -1282,6 +1290,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.time()
     windows = []
     for i, s in enumerate(starts):
+        if args.time_budget is not None and time.time() - t0 > args.time_budget:
+            logger.warning(
+                "--time-budget %.0fs spent: stopping after %s of %s windows",
+                args.time_budget,
+                i,
+                len(starts),
+            )
+            starts = starts[:i]
+            break
         res = measure_window(
             model, variants, tokens[s : s + length], args.context, args.generate, i < free_n, s
         )
