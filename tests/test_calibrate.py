@@ -116,3 +116,12 @@ def test_command_reports_bad_ratio(capsys) -> None:
         main(["embedded", "--target-ratio", "3", "4", "--out", "p.json"])
     assert e.value.code == 2
     assert "needs '{ratio}'" in capsys.readouterr().err
+
+
+def test_polykv_vllm_cli_dispatches_calibrate(capsys) -> None:
+    from polykv_vllm import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["calibrate", "embedded", "--target-ratio", "3", "4", "--out", "p.json"])
+    assert e.value.code == 2
+    assert "polykv-vllm calibrate" in capsys.readouterr().err
