@@ -125,3 +125,24 @@ def test_polykv_vllm_cli_dispatches_calibrate(capsys) -> None:
         cli.main(["calibrate", "embedded", "--target-ratio", "3", "4", "--out", "p.json"])
     assert e.value.code == 2
     assert "polykv-vllm calibrate" in capsys.readouterr().err
+
+
+def test_hf_compress_with_a_profile_and_refusal_for_another_model(tmp_path) -> None:
+    from test_hf_support import DOCUMENT
+
+    from polykv_vllm.core import ModelFingerprint
+    from polykv_vllm.hf import compress
+
+    model, tok = make_model(layers=2, head_dim=32), make_tokenizer(chat=True)
+    fp = model_fingerprint(model)
+    profile = CodecProfile(fp, (LayerSetting(4, 2, True), LayerSetting(8, 4)))
+    pool = compress(model, tok, DOCUMENT, profile=profile)
+    assert pool.codec.identity == f"profile:{profile.digest}"
+    assert pool.layers[0].key_bits == 4 and pool.layers[1].value_bits == 4
+    other = CodecProfile(
+        ModelFingerprint("other/model", fp.architecture, 2, fp.kv_heads, fp.head_dim),
+        profile.layers,
+    )
+    with pytest.raises(ProfileError, match="cannot serve") as e:
+        compress(model, tok, DOCUMENT, profile=other)
+    assert "other/model" in str(e.value) and fp.describe() in str(e.value)
