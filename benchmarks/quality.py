@@ -144,7 +144,7 @@ def codec_roundtrip(
         for layer, (k, v) in enumerate(kv):
             packed = codec.encode(to_codec_layout(k), to_codec_layout(v), layer=layer)
             nbytes += packed.nbytes
-            k2, v2 = codec.decode(packed, dtype=decode_dtype, device=k.device)
+            k2, v2 = codec.decode(packed, dtype=decode_dtype, device=k.device, layer=layer)
             out.append((from_codec_layout(k2, k.dtype), from_codec_layout(v2, v.dtype)))
         return out, nbytes
 
@@ -305,15 +305,47 @@ def first_divergence(a: Sequence[int], b: Sequence[int]) -> int:
 # --- corpus and windows -----------------------------------------------------------------------
 
 
-def corpus_text(path: Path | None = None) -> str:
-    """Python's ``pydoc_data.topics`` (sorted by topic name), joined by blank lines; or the
-    text of ``path`` (e.g. that text saved from another Python version, for the same windows).
+#: the second corpus (issue 14): the license texts Debian ships, each file once (the GPL,
+#: LGPL and GFDL symlinks are skipped), in file-name order; text this project did not write
+LICENSES_DIR = Path("/usr/share/common-licenses")
+
+
+def corpus_text(path: Path | None = None, name: str = "pydoc") -> str:
+    """Python's ``pydoc_data.topics`` (sorted by topic name), joined by blank lines; the
+    license texts of :data:`LICENSES_DIR` (``name="licenses"``); or the text of ``path`` (e.g.
+    that text saved from another Python version, for the same windows).
     """
     if path is not None:
         return path.read_text(encoding="utf-8")
+    if name == "licenses":
+        files = sorted(f for f in LICENSES_DIR.iterdir() if f.is_file() and not f.is_symlink())
+        if not files:
+            raise SystemExit(f"--corpus licenses: no license texts under {LICENSES_DIR}")
+        return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[name] for name in sorted(topics))
+
+
+def calibration_spans(profiles: dict[str, KVCodec], text: str) -> list[tuple[int, int]]:
+    """The token spans ``[start, end)`` of ``text`` that any of ``profiles`` was calibrated on
+    (none when it was calibrated on another text): evaluation windows must stay clear of them.
+    """
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    spans: list[tuple[int, int]] = []
+    for codec in profiles.values():
+        assert codec.profile is not None
+        corpus = codec.profile.calibration.get("corpus", {})
+        if corpus.get("sha256") == digest:
+            spans += [(int(a), int(b)) for a, b in corpus["windows"]]
+    return sorted(set(spans))
+
+
+def assert_disjoint(windows: Sequence[tuple[int, int]], calibration: Sequence[tuple[int, int]]):
+    """No evaluation window ``[a, b)`` shares a token with a calibration window."""
+    for a, b in windows:
+        for c, d in calibration:
+            assert b <= c or a >= d, f"evaluation window [{a}, {b}) overlaps calibration [{c}, {d})"
 
 
 def choose_windows(n_tokens: int, n_windows: int, length: int, seed: int) -> list[int]:
@@ -997,6 +1029,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="JSON",
         help='extra codec config as JSON (or @file): {"name": ..., <CodecConfig fields>}',
     )
+    p.add_argument(
+        "--profile",
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help="a layer-wise codec profile (polykv-vllm calibrate) as variant NAME; evaluation "
+        "windows never overlap its calibration windows (asserted)",
+    )
+    p.add_argument(
+        "--corpus",
+        choices=["pydoc", "licenses"],
+        default="pydoc",
+        help="pydoc: Python's pydoc_data.topics; licenses: /usr/share/common-licenses",
+    )
     p.add_argument("--windows", type=int, default=50, help="number of PPL windows")
     p.add_argument("--context", type=int, default=2048, help="document prefix tokens")
     p.add_argument("--continuation", type=int, default=256, help="scored continuation tokens")
@@ -1045,6 +1091,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="measure only the first K of the chosen windows (cross-checks on slow machines)",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="S",
+        help="stop starting new windows after S seconds and report the windows measured so far "
+        "(recorded in the JSON; for a shared, slow CPU)",
     )
     p.add_argument("--note", action="append", default=[], help="a line for quality.md")
     p.add_argument(
@@ -1127,14 +1181,25 @@ def build_variants(
     configs: dict[str, CodecConfig],
     num_layers: int,
     decode_dtype: torch.dtype,
+    profiles: dict[str, KVCodec] | None = None,
 ) -> list[Variant]:
     """bf16 (unless ``--no-bf16``), every codec on the fp32 cache (unless ``--no-fp32-codecs``),
-    then per ``--cache-dtype``: the fp8 cache alone and ``<dtype>+<codec>`` behind it."""
+    then per ``--cache-dtype``: the fp8 cache alone and ``<dtype>+<codec>`` behind it.
+    ``profiles``: layer-wise profile codecs, after the presets."""
     codecs = {name: KVCodec(config=cfg, num_layers=num_layers) for name, cfg in configs.items()}
+    described: dict[str, dict[str, Any]] = {n: dataclasses.asdict(c) for n, c in configs.items()}
+    for name, codec in (profiles or {}).items():
+        assert codec.profile is not None
+        codecs[name] = codec
+        described[name] = {
+            "profile": codec.profile.source,
+            "digest": codec.profile.digest,
+            "layers": [s.label for s in codec.profile.layers],
+        }
     variants = [] if args.no_bf16 else [Variant("bf16", cast_roundtrip(torch.bfloat16))]
     if not args.no_fp32_codecs:
         variants += [
-            Variant(name, codec_roundtrip(codec, decode_dtype), dataclasses.asdict(configs[name]))
+            Variant(name, codec_roundtrip(codec, decode_dtype), described[name])
             for name, codec in codecs.items()
         ]
     for dtype in args.cache_dtype:
@@ -1144,7 +1209,7 @@ def build_variants(
             Variant(
                 f"{dtype}+{name}",
                 codec_roundtrip(codec, decode_dtype),
-                dataclasses.asdict(configs[name]),
+                described[name],
                 working=spec,
                 baseline=dtype,
             )
@@ -1191,7 +1256,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name in configs or name in ("fp32", "bf16", *FP8_CACHE_DTYPES) or "+" in name:
             raise SystemExit(f"--config name {name!r} is taken or has a '+'; choose another")
         configs[name] = cfg
-    variants = build_variants(args, configs, num_layers, decode_dtype)
+    profiles: dict[str, KVCodec] = {}
+    for text in args.profile:
+        name, sep, path = text.partition("=")
+        if not sep or not name or name in configs or name in profiles or "+" in name:
+            raise SystemExit(f"--profile {text!r}: use NAME=FILE with a new NAME (no '+')")
+        profiles[name] = KVCodec(profile=path, num_layers=num_layers)
+    variants = build_variants(args, configs, num_layers, decode_dtype, profiles)
     roles = {
         v.name: {"working_cache": v.working.cache_dtype}
         | ({"baseline": v.baseline} if v.baseline else {})
@@ -1199,10 +1270,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if v.working is not None
     }
 
-    text = corpus_text(args.corpus_file)
+    text = corpus_text(args.corpus_file, args.corpus)
     tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
     length = args.context + args.continuation + 1
-    starts = choose_windows(len(tokens), args.windows, length, args.seed)
+    calibration = calibration_spans(profiles, text)
+    usable = min([len(tokens), *(a for a, _ in calibration)])
+    starts = choose_windows(usable, args.windows, length, args.seed)
     if args.first_windows is not None:
         starts = starts[: args.first_windows]
     overlap = max(
@@ -1211,11 +1284,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.info(
         "corpus %s tokens, %s windows of %s (overlap %s)", len(tokens), len(starts), length, overlap
     )
+    assert_disjoint([(s, s + length) for s in starts], calibration)
     free_n = args.windows if args.free_running_windows is None else args.free_running_windows
 
     t0 = time.time()
     windows = []
     for i, s in enumerate(starts):
+        if args.time_budget is not None and time.time() - t0 > args.time_budget:
+            logger.warning(
+                "--time-budget %.0fs spent: stopping after %s of %s windows",
+                args.time_budget,
+                i,
+                len(starts),
+            )
+            starts = starts[:i]
+            break
         res = measure_window(
             model, variants, tokens[s : s + length], args.context, args.generate, i < free_n, s
         )
@@ -1232,7 +1315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     needles_out: list[dict[str, Any]] = []
     rng = random.Random(args.seed + 1)
     for j, needle in enumerate(make_needles(args.needles, args.seed)):
-        start = rng.randrange(0, len(tokens) - args.needle_context)
+        start = rng.randrange(0, usable - args.needle_context)
+        assert_disjoint([(start, start + args.needle_context)], calibration)
         document = excerpt(tokenizer, tokens, start, args.needle_context)
         answers = measure_needle(model, tokenizer, variants, document, needle, args.answer_tokens)
         needles_out.append({"needle": dataclasses.asdict(needle), "start": start, **answers})
@@ -1258,10 +1342,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model": "SmolLM2-135M-Instruct (embedded, fp32, CPU)",
         "model_device": str(model.device),
         "corpus": {
-            "source": "pydoc_data.topics of Python "
-            + ("3.11 (saved, --corpus-file)" if args.corpus_file else platform.python_version()),
+            "source": (
+                f"license texts of {LICENSES_DIR} (each file once)"
+                if args.corpus == "licenses" and not args.corpus_file
+                else "pydoc_data.topics of Python "
+                + ("3.11 (saved, --corpus-file)" if args.corpus_file else platform.python_version())
+            ),
             "chars": len(text),
             "tokens": len(tokens),
+            "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+            "calibration_windows_excluded": calibration,
+            "usable_tokens": usable,
         },
         "config": {
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

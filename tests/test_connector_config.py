@@ -123,6 +123,7 @@ NON_DEFAULT: dict[str, Any] = {
     "disk_path": "/tmp/polykv-disk",
     "disk_bytes": 7 * 2**30,
     "remote": "redis://127.0.0.1:6380/1",
+    "profile": "/tmp/polykv-profile.json",
 }
 
 

@@ -93,6 +93,8 @@ class PolyKVConfig:
     """Validated connector options (see ``docs/CONNECTOR.md``).
 
     - ``preset``: codec preset name (``polykv_vllm.core.PRESETS``).
+    - ``profile``: a layer-wise codec profile JSON made for this model by ``polykv-vllm
+      calibrate``; replaces ``preset``. A profile made for another model is refused at start.
     - ``store_bytes``: byte budget of the compressed store, summed over all workers.
     - ``placement``: ``"gpu"`` / ``"cpu"``, or None for the platform default (``"cpu"`` on a
       CPU build, ``"gpu"`` otherwise); on CUDA ``"cpu"`` means pinned host memory.
@@ -125,6 +127,7 @@ class PolyKVConfig:
     """
 
     preset: str = "polykv"
+    profile: str | None = None
     store_bytes: int = 1024**3
     placement: Placement | None = None
     store: StorePolicy = "all"
@@ -143,6 +146,11 @@ class PolyKVConfig:
             raise ValueError(
                 f"polykv option preset={self.preset!r} is unknown: allowed presets are "
                 f"{sorted(PRESETS)}."
+            )
+        if self.profile is not None and (not isinstance(self.profile, str) or not self.profile):
+            raise ValueError(
+                f"polykv option profile={self.profile!r} must be the path of a profile JSON "
+                "written by `polykv-vllm calibrate` (or unset to use the preset)."
             )
         if not isinstance(self.store_bytes, int) or self.store_bytes <= 0:
             raise ValueError(
@@ -350,6 +358,7 @@ class OptionSpec:
 # that depends on the platform.
 _SPEC_OVERRIDES: dict[str, dict[str, Any]] = {
     "preset": {"choices": lambda: tuple(sorted(PRESETS))},
+    "profile": {"metavar": "FILE", "default_text": "none (the preset)"},
     "store_bytes": {"value_type": str, "metavar": "SIZE"},
     "placement": {"default_text": "gpu on CUDA, cpu on CPU"},
     "min_store_tokens": {"default_text": "one block"},

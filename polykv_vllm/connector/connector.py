@@ -45,6 +45,7 @@ from polykv_vllm.connector.spec import (
     ModelFacts,
     build_codec,
     model_facts,
+    model_fingerprint,
     store_geometry,
 )
 from polykv_vllm.connector.spec import is_cpu_platform as _is_cpu
@@ -116,8 +117,8 @@ class PolyKVConnector(KVConnectorBase_V1):
         self.facts = model_facts(vllm_config, kv_cache_config)
         # every engine-dependent default resolved once, here
         self.config = options.resolve(block_size=self.facts.block_size, cpu_platform=_is_cpu())
-        self.codec = build_codec(self.config, self.facts)
-        self.tier_fp = tier_fingerprint(vllm_config, self.facts, self.config.preset)
+        self.codec = build_codec(self.config, self.facts, model_fingerprint(vllm_config))
+        self.tier_fp = tier_fingerprint(vllm_config, self.facts, self.codec.identity)
         self.index: StoreIndex | None = None
         self.worker: PolyKVWorker | None = None
         self._last_saved: StepPlan | None = None
@@ -148,13 +149,13 @@ class PolyKVConnector(KVConnectorBase_V1):
                 self.index.tiers = TierPlanner(tiers, self.tier_fp)
             logger.info(
                 "polykv: store of %d bytes, %d bytes per %d-token block (%.2fx smaller than the "
-                "%s cache), preset %s",
+                "%s cache), codec %s",
                 self.config.store_bytes,
                 geometry.block_bytes,
                 geometry.block_size,
                 geometry.block_raw_bytes / geometry.block_bytes,
                 self.facts.dtype if self.facts.cache_dtype == "auto" else self.facts.cache_dtype,
-                self.config.preset,
+                self.codec.identity,
             )
         else:
             self.worker = PolyKVWorker(block_size=self.facts.block_size)

@@ -143,8 +143,9 @@ class CpuPagedIO:
     def load(self, packed: Sequence[PackedKV], block_ids: Sequence[int]) -> None:
         ids = expand_block_ids(block_ids, self.ratio)
         if self.fp8 is None:
-            for p, cache in zip(packed, self.kv_caches, strict=True):
-                k, v = self.codec.decode(p, dtype=cache.dtype, device=cache.device)
+            for i, (p, cache) in enumerate(zip(packed, self.kv_caches, strict=True)):
+                layer = self.layers[i]
+                k, v = self.codec.decode(p, dtype=cache.dtype, device=cache.device, layer=layer)
                 self.layout.write(cache, ids, k, v)
             return
         # fp8: round to nearest even here (quantize), then hand the op the exact fp8 values at
@@ -152,8 +153,9 @@ class CpuPagedIO:
         # just below a grid point would lose a whole fp8 step (12.5% in e4m3) instead of
         # returning to it.
         ks, vs = self.scales()
-        for p, cache, k_scale, v_scale in zip(packed, self.kv_caches, ks, vs, strict=True):
-            k, v = self.codec.decode(p, dtype=torch.float32, device=cache.device)
+        rows = zip(self.layers, packed, self.kv_caches, ks, vs, strict=True)
+        for layer, p, cache, k_scale, v_scale in rows:
+            k, v = self.codec.decode(p, dtype=torch.float32, device=cache.device, layer=layer)
             k8 = quantize(k, k_scale, self.fp8).to(self.layout.dtype)
             v8 = quantize(v, v_scale, self.fp8).to(self.layout.dtype)
             self.layout.write(cache, ids, k8, v8)

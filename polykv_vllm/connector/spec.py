@@ -16,7 +16,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
 
 from polykv_vllm.connector.config import PolyKVConfig
 from polykv_vllm.connector.scheduler import StoreGeometry
-from polykv_vllm.core import KVCodec
+from polykv_vllm.core import KVCodec, ModelFingerprint, ProfileError
 from polykv_vllm.kernels.fp8 import FP8_CACHE_DTYPES
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ __all__ = [
     "check_parallelism",
     "is_cpu_platform",
     "model_facts",
+    "model_fingerprint",
     "store_geometry",
 ]
 
@@ -156,8 +157,37 @@ def check_parallelism(parallel_config: object) -> None:
             )
 
 
-def build_codec(config: PolyKVConfig, facts: ModelFacts) -> KVCodec:
-    """The codec for this model; raises ``ValueError`` if it cannot encode the head dim."""
+def model_fingerprint(vllm_config: VllmConfig) -> ModelFingerprint:
+    """The served model as a codec profile names it (name, architecture, layers, total kv
+    heads, head dim)."""
+    mc = vllm_config.model_config
+    text = mc.hf_text_config
+    archs = getattr(mc.hf_config, "architectures", None) or ["unknown"]
+    return ModelFingerprint(
+        name=str(mc.model),
+        architecture=str(archs[0]),
+        num_layers=int(text.num_hidden_layers),
+        kv_heads=int(mc.get_total_num_kv_heads()),
+        head_dim=int(mc.get_head_size()),
+    )
+
+
+def build_codec(
+    config: PolyKVConfig, facts: ModelFacts, model: ModelFingerprint | None = None
+) -> KVCodec:
+    """The codec for this model: ``config.profile`` (checked against ``model``) or the preset;
+    raises ``ValueError`` if it cannot encode the head dim or the profile is for another model."""
+    if config.profile is not None:
+        try:
+            codec = KVCodec(
+                profile=config.profile, num_layers=facts.total_layers, head_dim=facts.head_dim
+            )
+            if model is not None:
+                assert codec.profile is not None
+                codec.profile.check_model(model)
+        except ProfileError as e:
+            raise ValueError(f"polykv option profile: {e}") from e
+        return codec
     codec = KVCodec(config.preset, num_layers=facts.total_layers, head_dim=facts.head_dim)
     try:
         codec.layer_spec(0, facts.head_dim)

@@ -17,9 +17,11 @@ from polykv_vllm.core.presets import (
     DEFAULT_PRESET,
     KEEP_KEY_BITS,
     KEEP_VALUE_BITS,
+    PRESETS,
     CodecConfig,
     get_preset,
 )
+from polykv_vllm.core.profile import CodecProfile, LayerSetting, ProfileError, load_profile
 
 __all__ = ["MIN_HEAD_DIM", "KVCodec", "LayerSpec", "PackedKV"]  # the latter two re-exported
 
@@ -31,8 +33,11 @@ MIN_HEAD_DIM = 8
 class KVCodec:
     """Encode/decode per-layer K/V ``[tokens, kv_heads, head_dim]`` (the torch reference).
 
-    ``KVCodec(preset="polykv")`` or ``KVCodec(config=CodecConfig(...))``. ``num_layers`` is needed
-    only when ``config.keep_layers`` holds negative indices; ``head_dim`` is only the default for
+    ``KVCodec(preset="polykv")``, ``KVCodec(config=CodecConfig(...))`` or
+    ``KVCodec(profile="PROFILE.json")`` (a :class:`~.profile.CodecProfile` or its path: one
+    setting per layer, for one model). ``num_layers`` is needed only when ``config.keep_layers``
+    holds negative indices; with a profile, ``num_layers`` / ``head_dim`` given must match it
+    (:class:`~.profile.ProfileError` otherwise). ``head_dim`` is only the default for
     :meth:`layer_spec`.
     """
 
@@ -43,11 +48,15 @@ class KVCodec:
         config: CodecConfig | None = None,
         num_layers: int | None = None,
         head_dim: int | None = None,
+        profile: str | CodecProfile | None = None,
     ) -> None:
-        if preset is not None and config is not None:
-            raise ValueError(
-                f"KVCodec got both preset={preset!r} and config=...; pass only one of them."
-            )
+        given = [n for n, x in (("preset", preset), ("config", config), ("profile", profile)) if x]
+        if len(given) > 1:
+            raise ValueError(f"KVCodec got {' and '.join(given)}; pass only one of them.")
+        self.profile = load_profile(profile) if profile is not None else None
+        if self.profile is not None:
+            num_layers, head_dim = _check_profile_shape(self.profile, num_layers, head_dim)
+            config = CodecConfig(seed=self.profile.seed)
         self.config = config if config is not None else get_preset(preset or DEFAULT_PRESET)
         if num_layers is not None and (not isinstance(num_layers, int) or num_layers < 1):
             raise ValueError(f"KVCodec num_layers={num_layers!r} is invalid: use an integer >= 1.")
@@ -62,9 +71,29 @@ class KVCodec:
         self._kept_layers = frozenset(kept)
 
     def __repr__(self) -> str:
+        if self.profile is not None:
+            return f"KVCodec(profile={self.profile.source}, num_layers={self.num_layers})"
         return f"KVCodec(config={self.config!r}, num_layers={self.num_layers})"
 
+    @property
+    def identity(self) -> str:
+        """A name for everything the stored bytes depend on besides the model: the preset
+        name, ``custom:<config>`` or ``profile:<digest>``."""
+        if self.profile is not None:
+            return f"profile:{self.profile.digest}"
+        for name, cfg in PRESETS.items():
+            if cfg == self.config:
+                return name
+        return f"custom:{self.config!r}"
+
     # --- per-layer settings -------------------------------------------------------------
+
+    def layer_setting(self, layer: int) -> LayerSetting:
+        """The :class:`~.profile.LayerSetting` of ``layer`` (from the profile or the config)."""
+        key_bits, value_bits = self.layer_bits(layer)
+        if self.profile is not None:
+            return self.profile.layers[layer]
+        return LayerSetting(key_bits, value_bits, self.config.norm_correction)
 
     def layer_bits(self, layer: int) -> tuple[int, int]:
         """``(key_bits, value_bits)`` used for ``layer``."""
@@ -75,6 +104,9 @@ class KVCodec:
                 f"layer={layer} is out of range: this codec was built for num_layers="
                 f"{self.num_layers} (allowed 0..{self.num_layers - 1})."
             )
+        if self.profile is not None:
+            setting = self.profile.layers[layer]
+            return setting.key_bits, setting.value_bits
         if layer in self._kept_layers:
             return KEEP_KEY_BITS, KEEP_VALUE_BITS
         return self.config.key_bits, self.config.value_bits
@@ -87,10 +119,10 @@ class KVCodec:
                 "layer_spec needs the head dim: pass head_dim= here or to KVCodec(...)."
             )
         _check_head_dim(dim)
-        key_bits, value_bits = self.layer_bits(layer)
-        return make_layer_spec(
-            dim, key_bits, value_bits, self.config.seed, self.config.norm_correction
-        )
+        if self.profile is not None and dim != self.profile.model.head_dim:
+            _check_profile_shape(self.profile, None, dim)
+        s = self.layer_setting(layer)
+        return make_layer_spec(dim, s.key_bits, s.value_bits, self.config.seed, s.norm_correction)
 
     # --- encode / decode ----------------------------------------------------------------
 
@@ -107,11 +139,14 @@ class KVCodec:
         packed: PackedKV,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
+        layer: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decompress to ``(k, v)``, each ``dtype`` ``[tokens, kv_heads, head_dim]`` on ``device``
         (default: the packed tensors' device). Computed in float32, cast at the end.
 
-        The bits come from ``packed`` itself; seed and norm correction from this codec's config.
+        The bits come from ``packed`` itself; the seed from this codec's config and norm
+        correction from ``layer``'s setting when ``layer`` is given, else from the config (a
+        profile whose layers of these bits differ in norm correction needs ``layer``).
         """
         if not isinstance(packed, PackedKV):
             raise TypeError(f"decode expects a PackedKV, got {type(packed).__name__}.")
@@ -123,14 +158,50 @@ class KVCodec:
         target = torch.device(device) if device is not None else packed.device
         p = packed.to(target)
         spec = make_layer_spec(
-            p.head_dim, p.key_bits, p.value_bits, self.config.seed, self.config.norm_correction
+            p.head_dim, p.key_bits, p.value_bits, self.config.seed, self._norm_correction(p, layer)
         )
         k, v = spec.decode(p)
         return k.to(dtype), v.to(dtype)
 
+    def _norm_correction(self, p: PackedKV, layer: int | None) -> bool:
+        if layer is not None:
+            return self.layer_setting(layer).norm_correction
+        if self.profile is None:
+            return self.config.norm_correction
+        found = {
+            s.norm_correction
+            for s in self.profile.layers
+            if (s.key_bits, s.value_bits) == (p.key_bits, p.value_bits)
+        }
+        if len(found) != 1:
+            raise ValueError(
+                f"decode: this profile has {len(found) or 'no'} norm-correction settings for "
+                f"K{p.key_bits}V{p.value_bits} layers; pass layer= (the layer it was encoded for)."
+            )
+        return found.pop()
+
     def bytes_per_token_head(self, head_dim: int, layer: int = 0) -> int:
         """Bytes one (token, head) takes at ``layer`` (:attr:`LayerSpec.bytes_per_token_head`)."""
         return self.layer_spec(layer, head_dim).bytes_per_token_head
+
+
+def _check_profile_shape(
+    profile: CodecProfile, num_layers: int | None, head_dim: int | None
+) -> tuple[int, int]:
+    """``(num_layers, head_dim)`` of ``profile``; raises :class:`ProfileError` naming both when
+    a given one differs."""
+    model = profile.model
+    for name, given, mine in (
+        ("num_layers", num_layers, model.num_layers),
+        ("head_dim", head_dim, model.head_dim),
+    ):
+        if given is not None and given != mine:
+            raise ProfileError(
+                f"profile {profile.source} was made for {model.describe()} but this model has "
+                f"{name}={given} (the profile allows only {name}={mine}): make a profile for "
+                "this model with `polykv-vllm calibrate`."
+            )
+    return model.num_layers, model.head_dim
 
 
 def _check_head_dim(dim: int) -> None:

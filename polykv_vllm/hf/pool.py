@@ -17,7 +17,15 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from polykv_vllm.core import CodecConfig, KVCodec, PackedKV, get_preset
+from polykv_vllm.core import (
+    CodecConfig,
+    CodecProfile,
+    KVCodec,
+    ModelFingerprint,
+    PackedKV,
+    get_preset,
+    load_profile,
+)
 from polykv_vllm.hf.layout import ModelLayout, UnsupportedModelError
 from polykv_vllm.hf.prompt import PromptFormat
 
@@ -80,7 +88,9 @@ class SharedPool:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of prefix tokens ``[start, end)`` of ``layer``: each ``dtype``
         ``[end - start, kv_heads, head_dim]`` on ``device`` (new tensors; the pool is unchanged)."""
-        return self.codec.decode(self.layers[layer].slice(start, end), dtype=dtype, device=device)
+        return self.codec.decode(
+            self.layers[layer].slice(start, end), dtype=dtype, device=device, layer=layer
+        )
 
     def record_agent_peak(self, peak_bytes: int, dtype: torch.dtype) -> None:
         """Called by agents after each generation with their measured peak working bytes."""
@@ -246,14 +256,18 @@ def compress(
     preset: str = "polykv",
     *,
     config: CodecConfig | None = None,
+    profile: str | CodecProfile | None = None,
     chat_template: bool | None = None,
 ) -> SharedPool:
     """Prefill ``document`` once and compress its KV cache per layer into a :class:`SharedPool`.
 
     ``preset`` names a codec preset (``polykv_vllm.core.PRESETS``); ``config`` overrides it with
-    an explicit :class:`CodecConfig`. ``chat_template=None`` wraps the document in the
-    tokenizer's chat template when it has one (the document opens the user turn, the query is
-    appended to it by :meth:`Agent.generate`); ``False`` uses the raw document.
+    an explicit :class:`CodecConfig`, ``profile`` with a layer-wise profile made for this model
+    by ``polykv-vllm calibrate`` (a :class:`CodecProfile` or its JSON path; a profile for
+    another model raises :class:`~polykv_vllm.core.ProfileError`). ``chat_template=None``
+    wraps the document in the tokenizer's chat template when it has one (the document opens
+    the user turn, the query is appended to it by :meth:`Agent.generate`); ``False`` uses the
+    raw document.
 
     The pool lives on the model's device (CPU, CUDA or MPS). The full-precision cache of the
     prefill is encoded layer by layer and dropped; the pool keeps no full-precision copy.
@@ -261,6 +275,8 @@ def compress(
     model's ``max_position_embeddings``, and :class:`UnsupportedModelError` for cache layouts the
     codec cannot hold.
     """
+    if config is not None and profile is not None:
+        raise ValueError("compress got both config= and profile=; pass only one of them.")
     if config is not None:
         codec_config, preset_name = config, "custom"
     else:
@@ -272,7 +288,11 @@ def compress(
             f"document={document[:20]!r} is empty: pass the text the agents should share."
         )
     layout = ModelLayout.from_model(model)
-    codec = KVCodec(config=codec_config, num_layers=layout.num_layers, head_dim=layout.head_dim)
+    if profile is not None:
+        codec = _profile_codec(model, layout, profile)
+        preset_name = codec.identity
+    else:
+        codec = KVCodec(config=codec_config, num_layers=layout.num_layers, head_dim=layout.head_dim)
     layout.check_codec(codec)
     prompt = PromptFormat.build(tokenizer, document, chat_template)
     ids = prompt.prefix_ids(tokenizer)
@@ -302,6 +322,22 @@ def compress(
         preset_name,
     )
     return pool
+
+
+def _profile_codec(model: Any, layout: ModelLayout, profile: str | CodecProfile) -> KVCodec:
+    """The codec of ``profile``, refused (naming both models) unless made for ``model``."""
+    loaded = load_profile(profile)
+    config = model.config
+    loaded.check_model(
+        ModelFingerprint(
+            name=str(getattr(config, "_name_or_path", "") or type(model).__name__),
+            architecture=str((getattr(config, "architectures", None) or [type(model).__name__])[0]),
+            num_layers=layout.num_layers,
+            kv_heads=layout.kv_heads,
+            head_dim=layout.head_dim,
+        )
+    )
+    return KVCodec(profile=loaded, num_layers=layout.num_layers, head_dim=layout.head_dim)
 
 
 def _prefill(model: Any, token_ids: torch.Tensor) -> DynamicCache:
