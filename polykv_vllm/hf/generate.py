@@ -118,7 +118,7 @@ def generate_batch_ids(
                 live = [live[r] for r in keep]
             logits = decoder.step(tokens)
     pool.record_batched_peak(
-        len(queries), decoder.total_meter.peak_bytes, decoder.document_meter.peak_bytes
+        len(queries), decoder.total_meter.peak_bytes, decoder.document_meter.peak_bytes, name
     )
     logger.debug(
         "%s agents, backend %s: %s new tokens, peak %s bytes (document %s)",

@@ -33,8 +33,9 @@ class _PeakRecord:
     lock: threading.Lock = field(default_factory=threading.Lock)
     peak_bytes: int | None = None
     working_dtype: torch.dtype | None = None
-    # Latest batched generation (SharedPool.generate): agents, total peak, document share.
-    batched: tuple[int, int, int] | None = None
+    # Latest batched generation (SharedPool.generate): agents, total peak, document share,
+    # the backend that ran.
+    batched: tuple[int, int, int, str] | None = None
 
     def record(self, peak_bytes: int, dtype: torch.dtype) -> None:
         with self.lock:
@@ -86,11 +87,13 @@ class SharedPool:
         """Called by agents after each generation with their measured peak working bytes."""
         self._peaks.record(peak_bytes, dtype)
 
-    def record_batched_peak(self, n_agents: int, peak_bytes: int, document_bytes: int) -> None:
+    def record_batched_peak(
+        self, n_agents: int, peak_bytes: int, document_bytes: int, backend: str = "torch"
+    ) -> None:
         """Called by :meth:`generate` with the measured peak of the whole batch (all suffixes +
-        the shared decoded layer) and the document's share of it."""
+        the shared decoded layer), the document's share of it and the backend that ran."""
         with self._peaks.lock:
-            self._peaks.batched = (n_agents, peak_bytes, document_bytes)
+            self._peaks.batched = (n_agents, peak_bytes, document_bytes, backend)
 
     def generate(
         self, queries: Sequence[str], model: Any, tokenizer: Any, **kwargs: Any
@@ -138,6 +141,7 @@ class SharedPool:
             batched_agents=batched[0] if batched else None,
             batched_peak_bytes=batched[1] if batched else None,
             batched_document_bytes=batched[2] if batched else None,
+            batched_backend=batched[3] if batched else None,
         )
 
 
@@ -156,6 +160,8 @@ class MemorySummary:
     - ``batched_peak_bytes``: the measured peak of the latest :meth:`SharedPool.generate` of
       ``batched_agents`` agents (all suffixes + one shared decoded layer), of which
       ``batched_document_bytes`` is the document's share; None before any batched run.
+      ``batched_backend`` is the prefix-attention backend that run used (``torch`` or
+      ``xformers``, after any fallback).
     """
 
     n_agents: int
@@ -173,6 +179,7 @@ class MemorySummary:
     batched_agents: int | None = None
     batched_peak_bytes: int | None = None
     batched_document_bytes: int | None = None
+    batched_backend: str | None = None
 
     @property
     def ratio_vs_shared_bf16(self) -> float:
@@ -223,7 +230,8 @@ class MemorySummary:
                     f"batched peak, {self.batched_agents} agents together (measured)",
                     _mib(self.batched_peak_bytes),
                     f"all suffixes + 1 shared decoded layer "
-                    f"({_mib(self.batched_document_bytes)} of it the document)",
+                    f"({_mib(self.batched_document_bytes)} of it the document), "
+                    f"{self.batched_backend} backend",
                 )
             )
         width = max(len(r[0]) for r in rows)
