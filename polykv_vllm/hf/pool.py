@@ -18,7 +18,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from polykv_vllm.core import CodecConfig, KVCodec, PackedKV, get_preset
-from polykv_vllm.hf.layout import ModelLayout, UnsupportedModelError
+from polykv_vllm.hf.layout import ModelLayout, UnsupportedModelError, weight_sample
 from polykv_vllm.hf.prompt import PromptFormat
 
 __all__ = ["MemorySummary", "SharedPool", "compress"]
@@ -52,6 +52,8 @@ class SharedPool:
     - ``token_ids``: int64 ``[num_tokens]`` on the CPU, the exact prefix ids that were prefilled.
     - ``bf16_bytes``: bytes of the document's K and V cast to bf16, measured from the tensors
       at compress time one layer at a time (the size of one uncompressed copy).
+    - ``weights``: a few of the model's embedding weights (``layout.weight_sample``), so agents
+      and :meth:`generate` refuse another checkpoint of the same shape.
     """
 
     layers: tuple[PackedKV, ...]
@@ -61,6 +63,7 @@ class SharedPool:
     layout: ModelLayout
     prompt: PromptFormat
     bf16_bytes: int
+    weights: torch.Tensor | None = field(default=None, repr=False)
     _peaks: _PeakRecord = field(default_factory=_PeakRecord, repr=False)
 
     @property
@@ -300,6 +303,7 @@ def compress(
         layout=layout,
         prompt=prompt,
         bf16_bytes=bf16_bytes,
+        weights=weight_sample(model),
     )
     logger.info(
         "compressed %s tokens x %s layers into %s bytes (bf16 copy %s bytes, preset %s)",
