@@ -144,10 +144,19 @@ def run_sequential(pool: Any, model: Any, tok: Any, qs: list[str], new: int) -> 
 
 
 def run_batched(
-    pool: Any, model: Any, tok: Any, qs: list[str], new: int, backend: str
+    pool: Any, model: Any, tok: Any, qs: list[str], new: int, method: str
 ) -> dict[str, Any]:
+    """``method`` is ``batched-BACKEND`` or ``batched-BACKEND-kept`` (``keep_decoded=True``)."""
+    parts = method.split("-")
     ids = pool.generate_ids(
-        qs, model, tok, max_new_tokens=new, eos_token_id=None, backend=backend, progress=False
+        qs,
+        model,
+        tok,
+        max_new_tokens=new,
+        eos_token_id=None,
+        backend=parts[1],
+        progress=False,
+        keep_decoded=parts[-1] == "kept",
     )
     summary = pool.memory_summary(len(qs))
     return {
@@ -206,7 +215,7 @@ def timed(
             assert prefix_cache is not None
             res = run_private(pool, model, tok, qs, args.new_tokens, prefix_cache)
         else:
-            res = run_batched(pool, model, tok, qs, args.new_tokens, method.split("-")[1])
+            res = run_batched(pool, model, tok, qs, args.new_tokens, method)
     except Exception as exc:  # e.g. out of memory, or a kernel the GPU refuses: keep going
         return {"error": f"{type(exc).__name__}: {exc}"[:500]}
     if cuda:
@@ -270,6 +279,11 @@ def main() -> None:
         metavar="N=R",
         help="fewer repeats for some agent counts, e.g. 64=1 (default: --repeats for all)",
     )
+    ap.add_argument(
+        "--keep-decoded",
+        action="store_true",
+        help="also run batched-BACKEND-kept: pool.generate(keep_decoded=True)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--out", required=True, help="path prefix for OUT.json and OUT.png")
     args = ap.parse_args()
@@ -282,6 +296,8 @@ def main() -> None:
     methods = [m for m in args.methods if m != "batched"]
     if "batched" in args.methods:
         methods += [f"batched-{b}" for b in args.backend]
+        if args.keep_decoded:
+            methods += [f"batched-{b}-kept" for b in args.backend]
     warm = queries(pool, tok, 1)
     for method in methods:  # first calls pay one-off costs (allocator, kernels): not timed
         if method == "sequential":
@@ -290,7 +306,7 @@ def main() -> None:
             assert prefix_cache is not None
             run_private(pool, model, tok, warm, 2, prefix_cache)
         else:
-            run_batched(pool, model, tok, warm, 2, method.split("-")[1])
+            run_batched(pool, model, tok, warm, 2, method)
     repeats_at = dict(parse_repeats_at(x) for x in args.repeats_at)
     runs: list[dict[str, Any]] = []
     for repeat in range(args.repeats):

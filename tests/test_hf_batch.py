@@ -219,3 +219,21 @@ def test_broken_xformers_falls_back_with_one_line(monkeypatch, caplog):
         assert resolve_backend("auto", torch.device("cuda")) == "torch"
     assert len(caplog.records) == 1
     assert "xformers failed to import (ModuleNotFoundError" in caplog.records[0].getMessage()
+
+
+def test_keep_decoded_gives_the_same_tokens_and_holds_every_layer():
+    model, tok = make_model(seed=1, layers=4), make_tokenizer(False)
+    pool = compress(model, tok, DOCUMENT)
+    want = pool.generate_ids(QUERIES, model, tok, max_new_tokens=6, eos_token_id=None)
+    one = pool.memory_summary(len(QUERIES)).batched_document_bytes
+    got = pool.generate_ids(
+        QUERIES, model, tok, max_new_tokens=6, eos_token_id=None, keep_decoded=True
+    )
+    assert got == want
+    kept = pool.memory_summary(len(QUERIES)).batched_document_bytes
+    layout = pool.layout
+    one_layer = 2 * pool.num_tokens * layout.kv_heads * layout.head_dim * 4
+    assert one is not None and kept is not None
+    assert pool.num_layers * one_layer <= kept < one + pool.num_layers * one_layer
+    with pytest.raises(ValueError, match="keep_decoded=1 is invalid"):
+        pool.generate(["a"], model, tok, keep_decoded=1)

@@ -47,11 +47,23 @@ class _StepState:
     total: MemoryMeter
     document: MemoryMeter
     chunk_tokens: int
+    # keep_decoded=True: every decoded layer, kept for the decoder's lifetime (else None).
+    kept: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def decode_prefix(
         self, layer: int, dtype: torch.dtype, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``layer`` of the pool as ``[P, kv_heads, head_dim]`` keys and values."""
+        if self.kept is not None and layer in self.kept:
+            return self.kept[layer]
+        keys, values = self._decode(layer, dtype, device)
+        if self.kept is not None:
+            self.kept[layer] = (keys, values)
+        return keys, values
+
+    def _decode(
+        self, layer: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         p, layout = self.pool.num_tokens, self.pool.layout
         shape = (p, layout.kv_heads, layout.head_dim)
         keys = self._track(torch.empty(shape, dtype=dtype, device=device))
@@ -151,6 +163,11 @@ class BatchedDecoder:
     ``total_meter.peak_bytes`` is the measured peak of every K/V tensor the decoder allocated
     (all suffixes + the shared decoded layer); ``document_meter.peak_bytes`` the document's share
     alone (one decoded layer, independent of ``N``). Attention scores are not counted.
+
+    ``keep_decoded=True`` keeps every decoded layer for the decoder's lifetime instead (decoded
+    once at the prefill, not once per step): the document then costs all layers decoded in the
+    model's dtype (twice one bf16 copy for a float32 model), still independent of ``N``. Off by
+    default: the issue bounds the working buffer to one decoded layer.
     """
 
     def __init__(
@@ -159,6 +176,7 @@ class BatchedDecoder:
         model: Any,
         backend: str = "torch",
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        keep_decoded: bool = False,
     ) -> None:
         self.pool = pool
         self.model = model
@@ -167,6 +185,9 @@ class BatchedDecoder:
         self.document_meter = MemoryMeter()
         self._prefix_fn = prefix_backend(backend)
         self._chunk_tokens = chunk_tokens
+        self._kept: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = (
+            {} if keep_decoded else None
+        )
         self._cache = _SuffixCache(pool.num_tokens, pool.num_layers, self.total_meter)
         self._valid: torch.Tensor | None = None  # bool [N, S]: real (not padding) slots
         self._next_pos: torch.Tensor | None = None  # int64 [N]: position of the next token
@@ -243,6 +264,7 @@ class BatchedDecoder:
             total=self.total_meter,
             document=self.document_meter,
             chunk_tokens=self._chunk_tokens,
+            kept=self._kept,
         )
         kwargs: dict[str, Any] = {"logits_to_keep": 1} if self._keep_arg else {}
         token = _ACTIVE.set(state)

@@ -56,6 +56,7 @@ def generate_batch_ids(
     backend: str = "auto",
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     progress: bool | None = None,
+    keep_decoded: bool = False,
 ) -> list[list[int]]:
     """Decode all ``queries`` together over ``pool``; the new token ids of each, in order.
 
@@ -64,6 +65,10 @@ def generate_batch_ids(
     (:func:`~polykv_vllm.hf.hydragen.resolve_backend`). ``progress=None`` shows a bar (tqdm when
     installed, else log lines) for runs of at least ``PROGRESS_MIN_TOKENS`` new tokens. The
     measured peak is recorded in the pool (``pool.memory_summary(n).batched_peak_bytes``).
+    ``keep_decoded=True`` decodes each pool layer once for the whole run and keeps them all
+    (faster when the codec's decode dominates, e.g. few agents on CPU; the document then costs
+    every layer decoded, see :class:`~polykv_vllm.hf.batch.BatchedDecoder`); the default decodes
+    one layer at a time at every step, the working buffer being one decoded layer.
     Raises ``ValueError`` for an empty query list, ``max_new_tokens < 1``, a negative
     temperature, a query that does not fit the context with the document, or another model.
     """
@@ -81,6 +86,8 @@ def generate_batch_ids(
         raise ValueError(
             f"temperature={temperature!r} is invalid: use 0 (greedy) or a positive float."
         )
+    if not isinstance(keep_decoded, bool):
+        raise ValueError(f"keep_decoded={keep_decoded!r} is invalid: use True or False.")
     _check_model_matches(pool, model)
     suffixes = [pool.prompt.suffix_ids(tokenizer, q) for q in queries]
     for i, suffix in enumerate(suffixes):
@@ -97,7 +104,7 @@ def generate_batch_ids(
     live = list(range(len(queries)))  # query index of each row of the live batch
     show = max_new_tokens >= PROGRESS_MIN_TOKENS if progress is None else progress
     with (
-        BatchedDecoder(pool, model, name, chunk_tokens) as decoder,
+        BatchedDecoder(pool, model, name, chunk_tokens, keep_decoded) as decoder,
         _progress(max_new_tokens, len(queries), show) as tick,
     ):
         logits = decoder.prefill(suffixes)

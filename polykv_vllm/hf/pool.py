@@ -103,7 +103,7 @@ class SharedPool:
     ) -> list[str]:
         """Answer every query about the document, all agents decoding together (one answer per
         query, in order). Keywords: ``max_new_tokens``, ``temperature``, ``eos_token_id``,
-        ``seed``, ``backend``, ``chunk_tokens``, ``progress``; see
+        ``seed``, ``backend``, ``chunk_tokens``, ``progress``, ``keep_decoded``; see
         :func:`polykv_vllm.hf.generate.generate_batch_ids`."""
         from polykv_vllm.hf.generate import generate_batch
 
