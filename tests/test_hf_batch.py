@@ -237,3 +237,15 @@ def test_keep_decoded_gives_the_same_tokens_and_holds_every_layer():
     assert pool.num_layers * one_layer <= kept < one + pool.num_layers * one_layer
     with pytest.raises(ValueError, match="keep_decoded=1 is invalid"):
         pool.generate(["a"], model, tok, keep_decoded=1)
+
+
+def test_prefix_within_one_chunk_is_decoded_straight_into_the_buffer():
+    model, tok, pool = _setup(seed=1)
+    chunked = pool.generate_ids(QUERIES, model, tok, max_new_tokens=5, chunk_tokens=32)
+    whole = pool.generate_ids(QUERIES, model, tok, max_new_tokens=5, chunk_tokens=4096)
+    assert chunked == whole
+    layout = pool.layout
+    one_layer = 2 * pool.num_tokens * layout.kv_heads * layout.head_dim * 4
+    assert pool.memory_summary(1).batched_document_bytes == one_layer
+    with pytest.raises(ValueError, match="chunk_tokens=0 is invalid"):
+        pool.generate(["a"], model, tok, chunk_tokens=0)

@@ -65,6 +65,9 @@ class _StepState:
         self, layer: int, dtype: torch.dtype, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
         p, layout = self.pool.num_tokens, self.pool.layout
+        if p <= self.chunk_tokens:  # one codec call, its output is the buffer (no copy)
+            k, v = self.pool.decode_layer(layer, 0, p, dtype, device)
+            return self._track(k.contiguous()), self._track(v.contiguous())
         shape = (p, layout.kv_heads, layout.head_dim)
         keys = self._track(torch.empty(shape, dtype=dtype, device=device))
         values = self._track(torch.empty(shape, dtype=dtype, device=device))
