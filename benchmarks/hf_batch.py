@@ -401,7 +401,11 @@ def summarize(runs: list[dict[str, Any]], methods: list[str], agents: list[int])
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the JSON is written already; the PNG can be drawn elsewhere
+        print(f"matplotlib is not installed: {path} not drawn")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
