@@ -249,3 +249,18 @@ def test_prefix_within_one_chunk_is_decoded_straight_into_the_buffer():
     assert pool.memory_summary(1).batched_document_bytes == one_layer
     with pytest.raises(ValueError, match="chunk_tokens=0 is invalid"):
         pool.generate(["a"], model, tok, chunk_tokens=0)
+
+
+def test_suffix_buffers_are_allocated_once_for_the_whole_run():
+    """The measured peak is the document's share plus exactly one copy of every agent's suffix
+    K/V (prefill width + new tokens, all layers): no second copy from a per-step concatenation."""
+    model, tok, pool = _setup(seed=1)
+    new = 7
+    pool.generate_ids(QUERIES, model, tok, max_new_tokens=new, eos_token_id=None)
+    summary = pool.memory_summary(len(QUERIES))
+    assert summary.batched_peak_bytes is not None and summary.batched_document_bytes is not None
+    width = max(len(pool.prompt.suffix_ids(tok, q)) for q in QUERIES)
+    layout = pool.layout
+    per_slot = 2 * layout.kv_heads * layout.head_dim * 4  # K and V, float32
+    suffixes = pool.num_layers * len(QUERIES) * (width + new - 1) * per_slot
+    assert summary.batched_peak_bytes == summary.batched_document_bytes + suffixes

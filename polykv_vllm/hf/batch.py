@@ -122,17 +122,58 @@ AttentionInterface.register(ATTENTION_NAME, _hydragen_attention)
 
 
 class _SuffixLayer(DynamicLayer):
-    """A DynamicLayer of suffix K/V ``[N, Hkv, S, D]`` whose tensors are counted by a meter."""
+    """Suffix K/V ``[N, Hkv, S, D]`` in one preallocated buffer per tensor, written in place.
+
+    ``keys`` / ``values`` are views of the first ``S`` slots. The buffer holds ``reserve`` slots
+    (the prefill's width + the run's new tokens, set by the decoder) and doubles if that is
+    exceeded; unlike ``DynamicLayer``'s per-step ``torch.cat`` no second copy of the suffix is
+    ever live, so the metered peak is the suffix itself. Buffers are counted by a meter.
+    """
 
     def __init__(self, meter: MemoryMeter) -> None:
         super().__init__()
         self.meter = meter
+        self.reserve = 0
+        self.length = 0
+        self._kbuf: torch.Tensor | None = None
+        self._vbuf: torch.Tensor | None = None
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
-        return self.meter.track(keys), self.meter.track(values)
+        new = int(key_states.shape[-2])
+        if self._kbuf is None or self.length + new > self._kbuf.shape[2]:
+            self._grow(key_states, value_states, self.length + new)
+        assert self._kbuf is not None and self._vbuf is not None
+        self._kbuf[:, :, self.length : self.length + new].copy_(key_states)
+        self._vbuf[:, :, self.length : self.length + new].copy_(value_states)
+        self.length += new
+        self._views()
+        return self.keys, self.values  # type: ignore[return-value]
+
+    def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
+        old = 0 if self._kbuf is None else int(self._kbuf.shape[2])
+        slots = max(needed, self.reserve, 2 * old)
+        n, heads, _, dim = key_states.shape
+        kbuf = self.meter.track(key_states.new_empty((n, heads, slots, dim)))
+        vbuf = self.meter.track(value_states.new_empty((n, heads, slots, value_states.shape[-1])))
+        if self._kbuf is not None and self._vbuf is not None and self.length:
+            kbuf[:, :, : self.length].copy_(self._kbuf[:, :, : self.length])
+            vbuf[:, :, : self.length].copy_(self._vbuf[:, :, : self.length])
+        self._kbuf, self._vbuf = kbuf, vbuf
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def _views(self) -> None:
+        assert self._kbuf is not None and self._vbuf is not None
+        self.keys = self._kbuf[:, :, : self.length]
+        self.values = self._vbuf[:, :, : self.length]
+
+    def select(self, rows: torch.Tensor) -> None:
+        if self._kbuf is not None and self._vbuf is not None:
+            self._kbuf = self.meter.track(self._kbuf.index_select(0, rows))
+            self._vbuf = self.meter.track(self._vbuf.index_select(0, rows))
+            self._views()
 
 
 class _SuffixCache(Cache):
@@ -144,14 +185,15 @@ class _SuffixCache(Cache):
         super().__init__(layers=list(self.suffix_layers))
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        layer = self.suffix_layers[layer_idx]
-        return self.prefix_tokens + (0 if layer.keys is None else int(layer.keys.shape[-2]))
+        return self.prefix_tokens + self.suffix_layers[layer_idx].length
+
+    def reserve(self, slots: int) -> None:
+        for layer in self.suffix_layers:
+            layer.reserve = slots
 
     def select(self, rows: torch.Tensor) -> None:
         for layer in self.suffix_layers:
-            if layer.keys is not None and layer.values is not None:
-                layer.keys = layer.meter.track(layer.keys.index_select(0, rows))
-                layer.values = layer.meter.track(layer.values.index_select(0, rows))
+            layer.select(rows)
 
 
 class BatchedDecoder:
@@ -171,6 +213,9 @@ class BatchedDecoder:
     once at the prefill, not once per step): the document then costs all layers decoded in the
     model's dtype (twice one bf16 copy for a float32 model), still independent of ``N``. Off by
     default: the issue bounds the working buffer to one decoded layer.
+
+    ``new_tokens``: how many tokens :meth:`step` will be called for (the suffix buffers are
+    allocated for the prefill's width plus that many at once; more grow them by doubling).
     """
 
     def __init__(
@@ -180,8 +225,10 @@ class BatchedDecoder:
         backend: str = "torch",
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         keep_decoded: bool = False,
+        new_tokens: int = 0,
     ) -> None:
         self.pool = pool
+        self._new_tokens = new_tokens
         self.model = model
         self.backend = backend
         self.total_meter = MemoryMeter()
@@ -231,6 +278,7 @@ class BatchedDecoder:
         positions = self.pool.num_tokens + (slots - offset).clamp(min=0)
         self._valid = valid.to(device)
         self._next_pos = (self.pool.num_tokens + lens).to(device)
+        self._cache.reserve(width + self._new_tokens)
         return self._forward(ids.to(device), positions.to(device), new=width)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:

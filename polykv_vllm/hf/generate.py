@@ -114,7 +114,9 @@ def generate_batch_ids(
     live = list(range(len(queries)))  # query index of each row of the live batch
     show = max_new_tokens >= PROGRESS_MIN_TOKENS if progress is None else progress
     with (
-        BatchedDecoder(pool, model, name, chunk_tokens, keep_decoded) as decoder,
+        BatchedDecoder(
+            pool, model, name, chunk_tokens, keep_decoded, new_tokens=max_new_tokens - 1
+        ) as decoder,
         _progress(max_new_tokens, len(queries), show) as tick,
     ):
         logits = decoder.prefill(suffixes)
