@@ -10,12 +10,13 @@ README)::
 
 H200 (random SmolLM2-shaped and 1B-shaped Llamas, bf16; xformers and torch backends; without
 xformers the ``batched-xformers`` rows run the torch backend, logged, and record
-``backend_ran: ["torch"]``)::
+``backend_ran: ["torch"]``, so pick the backends first)::
 
+    B=torch; python -c "import xformers.ops.fmha" 2>/dev/null && B="xformers torch"
     for m in random-smollm random-1b; do
-      python benchmarks/hf_batch.py --device cuda --dtype bfloat16 --model $m \\
-          --backend xformers torch --agents 1 4 16 64 --new-tokens 64 --repeats 2 \\
-          --sequential-max-agents 4 --out benchmarks/results/hf_batch_h200_$m
+      python benchmarks/hf_batch.py --device cuda --dtype bfloat16 --model $m --backend $B \\
+          --agents 1 4 16 64 --new-tokens 64 --repeats 2 --sequential-max-agents 1 \\
+          --out benchmarks/results/hf_batch_h200_$m
     done
 
 Methods run alternately inside each repeat (the box may be shared), so every ratio compares
