@@ -2,22 +2,32 @@
 shared prefix attended once per layer for all agents) vs N agents one after another (``Agent``,
 today's path) vs N private ``DynamicCache`` copies batched in one ``model.generate``.
 
-CPU (the embedded SmolLM2-135M)::
+CPU (the embedded SmolLM2-135M; ``--threads 1`` on a box shared with other jobs, see the
+README)::
 
-    python benchmarks/hf_batch.py --agents 1 4 16 --new-tokens 32 --repeats 3 \\
-        --out benchmarks/results/hf_batch_cpu
+    python benchmarks/hf_batch.py --agents 1 4 16 64 --new-tokens 64 --repeats 3 \\
+        --repeats-at 64=1 --threads 1 --out benchmarks/results/hf_batch_cpu
 
-H200 (random 1B-shaped Llama, bf16; xformers and torch backends)::
+H200 (random SmolLM2-shaped and 1B-shaped Llamas, bf16; xformers and torch backends; without
+xformers the ``batched-xformers`` rows run the torch backend, logged, and record
+``backend_ran: ["torch"]``, so pick the backends first)::
 
-    python benchmarks/hf_batch.py --device cuda --dtype bfloat16 --model random-1b \\
-        --backend xformers torch --agents 1 4 16 64 --new-tokens 64 \\
-        --out benchmarks/results/hf_batch_h200_1b
+    B=torch; python -c "import xformers.ops.fmha" 2>/dev/null && B="xformers torch"
+    for m in random-smollm random-1b; do
+      python benchmarks/hf_batch.py --device cuda --dtype bfloat16 --model $m --backend $B \\
+          --agents 1 4 16 64 --new-tokens 64 --repeats 2 --sequential-max-agents 1 \\
+          --out benchmarks/results/hf_batch_h200_$m
+    done
 
 Methods run alternately inside each repeat (the box may be shared), so every ratio compares
 runs made under the same load; ``ratios`` are per-repeat paired ratios (median, min, max).
-Every method generates exactly ``--new-tokens`` per agent (no early stop). Memory per method is
-measured from tensors: the pool plus the batched run's metered peak (all suffixes + one decoded
-layer), the pool plus one agent's metered peak (sequential), the private caches' bytes.
+On CUDA every run also records ``cuda_peak_bytes`` (``torch.cuda.max_memory_allocated`` during
+the run) and ``cuda_peak_above_start_bytes`` (that minus what was allocated before it: the
+method's own working memory incl. activations). A method that raises records ``error`` and the
+run goes on. Every method generates exactly ``--new-tokens`` per agent (no early stop). Memory
+per method is measured from tensors: the pool plus the batched run's metered peak (all
+suffixes + one decoded layer), the pool plus one agent's metered peak (sequential), the
+private caches' bytes.
 Writes ``OUT.json`` (arguments, environment, every run) and ``OUT.png`` (tokens/s against N).
 """
 
@@ -32,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from polykv_vllm.apps.workload import corpus_text
@@ -49,6 +60,15 @@ RANDOM_SHAPES = {
         num_attention_heads=32,
         num_key_value_heads=8,
         head_dim=64,
+    ),
+    # Two small layers: the benchmark's own smoke test (tests/test_hf_batch_bench.py).
+    "random-tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
     ),
     # SmolLM2-135M's shape with random weights.
     "random-smollm": dict(
@@ -74,7 +94,9 @@ def load(name: str, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
         eos_token_id=tok.eos_token_id,
         **RANDOM_SHAPES[name],
     )
-    return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval(), tok
+    with torch.device(device):  # random init on the device (seconds for 1B on a GPU)
+        model = LlamaForCausalLM(config)
+    return model.to(dtype=dtype).eval(), tok
 
 
 def random_model_tokenizer() -> Any:
@@ -112,11 +134,6 @@ def queries(pool: Any, tok: Any, n: int) -> list[str]:
     return out
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def run_sequential(pool: Any, model: Any, tok: Any, qs: list[str], new: int) -> dict[str, Any]:
     agents = create_agents(pool, model, tok, len(qs))
     ids = [
@@ -128,16 +145,26 @@ def run_sequential(pool: Any, model: Any, tok: Any, qs: list[str], new: int) -> 
 
 
 def run_batched(
-    pool: Any, model: Any, tok: Any, qs: list[str], new: int, backend: str
+    pool: Any, model: Any, tok: Any, qs: list[str], new: int, method: str
 ) -> dict[str, Any]:
+    """``method`` is ``batched-BACKEND`` or ``batched-BACKEND-kept`` (``keep_decoded=True``)."""
+    parts = method.split("-")
     ids = pool.generate_ids(
-        qs, model, tok, max_new_tokens=new, eos_token_id=None, backend=backend, progress=False
+        qs,
+        model,
+        tok,
+        max_new_tokens=new,
+        eos_token_id=None,
+        backend=parts[1],
+        progress=False,
+        keep_decoded=parts[-1] == "kept",
     )
     summary = pool.memory_summary(len(qs))
     return {
         "ids": ids,
         "kv_bytes": pool.nbytes + summary.batched_peak_bytes,
         "document_working_bytes": summary.batched_document_bytes,
+        "backend_ran": summary.batched_backend,
     }
 
 
@@ -165,6 +192,67 @@ def run_private(
     return {"ids": out[:, ids.shape[1] :].tolist(), "kv_bytes": kv}
 
 
+def timed(
+    method: str,
+    pool: Any,
+    model: Any,
+    tok: Any,
+    qs: list[str],
+    args: argparse.Namespace,
+    prefix_cache: DynamicCache | None,
+) -> dict[str, Any]:
+    """One run of ``method``: wall time, tokens/s, its memory (and on CUDA the allocator's peak
+    during the run, above what was allocated before it); ``error`` instead when it raised."""
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    try:
+        if method == "sequential":
+            res = run_sequential(pool, model, tok, qs, args.new_tokens)
+        elif method == "private":
+            assert prefix_cache is not None
+            res = run_private(pool, model, tok, qs, args.new_tokens, prefix_cache)
+        else:
+            res = run_batched(pool, model, tok, qs, args.new_tokens, method)
+    except Exception as exc:  # e.g. out of memory, or a kernel the GPU refuses: keep going
+        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    if cuda:
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    generated = sum(len(i) for i in res.pop("ids"))
+    row = {"wall_s": wall, "tokens": generated, "tokens_per_s": generated / wall, **res}
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+        row |= {"cuda_peak_bytes": peak, "cuda_peak_above_start_bytes": peak - before}
+    return row
+
+
+def xformers_version() -> str | None:
+    """The installed xformers' version, or why it cannot be used (the batched runs then record
+    ``backend_ran: torch``)."""
+    from polykv_vllm.hf.hydragen import _xformers_problem
+
+    problem = _xformers_problem()
+    if problem is not None:
+        return f"unavailable: {problem}"
+    import xformers
+
+    return str(xformers.__version__)
+
+
+def parse_repeats_at(text: str) -> tuple[int, int]:
+    agents, _, repeats = text.partition("=")
+    try:
+        return int(agents), int(repeats)
+    except ValueError:
+        raise SystemExit(
+            f"--repeats-at {text!r} is invalid: use AGENTS=REPEATS, e.g. 64=1"
+        ) from None
+
+
 def prefill_prefix(model: Any, pool: Any) -> DynamicCache:
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
@@ -185,6 +273,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--methods", nargs="+", default=["sequential", "private", "batched"])
     ap.add_argument("--sequential-max-agents", type=int, default=16, help="skip larger N")
+    ap.add_argument(
+        "--repeats-at",
+        nargs="*",
+        default=[],
+        metavar="N=R",
+        help="fewer repeats for some agent counts, e.g. 64=1 (default: --repeats for all)",
+    )
+    ap.add_argument(
+        "--keep-decoded",
+        action="store_true",
+        help="also run batched-BACKEND-kept: pool.generate(keep_decoded=True)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--out", required=True, help="path prefix for OUT.json and OUT.png")
     args = ap.parse_args()
@@ -197,6 +297,8 @@ def main() -> None:
     methods = [m for m in args.methods if m != "batched"]
     if "batched" in args.methods:
         methods += [f"batched-{b}" for b in args.backend]
+        if args.keep_decoded:
+            methods += [f"batched-{b}-kept" for b in args.backend]
     warm = queries(pool, tok, 1)
     for method in methods:  # first calls pay one-off costs (allocator, kernels): not timed
         if method == "sequential":
@@ -205,37 +307,40 @@ def main() -> None:
             assert prefix_cache is not None
             run_private(pool, model, tok, warm, 2, prefix_cache)
         else:
-            run_batched(pool, model, tok, warm, 2, method.split("-")[1])
+            run_batched(pool, model, tok, warm, 2, method)
+    repeats_at = dict(parse_repeats_at(x) for x in args.repeats_at)
     runs: list[dict[str, Any]] = []
     for repeat in range(args.repeats):
         for n in args.agents:
+            if repeat >= repeats_at.get(n, args.repeats):
+                continue
             qs = queries(pool, tok, n)
             for method in methods:
                 if method == "sequential" and n > args.sequential_max_agents:
                     continue
-                sync(args.device)
-                start = time.perf_counter()
-                if method == "sequential":
-                    res = run_sequential(pool, model, tok, qs, args.new_tokens)
-                elif method == "private":
-                    assert prefix_cache is not None
-                    res = run_private(pool, model, tok, qs, args.new_tokens, prefix_cache)
-                else:
-                    res = run_batched(pool, model, tok, qs, args.new_tokens, method.split("-")[1])
-                sync(args.device)
-                wall = time.perf_counter() - start
-                generated = sum(len(i) for i in res.pop("ids"))
-                row = {"repeat": repeat, "agents": n, "method": method, "wall_s": wall}
-                row |= {"tokens": generated, "tokens_per_s": generated / wall, **res}
+                row = {"repeat": repeat, "agents": n, "method": method}
+                row |= timed(method, pool, model, tok, qs, args, prefix_cache)
                 runs.append(row)
                 print(json.dumps(row), flush=True)
+                write(args, pool, methods, runs, final=False)  # a killed run keeps its rows
+    write(args, pool, methods, runs, final=True)
+
+
+def write(
+    args: argparse.Namespace, pool: Any, methods: list[str], runs: list[dict], final: bool
+) -> None:
     result = {
         "args": vars(args),
+        "complete": final,
         "environment": {
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "platform": platform.platform(),
-            "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+            "device_name": torch.cuda.get_device_name()
+            if args.device.startswith("cuda")
+            else "cpu",
+            "transformers": transformers.__version__,
+            "xformers": xformers_version(),
         },
         "document_tokens": pool.num_tokens,
         "pool_bytes": pool.nbytes,
@@ -246,15 +351,17 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    plot(result, out.with_suffix(".png"))
-    print(json.dumps(result["summary"], indent=2))
+    if final:
+        plot(result, out.with_suffix(".png"))
+        print(json.dumps(result["summary"], indent=2))
 
 
 def summarize(runs: list[dict[str, Any]], methods: list[str], agents: list[int]) -> list[dict]:
     rows = []
     for n in agents:
+        ok = [r for r in runs if "error" not in r]
         by = {
-            m: {r["repeat"]: r for r in runs if r["agents"] == n and r["method"] == m}
+            m: {r["repeat"]: r for r in ok if r["agents"] == n and r["method"] == m}
             for m in methods
         }
         row: dict[str, Any] = {"agents": n}
@@ -263,8 +370,15 @@ def summarize(runs: list[dict[str, Any]], methods: list[str], agents: list[int])
                 tps = [r["tokens_per_s"] for r in reps.values()]
                 row[m] = {
                     "tokens_per_s_median": statistics.median(tps),
+                    "repeats": len(tps),
                     "kv_bytes": max(r["kv_bytes"] for r in reps.values()),
                 }
+                for key in ("cuda_peak_bytes", "cuda_peak_above_start_bytes"):
+                    if all(key in r for r in reps.values()):
+                        row[m][key] = max(r[key] for r in reps.values())
+                ran = sorted({r["backend_ran"] for r in reps.values() if "backend_ran" in r})
+                if ran:
+                    row[m]["backend_ran"] = ran
         for m in methods:
             if not m.startswith("batched"):
                 continue
@@ -280,12 +394,19 @@ def summarize(runs: list[dict[str, Any]], methods: list[str], agents: list[int])
                         "min": min(pairs),
                         "max": max(pairs),
                     }
+        errors = [f"{r['method']}: {r['error']}" for r in runs if r["agents"] == n and "error" in r]
+        if errors:
+            row["errors"] = errors
         rows.append(row)
     return rows
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the JSON is written already; the PNG can be drawn elsewhere
+        print(f"matplotlib is not installed: {path} not drawn")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -114,10 +114,14 @@ def test_document_memory_is_constant_in_agents_and_suffixes_grow():
         assert f"batched peak, {n} agents" in str(summary)
     assert doc[0] == doc[1] == doc[2]
     assert total[0] < total[1] < total[2]
-    # One decoded float32 layer (+ one chunk of codec output) is below the bf16 copy of all layers.
+    # The document's share is one decoded float32 layer (K and V) plus one 64-token chunk of
+    # codec output being copied in, whatever N: below the bf16 copy of all layers.
     layout = pool.layout
     one_layer = 2 * pool.num_tokens * layout.kv_heads * layout.head_dim * 4
-    assert one_layer <= doc[0] < pool.bf16_bytes
+    one_chunk = 2 * min(64, pool.num_tokens) * layout.kv_heads * layout.head_dim * 4
+    assert one_layer <= doc[0] <= one_layer + one_chunk < pool.bf16_bytes
+    assert pool.memory_summary(6).batched_backend == "torch"
+    assert "torch backend" in str(pool.memory_summary(6))
 
 
 def test_sampling_is_seeded():
@@ -171,6 +175,17 @@ def test_other_model_and_other_device_are_refused():
         pool.generate(["a"], meta, tok)
 
 
+def test_same_shape_other_weights_are_refused():
+    model, tok, pool = _setup(seed=1)
+    other = make_model(seed=2, layers=3)
+    with pytest.raises(ValueError, match="has the pool's shape but other weights"):
+        pool.generate(["a"], other, tok)
+    with pytest.raises(ValueError, match="has the pool's shape but other weights"):
+        create_agents(pool, other, tok, 1)
+    # A cast of the pool's model is the same model.
+    pool.generate_ids(["a"], copy.deepcopy(model).to(torch.bfloat16), tok, max_new_tokens=1)
+
+
 def test_backend_resolution(monkeypatch, caplog):
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
     assert resolve_backend("torch", torch.device("cuda")) == "torch"
@@ -190,3 +205,62 @@ def test_progress_falls_back_to_log_lines(monkeypatch, caplog):
         pool.generate(QUERIES[:2], model, tok, max_new_tokens=10, eos_token_id=None, progress=True)
     lines = [r.getMessage() for r in caplog.records if r.name == "polykv_vllm.hf.generate"]
     assert lines and lines[-1] == "step 10/10, 2 of 2 agents still decoding"
+
+
+def test_broken_xformers_falls_back_with_one_line(monkeypatch, caplog):
+    """An xformers wheel that does not import (built for another torch) is a fallback too."""
+    import importlib.util
+    import sys
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setitem(sys.modules, "xformers", None)  # import raises ImportError
+    monkeypatch.setitem(sys.modules, "xformers.ops", None)
+    with caplog.at_level(logging.INFO, logger="polykv_vllm.hf.hydragen"):
+        assert resolve_backend("auto", torch.device("cuda")) == "torch"
+    assert len(caplog.records) == 1
+    assert "xformers failed to import (ModuleNotFoundError" in caplog.records[0].getMessage()
+
+
+def test_keep_decoded_gives_the_same_tokens_and_holds_every_layer():
+    model, tok = make_model(seed=1, layers=4), make_tokenizer(False)
+    pool = compress(model, tok, DOCUMENT)
+    want = pool.generate_ids(QUERIES, model, tok, max_new_tokens=6, eos_token_id=None)
+    one = pool.memory_summary(len(QUERIES)).batched_document_bytes
+    got = pool.generate_ids(
+        QUERIES, model, tok, max_new_tokens=6, eos_token_id=None, keep_decoded=True
+    )
+    assert got == want
+    kept = pool.memory_summary(len(QUERIES)).batched_document_bytes
+    layout = pool.layout
+    one_layer = 2 * pool.num_tokens * layout.kv_heads * layout.head_dim * 4
+    assert one is not None and kept is not None
+    assert pool.num_layers * one_layer <= kept < one + pool.num_layers * one_layer
+    with pytest.raises(ValueError, match="keep_decoded=1 is invalid"):
+        pool.generate(["a"], model, tok, keep_decoded=1)
+
+
+def test_prefix_within_one_chunk_is_decoded_straight_into_the_buffer():
+    model, tok, pool = _setup(seed=1)
+    chunked = pool.generate_ids(QUERIES, model, tok, max_new_tokens=5, chunk_tokens=32)
+    whole = pool.generate_ids(QUERIES, model, tok, max_new_tokens=5, chunk_tokens=4096)
+    assert chunked == whole
+    layout = pool.layout
+    one_layer = 2 * pool.num_tokens * layout.kv_heads * layout.head_dim * 4
+    assert pool.memory_summary(1).batched_document_bytes == one_layer
+    with pytest.raises(ValueError, match="chunk_tokens=0 is invalid"):
+        pool.generate(["a"], model, tok, chunk_tokens=0)
+
+
+def test_suffix_buffers_are_allocated_once_for_the_whole_run():
+    """The measured peak is the document's share plus exactly one copy of every agent's suffix
+    K/V (prefill width + new tokens, all layers): no second copy from a per-step concatenation."""
+    model, tok, pool = _setup(seed=1)
+    new = 7
+    pool.generate_ids(QUERIES, model, tok, max_new_tokens=new, eos_token_id=None)
+    summary = pool.memory_summary(len(QUERIES))
+    assert summary.batched_peak_bytes is not None and summary.batched_document_bytes is not None
+    width = max(len(pool.prompt.suffix_ids(tok, q)) for q in QUERIES)
+    layout = pool.layout
+    per_slot = 2 * layout.kv_heads * layout.head_dim * 4  # K and V, float32
+    suffixes = pool.num_layers * len(QUERIES) * (width + new - 1) * per_slot
+    assert summary.batched_peak_bytes == summary.batched_document_bytes + suffixes

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from polykv_vllm.hf.hydragen import merge, prefix_attention_torch, suffix_attention
+from polykv_vllm.hf import hydragen
+from polykv_vllm.hf.hydragen import attend_torch, merge, prefix_attention_torch, suffix_attention
 
 
 def _reference(q, k_pre, v_pre, k_suf, v_suf, mask, scale):
@@ -31,9 +32,16 @@ def _reference(q, k_pre, v_pre, k_suf, v_suf, mask, scale):
     (5, 3, 9, 3, 59, 1025, 7),
     (3, 1, 8, 8, 64, 200, 12),
 ])  # fmt: skip
+@pytest.mark.parametrize("fused", [True, False])
 def test_merged_attention_equals_attention_over_concatenation(
-    dtype, n, m, heads, kv_heads, dim, prefix, suffix
+    monkeypatch, fused, dtype, n, m, heads, kv_heads, dim, prefix, suffix
 ):
+    """Both CPU paths of the torch backend: the fused flash kernel and ``attend_torch`` (what
+    CUDA and MPS run)."""
+    if not fused:
+        monkeypatch.setattr(hydragen, "_cpu_flash", lambda: None)
+    elif hydragen._cpu_flash() is None:
+        pytest.skip("this torch has no fused CPU flash-attention kernel")
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape):
@@ -68,3 +76,14 @@ def test_merge_with_empty_part_is_the_other_part():
     lse = torch.randn(2, 3)
     empty = torch.full((2, 3), float("-inf"))
     torch.testing.assert_close(merge(out, lse, torch.zeros_like(out), empty), out)
+
+
+def test_attend_torch_all_masked_rows_are_empty():
+    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    mask = torch.ones(1, 1, 3, 5, dtype=torch.bool)
+    mask[..., 1, :] = False
+    out, lse = attend_torch(q, k, v, 0.3, mask)
+    assert torch.isneginf(lse[..., 1]).all() and (out[..., 1, :] == 0).all()
+    assert torch.isfinite(lse[..., [0, 2]]).all()
+    ref = torch.nn.functional.scaled_dot_product_attention(q[..., [0, 2], :], k, v, scale=0.3)
+    torch.testing.assert_close(out[..., [0, 2], :], ref)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from polykv_vllm.hf.cache import DEFAULT_CHUNK_TOKENS, SharedPrefixCache
-from polykv_vllm.hf.layout import ModelLayout
+from polykv_vllm.hf.layout import ModelLayout, same_weights, weight_sample
 from polykv_vllm.hf.pool import SharedPool
 
 __all__ = [
@@ -188,3 +188,10 @@ def _check_model_matches(pool: SharedPool, model: Any) -> None:
                 f"model {name}={getattr(layout, name)} but the pool was compressed with {name}="
                 f"{getattr(want, name)}: use the same model (and device) as compress()."
             )
+    sample = weight_sample(model) if pool.weights is not None else None
+    if sample is not None and pool.weights is not None and not same_weights(pool.weights, sample):
+        raise ValueError(
+            f"model {type(model).__name__} (model_type={layout.model_type!r}) has the pool's "
+            "shape but other weights (its input embeddings differ from those compress() saw): "
+            "use the model the pool was compressed with (a dtype cast of it is allowed)."
+        )

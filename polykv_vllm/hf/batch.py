@@ -47,12 +47,27 @@ class _StepState:
     total: MemoryMeter
     document: MemoryMeter
     chunk_tokens: int
+    # keep_decoded=True: every decoded layer, kept for the decoder's lifetime (else None).
+    kept: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def decode_prefix(
         self, layer: int, dtype: torch.dtype, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``layer`` of the pool as ``[P, kv_heads, head_dim]`` keys and values."""
+        if self.kept is not None and layer in self.kept:
+            return self.kept[layer]
+        keys, values = self._decode(layer, dtype, device)
+        if self.kept is not None:
+            self.kept[layer] = (keys, values)
+        return keys, values
+
+    def _decode(
+        self, layer: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         p, layout = self.pool.num_tokens, self.pool.layout
+        if p <= self.chunk_tokens:  # one codec call, its output is the buffer (no copy)
+            k, v = self.pool.decode_layer(layer, 0, p, dtype, device)
+            return self._track(k.contiguous()), self._track(v.contiguous())
         shape = (p, layout.kv_heads, layout.head_dim)
         keys = self._track(torch.empty(shape, dtype=dtype, device=device))
         values = self._track(torch.empty(shape, dtype=dtype, device=device))
@@ -107,17 +122,58 @@ AttentionInterface.register(ATTENTION_NAME, _hydragen_attention)
 
 
 class _SuffixLayer(DynamicLayer):
-    """A DynamicLayer of suffix K/V ``[N, Hkv, S, D]`` whose tensors are counted by a meter."""
+    """Suffix K/V ``[N, Hkv, S, D]`` in one preallocated buffer per tensor, written in place.
+
+    ``keys`` / ``values`` are views of the first ``S`` slots. The buffer holds ``reserve`` slots
+    (the prefill's width + the run's new tokens, set by the decoder) and doubles if that is
+    exceeded; unlike ``DynamicLayer``'s per-step ``torch.cat`` no second copy of the suffix is
+    ever live, so the metered peak is the suffix itself. Buffers are counted by a meter.
+    """
 
     def __init__(self, meter: MemoryMeter) -> None:
         super().__init__()
         self.meter = meter
+        self.reserve = 0
+        self.length = 0
+        self._kbuf: torch.Tensor | None = None
+        self._vbuf: torch.Tensor | None = None
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
-        return self.meter.track(keys), self.meter.track(values)
+        new = int(key_states.shape[-2])
+        if self._kbuf is None or self.length + new > self._kbuf.shape[2]:
+            self._grow(key_states, value_states, self.length + new)
+        assert self._kbuf is not None and self._vbuf is not None
+        self._kbuf[:, :, self.length : self.length + new].copy_(key_states)
+        self._vbuf[:, :, self.length : self.length + new].copy_(value_states)
+        self.length += new
+        self._views()
+        return self.keys, self.values  # type: ignore[return-value]
+
+    def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
+        old = 0 if self._kbuf is None else int(self._kbuf.shape[2])
+        slots = max(needed, self.reserve, 2 * old)
+        n, heads, _, dim = key_states.shape
+        kbuf = self.meter.track(key_states.new_empty((n, heads, slots, dim)))
+        vbuf = self.meter.track(value_states.new_empty((n, heads, slots, value_states.shape[-1])))
+        if self._kbuf is not None and self._vbuf is not None and self.length:
+            kbuf[:, :, : self.length].copy_(self._kbuf[:, :, : self.length])
+            vbuf[:, :, : self.length].copy_(self._vbuf[:, :, : self.length])
+        self._kbuf, self._vbuf = kbuf, vbuf
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def _views(self) -> None:
+        assert self._kbuf is not None and self._vbuf is not None
+        self.keys = self._kbuf[:, :, : self.length]
+        self.values = self._vbuf[:, :, : self.length]
+
+    def select(self, rows: torch.Tensor) -> None:
+        if self._kbuf is not None and self._vbuf is not None:
+            self._kbuf = self.meter.track(self._kbuf.index_select(0, rows))
+            self._vbuf = self.meter.track(self._vbuf.index_select(0, rows))
+            self._views()
 
 
 class _SuffixCache(Cache):
@@ -129,14 +185,15 @@ class _SuffixCache(Cache):
         super().__init__(layers=list(self.suffix_layers))
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        layer = self.suffix_layers[layer_idx]
-        return self.prefix_tokens + (0 if layer.keys is None else int(layer.keys.shape[-2]))
+        return self.prefix_tokens + self.suffix_layers[layer_idx].length
+
+    def reserve(self, slots: int) -> None:
+        for layer in self.suffix_layers:
+            layer.reserve = slots
 
     def select(self, rows: torch.Tensor) -> None:
         for layer in self.suffix_layers:
-            if layer.keys is not None and layer.values is not None:
-                layer.keys = layer.meter.track(layer.keys.index_select(0, rows))
-                layer.values = layer.meter.track(layer.values.index_select(0, rows))
+            layer.select(rows)
 
 
 class BatchedDecoder:
@@ -151,6 +208,14 @@ class BatchedDecoder:
     ``total_meter.peak_bytes`` is the measured peak of every K/V tensor the decoder allocated
     (all suffixes + the shared decoded layer); ``document_meter.peak_bytes`` the document's share
     alone (one decoded layer, independent of ``N``). Attention scores are not counted.
+
+    ``keep_decoded=True`` keeps every decoded layer for the decoder's lifetime instead (decoded
+    once at the prefill, not once per step): the document then costs all layers decoded in the
+    model's dtype (twice one bf16 copy for a float32 model), still independent of ``N``. Off by
+    default: the issue bounds the working buffer to one decoded layer.
+
+    ``new_tokens``: how many tokens :meth:`step` will be called for (the suffix buffers are
+    allocated for the prefill's width plus that many at once; more grow them by doubling).
     """
 
     def __init__(
@@ -159,14 +224,20 @@ class BatchedDecoder:
         model: Any,
         backend: str = "torch",
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        keep_decoded: bool = False,
+        new_tokens: int = 0,
     ) -> None:
         self.pool = pool
+        self._new_tokens = new_tokens
         self.model = model
         self.backend = backend
         self.total_meter = MemoryMeter()
         self.document_meter = MemoryMeter()
         self._prefix_fn = prefix_backend(backend)
         self._chunk_tokens = chunk_tokens
+        self._kept: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = (
+            {} if keep_decoded else None
+        )
         self._cache = _SuffixCache(pool.num_tokens, pool.num_layers, self.total_meter)
         self._valid: torch.Tensor | None = None  # bool [N, S]: real (not padding) slots
         self._next_pos: torch.Tensor | None = None  # int64 [N]: position of the next token
@@ -207,6 +278,7 @@ class BatchedDecoder:
         positions = self.pool.num_tokens + (slots - offset).clamp(min=0)
         self._valid = valid.to(device)
         self._next_pos = (self.pool.num_tokens + lens).to(device)
+        self._cache.reserve(width + self._new_tokens)
         return self._forward(ids.to(device), positions.to(device), new=width)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -243,6 +315,7 @@ class BatchedDecoder:
             total=self.total_meter,
             document=self.document_meter,
             chunk_tokens=self._chunk_tokens,
+            kept=self._kept,
         )
         kwargs: dict[str, Any] = {"logits_to_keep": 1} if self._keep_arg else {}
         token = _ACTIVE.set(state)

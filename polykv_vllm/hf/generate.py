@@ -23,13 +23,16 @@ from polykv_vllm.hf.cache import DEFAULT_CHUNK_TOKENS
 from polykv_vllm.hf.hydragen import resolve_backend
 from polykv_vllm.hf.pool import SharedPool
 
-__all__ = ["DEFAULT_EOS", "generate_batch", "generate_batch_ids"]
+__all__ = ["CUDA_CHUNK_TOKENS", "DEFAULT_EOS", "generate_batch", "generate_batch_ids"]
 
 logger = logging.getLogger(__name__)
 
 #: ``eos_token_id`` default: the model's ``generation_config.eos_token_id`` (what
 #: ``model.generate`` stops at), else the tokenizer's.
 DEFAULT_EOS = "model"
+
+#: ``chunk_tokens`` default on CUDA: prefixes up to this many tokens are decoded in one call.
+CUDA_CHUNK_TOKENS = 8192
 
 #: Runs of at least this many new tokens show a progress bar when ``progress=None``.
 PROGRESS_MIN_TOKENS = 64
@@ -54,8 +57,9 @@ def generate_batch_ids(
     eos_token_id: int | Sequence[int] | str | None = DEFAULT_EOS,
     seed: int = 0,
     backend: str = "auto",
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_tokens: int | None = None,
     progress: bool | None = None,
+    keep_decoded: bool = False,
 ) -> list[list[int]]:
     """Decode all ``queries`` together over ``pool``; the new token ids of each, in order.
 
@@ -64,6 +68,13 @@ def generate_batch_ids(
     (:func:`~polykv_vllm.hf.hydragen.resolve_backend`). ``progress=None`` shows a bar (tqdm when
     installed, else log lines) for runs of at least ``PROGRESS_MIN_TOKENS`` new tokens. The
     measured peak is recorded in the pool (``pool.memory_summary(n).batched_peak_bytes``).
+    ``chunk_tokens`` bounds the prefix tokens per codec call (None: ``DEFAULT_CHUNK_TOKENS``
+    on CPU and MPS, ``CUDA_CHUNK_TOKENS`` on CUDA, where fewer, larger decodes launch fewer
+    kernels; a prefix within one chunk is decoded straight into the working buffer).
+    ``keep_decoded=True`` decodes each pool layer once for the whole run and keeps them all
+    (faster when the codec's decode dominates, e.g. few agents on CPU; the document then costs
+    every layer decoded, see :class:`~polykv_vllm.hf.batch.BatchedDecoder`); the default decodes
+    one layer at a time at every step, the working buffer being one decoded layer.
     Raises ``ValueError`` for an empty query list, ``max_new_tokens < 1``, a negative
     temperature, a query that does not fit the context with the document, or another model.
     """
@@ -81,6 +92,12 @@ def generate_batch_ids(
         raise ValueError(
             f"temperature={temperature!r} is invalid: use 0 (greedy) or a positive float."
         )
+    if chunk_tokens is None:
+        cuda = pool.layout.device.type == "cuda"
+        chunk_tokens = CUDA_CHUNK_TOKENS if cuda else DEFAULT_CHUNK_TOKENS
+    _check_int(chunk_tokens, "chunk_tokens")
+    if not isinstance(keep_decoded, bool):
+        raise ValueError(f"keep_decoded={keep_decoded!r} is invalid: use True or False.")
     _check_model_matches(pool, model)
     suffixes = [pool.prompt.suffix_ids(tokenizer, q) for q in queries]
     for i, suffix in enumerate(suffixes):
@@ -97,7 +114,9 @@ def generate_batch_ids(
     live = list(range(len(queries)))  # query index of each row of the live batch
     show = max_new_tokens >= PROGRESS_MIN_TOKENS if progress is None else progress
     with (
-        BatchedDecoder(pool, model, name, chunk_tokens) as decoder,
+        BatchedDecoder(
+            pool, model, name, chunk_tokens, keep_decoded, new_tokens=max_new_tokens - 1
+        ) as decoder,
         _progress(max_new_tokens, len(queries), show) as tick,
     ):
         logits = decoder.prefill(suffixes)
@@ -118,7 +137,7 @@ def generate_batch_ids(
                 live = [live[r] for r in keep]
             logits = decoder.step(tokens)
     pool.record_batched_peak(
-        len(queries), decoder.total_meter.peak_bytes, decoder.document_meter.peak_bytes
+        len(queries), decoder.total_meter.peak_bytes, decoder.document_meter.peak_bytes, name
     )
     logger.debug(
         "%s agents, backend %s: %s new tokens, peak %s bytes (document %s)",

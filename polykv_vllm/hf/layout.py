@@ -16,7 +16,7 @@ import torch
 
 from polykv_vllm.core import KVCodec
 
-__all__ = ["ModelLayout", "UnsupportedModelError"]
+__all__ = ["ModelLayout", "UnsupportedModelError", "weight_sample"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +116,26 @@ class ModelLayout:
                 f"{what} needs {tokens} positions but the model's max_position_embeddings="
                 f"{self.max_positions}: allowed at most {self.max_positions}; {fix}"
             )
+
+
+def weight_sample(model: Any) -> torch.Tensor | None:
+    """A few input-embedding weights, float32 ``[<=4, <=16]`` on the CPU: tells another
+    checkpoint of the same shape from the model the pool was built with (None when the model has
+    no readable input embeddings)."""
+    try:
+        weight = model.get_input_embeddings().weight
+        return weight[:4, :16].detach().float().cpu().clone()
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return None
+
+
+def same_weights(sample: torch.Tensor, other: torch.Tensor) -> bool:
+    """Whether two :func:`weight_sample` results come from one checkpoint, allowing for a cast
+    to bf16 / fp16 (relative 1e-2 of the sample's largest magnitude)."""
+    if sample.shape != other.shape:
+        return False
+    tol = 1e-2 * float(sample.abs().max()) + 1e-12
+    return bool(((sample - other).abs() <= tol).all())
 
 
 def _positive_int(config: Any, name: str, model_type: str) -> int:

@@ -26,7 +26,7 @@ from polykv_vllm.core import (
     get_preset,
     load_profile,
 )
-from polykv_vllm.hf.layout import ModelLayout, UnsupportedModelError
+from polykv_vllm.hf.layout import ModelLayout, UnsupportedModelError, weight_sample
 from polykv_vllm.hf.prompt import PromptFormat
 
 __all__ = ["MemorySummary", "SharedPool", "compress"]
@@ -41,8 +41,9 @@ class _PeakRecord:
     lock: threading.Lock = field(default_factory=threading.Lock)
     peak_bytes: int | None = None
     working_dtype: torch.dtype | None = None
-    # Latest batched generation (SharedPool.generate): agents, total peak, document share.
-    batched: tuple[int, int, int] | None = None
+    # Latest batched generation (SharedPool.generate): agents, total peak, document share,
+    # the backend that ran.
+    batched: tuple[int, int, int, str] | None = None
 
     def record(self, peak_bytes: int, dtype: torch.dtype) -> None:
         with self.lock:
@@ -59,6 +60,8 @@ class SharedPool:
     - ``token_ids``: int64 ``[num_tokens]`` on the CPU, the exact prefix ids that were prefilled.
     - ``bf16_bytes``: bytes of the document's K and V cast to bf16, measured from the tensors
       at compress time one layer at a time (the size of one uncompressed copy).
+    - ``weights``: a few of the model's embedding weights (``layout.weight_sample``), so agents
+      and :meth:`generate` refuse another checkpoint of the same shape.
     """
 
     layers: tuple[PackedKV, ...]
@@ -68,6 +71,7 @@ class SharedPool:
     layout: ModelLayout
     prompt: PromptFormat
     bf16_bytes: int
+    weights: torch.Tensor | None = field(default=None, repr=False)
     _peaks: _PeakRecord = field(default_factory=_PeakRecord, repr=False)
 
     @property
@@ -96,18 +100,20 @@ class SharedPool:
         """Called by agents after each generation with their measured peak working bytes."""
         self._peaks.record(peak_bytes, dtype)
 
-    def record_batched_peak(self, n_agents: int, peak_bytes: int, document_bytes: int) -> None:
+    def record_batched_peak(
+        self, n_agents: int, peak_bytes: int, document_bytes: int, backend: str = "torch"
+    ) -> None:
         """Called by :meth:`generate` with the measured peak of the whole batch (all suffixes +
-        the shared decoded layer) and the document's share of it."""
+        the shared decoded layer), the document's share of it and the backend that ran."""
         with self._peaks.lock:
-            self._peaks.batched = (n_agents, peak_bytes, document_bytes)
+            self._peaks.batched = (n_agents, peak_bytes, document_bytes, backend)
 
     def generate(
         self, queries: Sequence[str], model: Any, tokenizer: Any, **kwargs: Any
     ) -> list[str]:
         """Answer every query about the document, all agents decoding together (one answer per
         query, in order). Keywords: ``max_new_tokens``, ``temperature``, ``eos_token_id``,
-        ``seed``, ``backend``, ``chunk_tokens``, ``progress``; see
+        ``seed``, ``backend``, ``chunk_tokens``, ``progress``, ``keep_decoded``; see
         :func:`polykv_vllm.hf.generate.generate_batch_ids`."""
         from polykv_vllm.hf.generate import generate_batch
 
@@ -148,6 +154,7 @@ class SharedPool:
             batched_agents=batched[0] if batched else None,
             batched_peak_bytes=batched[1] if batched else None,
             batched_document_bytes=batched[2] if batched else None,
+            batched_backend=batched[3] if batched else None,
         )
 
 
@@ -166,6 +173,8 @@ class MemorySummary:
     - ``batched_peak_bytes``: the measured peak of the latest :meth:`SharedPool.generate` of
       ``batched_agents`` agents (all suffixes + one shared decoded layer), of which
       ``batched_document_bytes`` is the document's share; None before any batched run.
+      ``batched_backend`` is the prefix-attention backend that run used (``torch`` or
+      ``xformers``, after any fallback).
     """
 
     n_agents: int
@@ -183,6 +192,7 @@ class MemorySummary:
     batched_agents: int | None = None
     batched_peak_bytes: int | None = None
     batched_document_bytes: int | None = None
+    batched_backend: str | None = None
 
     @property
     def ratio_vs_shared_bf16(self) -> float:
@@ -233,7 +243,8 @@ class MemorySummary:
                     f"batched peak, {self.batched_agents} agents together (measured)",
                     _mib(self.batched_peak_bytes),
                     f"all suffixes + 1 shared decoded layer "
-                    f"({_mib(self.batched_document_bytes)} of it the document)",
+                    f"({_mib(self.batched_document_bytes)} of it the document), "
+                    f"{self.batched_backend} backend",
                 )
             )
         width = max(len(r[0]) for r in rows)
@@ -312,6 +323,7 @@ def compress(
         layout=layout,
         prompt=prompt,
         bf16_bytes=bf16_bytes,
+        weights=weight_sample(model),
     )
     logger.info(
         "compressed %s tokens x %s layers into %s bytes (bf16 copy %s bytes, preset %s)",

@@ -1,0 +1,157 @@
+"""``pool.generate`` on CUDA: the xformers prefix attention against the torch backend and a
+float64 reference (2x rule), greedy tokens of both backends against agents run one at a time,
+and the fallback to torch when xformers is missing. Skipped without CUDA; the xformers tests
+also without a usable xformers (not installed, or a wheel that does not import)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from test_hf_support import DOCUMENT, make_model, make_tokenizer
+
+from polykv_vllm.hf import SharedPrefixCache, compress, create_agents
+from polykv_vllm.hf.batch import BatchedDecoder
+from polykv_vllm.hf.hydragen import (
+    _xformers_problem,
+    attend_torch,
+    prefix_attention_torch,
+    prefix_attention_xformers,
+    resolve_backend,
+)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+needs_xformers = pytest.mark.skipif(
+    not torch.cuda.is_available() or _xformers_problem() is not None,
+    reason=f"needs a usable xformers ({_xformers_problem()})",
+)
+
+QUERIES = ["What does __enter__ do?", "Name it.", "x", "When is __exit__ loaded for later use?"]
+CONTINUATION = [11, 184, 30, 196, 53, 8]
+
+
+def _reference_prefix(q, k, v, scale):
+    """float64 prefix attention on the CPU: out [N, H, M, D], lse [N, H, M]."""
+    n, h, m, d = q.shape
+    g = h // k.shape[1]
+    keys = k.double().cpu().transpose(0, 1).repeat_interleave(g, 0)  # [H, P, D]
+    vals = v.double().cpu().transpose(0, 1).repeat_interleave(g, 0)
+    scores = torch.einsum("nhmd,hpd->nhmp", q.double().cpu(), keys) * scale
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.einsum("nhmp,hpd->nhmd", scores.softmax(-1), vals), lse
+
+
+@needs_xformers
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n,m,heads,kv_heads,dim,prefix", [
+    (1, 1, 9, 3, 64, 2072),
+    (64, 1, 32, 8, 64, 2048),
+    (5, 7, 8, 8, 128, 333),
+    (3, 22, 4, 2, 16, 1025),
+])  # fmt: skip
+def test_xformers_prefix_attention_within_twice_torch_error(
+    dtype, n, m, heads, kv_heads, dim, prefix
+):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda").to(dtype)
+
+    q, k, v = rand(n, heads, m, dim), rand(prefix, kv_heads, dim), rand(prefix, kv_heads, dim)
+    scale = dim**-0.5
+    want_out, want_lse = _reference_prefix(q, k, v, scale)
+    got_out, got_lse = prefix_attention_xformers(q, k, v, scale)
+    base_out, base_lse = prefix_attention_torch(q, k, v, scale)
+    assert got_out.shape == (n, heads, m, dim) and got_lse.shape == (n, heads, m)
+    assert got_out.dtype == torch.float32 and got_lse.dtype == torch.float32
+    out_err = (got_out.double().cpu() - want_out).abs().max().item()
+    lse_err = (got_lse.double().cpu() - want_lse).abs().max().item()
+    # The torch backend keeps its inputs' rounding only; the kernel rounds its output to dtype.
+    rounding = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}[dtype]
+    base_out_err = (base_out.double().cpu() - want_out).abs().max().item()
+    base_lse_err = (base_lse.double().cpu() - want_lse).abs().max().item()
+    assert out_err <= 2 * base_out_err + rounding, (out_err, base_out_err)
+    assert lse_err <= 2 * base_lse_err + 1e-4, (lse_err, base_lse_err)
+
+
+def test_attend_torch_on_cuda_matches_sdpa():
+    q, k, v = (torch.randn(2, 3, n, 64, device="cuda") for n in (5, 300, 300))
+    out, lse = attend_torch(q, k, v, 0.125)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.125)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    want = torch.logsumexp((q @ k.transpose(-1, -2)) * 0.125, dim=-1)
+    torch.testing.assert_close(lse, want, rtol=1e-5, atol=1e-5)
+
+
+def _cuda_pool(seed=1, layers=3, dtype=torch.float32, chat=False):
+    model = make_model(seed=seed, layers=layers).to(device="cuda", dtype=dtype)
+    tok = make_tokenizer(chat)
+    return model, tok, compress(model, tok, DOCUMENT)
+
+
+BACKENDS = [
+    "torch",
+    pytest.param("xformers", marks=needs_xformers),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("chat", [False, True])
+def test_greedy_tokens_identical_to_sequential_agents_fp32_cuda(backend, chat):
+    model, tok, pool = _cuda_pool(chat=chat)
+    got = pool.generate_ids(
+        QUERIES, model, tok, max_new_tokens=10, eos_token_id=None, backend=backend
+    )
+    assert pool.memory_summary(len(QUERIES)).batched_backend == backend
+    agent = create_agents(pool, model, tok, 1)[0]
+    want = [agent.generate_ids(q, max_new_tokens=10, eos_token_id=None) for q in QUERIES]
+    assert got == want
+
+
+def _single_logits(pool, model, tok, query):
+    suffix = pool.prompt.suffix_ids(tok, query) + CONTINUATION
+    ids = torch.tensor([suffix], device=model.device)
+    with torch.no_grad():
+        logits = model(ids, past_key_values=SharedPrefixCache(pool), use_cache=True).logits
+    return logits[0, len(suffix) - len(CONTINUATION) - 1 :].double().cpu()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_logits_within_twice_the_one_agent_error_cuda(backend, dtype):
+    model, tok, pool = _cuda_pool()
+    ref_model = copy.deepcopy(model).double()
+    low = copy.deepcopy(model).to(dtype)
+    suffixes = [pool.prompt.suffix_ids(tok, q) for q in QUERIES]
+    rows = []
+    with BatchedDecoder(pool, low, backend) as dec:
+        rows.append(dec.prefill(suffixes))
+        for t in CONTINUATION:
+            rows.append(dec.step(torch.full((len(QUERIES),), t, device="cuda")))
+    batched = torch.stack(rows, dim=1).double().cpu()
+    for i, q in enumerate(QUERIES):
+        ref = _single_logits(pool, ref_model, tok, q)
+        single_err = (_single_logits(pool, low, tok, q) - ref).abs().max().item()
+        batched_err = (batched[i] - ref).abs().max().item()
+        assert batched_err <= 2 * single_err + 1e-3, (i, batched_err, single_err)
+
+
+def test_missing_xformers_on_cuda_falls_back_to_torch(monkeypatch, caplog):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "xformers" else real(name, *a)
+    )
+    assert resolve_backend("xformers", torch.device("cuda")) == "torch"
+    caplog.clear()
+    model, tok, pool = _cuda_pool()
+    with caplog.at_level(logging.INFO, logger="polykv_vllm.hf.hydragen"):
+        ids = pool.generate_ids(["a", "bb"], model, tok, max_new_tokens=3, backend="xformers")
+    assert len(ids) == 2
+    assert pool.memory_summary(2).batched_backend == "torch"
+    lines = [r.getMessage() for r in caplog.records if r.name == "polykv_vllm.hf.hydragen"]
+    assert len(lines) == 1 and "xformers is not installed" in lines[0]
