@@ -148,3 +148,25 @@ def test_no_tier_hit_beyond_the_room_the_store_can_make() -> None:
     assert b.admit(req) == 5 * sh.BS  # a 5-block store
     b.step([req])
     assert b.index.finish(req)["polykv"]["tokens_from_store"] == 5 * sh.BS
+
+
+def test_a_tier_load_is_async_and_lookups_of_its_blocks_wait_for_it() -> None:
+    tier = DictTier()
+    a = TierEngine(tier)
+    doc = sh.doc(4, 4.5)
+    a.run(Req("a1", doc))
+    b = TierEngine(tier)  # a sync index (async_loads=False): memory hits stay synchronous
+    assert not b.index.async_loads
+    first, second = Req("b1", doc, seed="b"), Req("b2", doc, seed="b")
+    assert b.index.lookup(first, 0) == 4 * sh.BS
+    assert b.index.lookup_is_async("b1"), "a load reaching into a tier is asynchronous"
+    b.index.on_alloc(first, list(range(5)), 4 * sh.BS)
+    plan = b.index.plan_step([])
+    (job,) = plan.loads
+    assert job.async_load and plan.fetches[job.load_id].first == 0
+    # while the fetch is in flight, another agent on the same document waits for it
+    assert b.index.lookup(second, 0) is None
+    b.apply(plan)  # the fetch lands, the load finishes
+    assert b.index.lookup(second, 0) == 4 * sh.BS and not b.index.lookup_is_async("b2")
+    b.index.finish(first)
+    b.index.finish(second)

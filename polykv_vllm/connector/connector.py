@@ -294,20 +294,24 @@ class PolyKVConnector(KVConnectorBase_V1):
         return None if report is None else PolyKVWorkerMetadata(report)
 
     def shutdown(self) -> None:
-        if self.worker is not None and self.worker.tiers is not None:
-            self.worker.tiers.close()
-            self.worker.tiers = None
-        if self.worker is not None and self.worker.io is not None:
-            self.worker.shutdown()  # async loads in flight finish first
-            self.worker.close()  # staged stores in flight land, then the store is emptied
+        worker = self.worker
+        if worker is not None and worker.io is not None:
+            worker.shutdown()  # async loads and tier fetches in flight finish first
+            worker.flush_stores()  # staged stores land (and are written through below)
+        if worker is not None and worker.tiers is not None:
+            worker.tiers.close()  # the pending write-throughs are written
+            worker.tiers = None
+        if worker is not None and worker.io is not None:
+            worker.close()  # staged stores in flight land, then the store is emptied
 
     # --- scheduler side --------------------------------------------------------------------
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
-        n = self._index().lookup(request, num_computed_tokens)
-        return n, bool(n) and self.config.load_async
+        index = self._index()
+        n = index.lookup(request, num_computed_tokens)
+        return n, bool(n) and index.lookup_is_async(request.request_id)
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
