@@ -170,3 +170,22 @@ def test_a_tier_load_is_async_and_lookups_of_its_blocks_wait_for_it() -> None:
     assert b.index.lookup(second, 0) == 4 * sh.BS and not b.index.lookup_is_async("b2")
     b.index.finish(first)
     b.index.finish(second)
+
+
+def test_a_status_probe_says_which_tiers_hold_a_documents_blocks() -> None:
+    tier = DictTier()
+    a = TierEngine(tier)
+    doc = sh.doc(5, 3.5)  # 3 full blocks
+    a.run(Req("a1", doc))
+    b = TierEngine(tier)  # never saw it
+    probe = Req("p", doc[:1], seed="b")
+    probe.kv_transfer_params = {"polykv": {"tier_status": doc}}
+    assert b.run(probe)["polykv"]["tiers"] == {"memory": 0, "remote": 3}
+    b.run(Req("b1", doc, seed="b"))  # fetched: now in memory too
+    again = Req("p2", doc[:1], seed="b")
+    again.kv_transfer_params = {"polykv": {"tier_status": doc, "doc_id": "d"}}
+    assert b.run(again)["polykv"]["tiers"]["remote"] == 3
+    salted = Req("p3", doc[:1], seed="b")
+    salted.salt = "other-tenant"
+    salted.kv_transfer_params = {"polykv": {"tier_status": doc}}
+    assert b.run(salted)["polykv"]["tiers"] == {"memory": 0, "remote": 0}, "per tenant"

@@ -122,6 +122,7 @@ class PolyKVConnector(KVConnectorBase_V1):
         self.worker: PolyKVWorker | None = None
         self._last_saved: StepPlan | None = None
         self._gauges: dict[str, float] = {}
+        self._tier_gauges: dict[str, int] = {}
         on_device = self.config.placement == "gpu"
         if _HAS_CACHE_HIT_SOURCE:
             from vllm.v1.metrics.cache_hit_source import CacheHitSource
@@ -347,9 +348,16 @@ class PolyKVConnector(KVConnectorBase_V1):
                 stats.sample("store_seconds", s)
             if w.load_failures:
                 stats.add("load_failures", w.load_failures)
-            if self.worker.tiers is not None:
-                for name, amount in self.worker.tiers.take_stats().items():
+            tiers = self.worker.tiers
+            if tiers is not None:
+                for name, amount in tiers.take_stats().items():
                     stats.add(name, amount)
+                if tiers.rank == 0:  # per-tier gauges: docs/TIERS.md
+                    held = tiers.gauges(self.facts.world_size)
+                    if held != self._tier_gauges:
+                        self._tier_gauges = held
+                        for name, count in held.items():
+                            stats.set_gauge(name, count)
         if self.index is not None:
             c = self.index.take_counters()
             for key, value in vars(c).items():  # flat ints: asdict's deep copy cost ~12 us

@@ -1,7 +1,8 @@
 """The per-request ``polykv`` parameters, read leniently (a client's bad value must not stop the
 engine: it is logged and ignored, and the receipt says what was refused).
 
-``kv_transfer_params = {"polykv": {"doc_id": str, "pin": bool, "pin_token": str, "forget": bool}}``;
+``kv_transfer_params = {"polykv": {"doc_id": str, "pin": bool, "pin_token": str, "forget": bool,
+"tier_status": [int]}}``;
 all keys optional (``docs/CONNECTOR.md``). ``forget`` (sent by the document routes'
 ``DELETE``, :mod:`polykv_vllm.server`) unpins the tenant's document, drops its name and evicts
 its blocks that no other document names.
@@ -33,6 +34,8 @@ class DocParams:
     - ``doc_id_refused``: why a given doc id was not used (for the receipt), or None.
     - ``forget``: remove the tenant's document ``doc_id`` (unpin, unname, evict what only it
       names); needs a ``doc_id``.
+    - ``tier_status``: the document's token ids (sent by the document routes' ``GET``): the
+      receipt says how many of their full blocks each tier holds (``docs/TIERS.md``).
     """
 
     doc_id: str | None = None
@@ -40,6 +43,7 @@ class DocParams:
     pin_token: str | None = field(default=None, repr=False)
     doc_id_refused: str | None = None
     forget: bool = False
+    tier_status: tuple[int, ...] | None = field(default=None, repr=False)
 
 
 def parse_doc_params(kv_transfer_params: Mapping[str, Any] | None) -> DocParams:
@@ -84,4 +88,17 @@ def parse_doc_params(kv_transfer_params: Mapping[str, Any] | None) -> DocParams:
     if not isinstance(forget, bool) or (forget and doc_id is None):
         logger.warning("ignoring polykv.forget=%.80r: expected true with a polykv.doc_id", forget)
         forget = False
-    return DocParams(doc_id=doc_id, pin=pin, pin_token=token, doc_id_refused=refused, forget=forget)
+    status = raw.get("tier_status")
+    if status is not None and (
+        not isinstance(status, list) or not all(type(t) is int for t in status)
+    ):
+        logger.warning("ignoring polykv.tier_status: expected a list of token ids")
+        status = None
+    return DocParams(
+        doc_id=doc_id,
+        pin=pin,
+        pin_token=token,
+        doc_id_refused=refused,
+        forget=forget,
+        tier_status=tuple(status) if status is not None else None,
+    )

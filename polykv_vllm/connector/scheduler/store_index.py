@@ -490,9 +490,11 @@ class StoreIndex:
         doc = self.documents.get(*state.doc) if state.doc is not None else None
         if doc is None:
             doc = self._named_doc(state)
+        ready = 0
         if doc is not None:
             stored, total, pinned = doc.stored_blocks, doc.total_blocks, _pinned(doc)
             stored_bytes = sum(e.real_bytes or e.nbytes for e in doc.entries.values())
+            ready = sum(1 for e in doc.entries.values() if e.ready)
             self.documents.forget_if_empty(doc)
         else:
             keys = state.prompt_keys(self.geometry.block_size)
@@ -507,6 +509,11 @@ class StoreIndex:
             "total_blocks": total,
             "stored_bytes": stored_bytes,
         }
+        tokens = state.params.tier_status
+        if tokens is not None:  # which tiers hold the document's blocks (docs/TIERS.md)
+            receipt["tiers"] = {"memory": ready}
+            if self.tiers is not None:
+                receipt["tiers"].update(self.tiers.held(request, tokens, self.geometry.block_size))
         if state.pin_refused is not None:
             receipt["pin_refused"] = state.pin_refused
         if state.params.doc_id_refused is not None:

@@ -53,13 +53,16 @@ class TierPlanner:
         keys = self._keys.get(rid)
         if keys is None:
             tokens = getattr(request, "prompt_token_ids", None)
-            salt = getattr(request, "cache_salt", None)
-            lora = getattr(request, "lora_request", None)
-            if lora is not None:  # vLLM's hashes include the adapter: so do these
-                salt = f"{salt}|lora:{getattr(lora, 'lora_name', lora)}"
+            salt = _salt(request)
             keys = [] if tokens is None else chain_keys(self.fp, salt, tokens, block_size)
             self._keys[rid] = keys
         return keys
+
+    def held(self, request: RequestLike, tokens: Sequence[int], block_size: int) -> dict[str, int]:
+        """How many of the full blocks of ``tokens`` (in ``request``'s tenant) each tier holds
+        (rank 0's part; one ``stat`` per block on disk, one pipelined ``EXISTS`` in Redis)."""
+        names = [rank_key(k, 0) for k in chain_keys(self.fp, _salt(request), tokens, block_size)]
+        return {t.name: sum(t.contains_many(names)) for t in self.tiers}
 
     def note(self, request: RequestLike, block_size: int) -> None:
         """A request was admitted: remember its blocks' chain keys for the write-through."""
@@ -159,3 +162,13 @@ class TierPlanner:
                 self._chain.pop(h, None)
                 if entry is None:
                     self._fetched.discard(h)
+
+
+def _salt(request: RequestLike) -> str | None:
+    """The tenant part of a request's chain keys: its ``cache_salt``, and its LoRA adapter
+    (vLLM's block hashes include the adapter: so do these)."""
+    salt = getattr(request, "cache_salt", None)
+    lora = getattr(request, "lora_request", None)
+    if lora is not None:
+        salt = f"{salt}|lora:{getattr(lora, 'lora_name', lora)}"
+    return salt

@@ -59,6 +59,12 @@ class DiskTier(Tier):
     def nbytes(self) -> int:
         return self._bytes
 
+    def held(self) -> tuple[int, int]:
+        """This process's files (its rank's; files other servers wrote since its start are
+        not counted)."""
+        with self._lock:
+            return len(self._index), self._bytes
+
     def path_of(self, key: str) -> Path:
         return self.root / key[:2] / (key + _SUFFIX)
 

@@ -167,6 +167,20 @@ class TierIO:
         for tier in self.tiers:
             tier.close()
 
+    def gauges(self, world_size: int) -> dict[str, int]:
+        """``{"<tier>_stored_entries": n, "<tier>_stored_bytes": n}`` (docs/TIERS.md): entries
+        are blocks (this rank's files), bytes of all ranks (each rank's entry of a block has
+        the same size: this rank's bytes times ``world_size``); Redis says its DB's keys and
+        its server's memory."""
+        out: dict[str, int] = {}
+        for tier in self.tiers:
+            held = tier.held()
+            if held is not None:
+                local = tier.name != "remote"
+                out[f"{tier.name}_stored_entries"] = held[0]
+                out[f"{tier.name}_stored_bytes"] = held[1] * (world_size if local else 1)
+        return out
+
     def take_stats(self) -> dict[str, int]:
         """``{"<tier>_<counter>": n}`` of the nonzero counters since the last call."""
         out: dict[str, int] = {}
