@@ -338,3 +338,21 @@ def test_tier_gauges_say_entries_and_bytes_held(tmp_path: Path, redis_url: str) 
     from polykv_vllm.connector.metrics import GAUGES
 
     assert {k for k in gauges} <= set(GAUGES), "every tier gauge is a metric"
+
+
+def test_disk_eviction_skips_pinned_entries(tmp_path: Path) -> None:
+    b = blob(1000)
+    disk = DiskTier(tmp_path, budget_bytes=3 * len(b))
+    for k in ("a", "b", "c"):
+        assert disk.put(k, b)
+    disk.pin("a", True)  # the oldest: LRU's first victim, but pinned
+    assert disk.put("d", b)
+    assert disk.contains_many(["a", "b", "c", "d"]) == [True, False, True, True]
+    disk.pin("c", True)
+    disk.pin("d", True)
+    assert disk.put("e", b), "only pinned entries left: the new one goes"
+    assert disk.contains_many(["a", "c", "d", "e"]) == [True, True, True, False]
+    disk.pin("a", False)
+    assert disk.put("f", b)
+    assert disk.contains_many(["a", "c", "d", "f"]) == [False, True, True, True]
+    assert disk.take_stats().evictions == 3

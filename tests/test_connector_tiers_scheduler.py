@@ -52,6 +52,7 @@ class TierEngine(sh.Engine):
     def __init__(self, tier: DictTier, budget_blocks: int = 100, missing: int = -1) -> None:
         index = sh.make_index(budget_blocks)
         index.tiers = TierPlanner([tier], FP)
+        index.documents.pin_changes = []  # as the connector does
         super().__init__(index)
         self.tier = tier
         self.fetched = 0
@@ -189,3 +190,24 @@ def test_a_status_probe_says_which_tiers_hold_a_documents_blocks() -> None:
     salted.salt = "other-tenant"
     salted.kv_transfer_params = {"polykv": {"tier_status": doc}}
     assert b.run(salted)["polykv"]["tiers"] == {"memory": 0, "remote": 0}, "per tenant"
+
+
+def test_a_pinned_document_is_pinned_in_the_tiers_and_unpinned_with_it() -> None:
+    tier = DictTier()
+    a = TierEngine(tier)
+    doc = sh.doc(6, 3.5)  # 3 full blocks
+    req = Req("a1", doc)
+    req.kv_transfer_params = {"polykv": {"doc_id": "d", "pin": True}}
+    assert a.admit(req) == 0
+    plan = a.step([req])
+    keys = [k for _, k in plan.tier_puts]
+    assert len(keys) == 3 and plan.tier_pins == [(k, True) for k in keys]
+    assert a.index.finish(req)["polykv"]["pinned"]
+    unpin = Req("a2", doc[:5])
+    unpin.kv_transfer_params = {"polykv": {"doc_id": "d", "pin": False}}
+    a.run(unpin)
+    assert sorted(a.step([]).tier_pins) == sorted((k, False) for k in keys)
+    again = Req("a3", doc[:5])  # pinned again later: its entries are already in the tier
+    again.kv_transfer_params = {"polykv": {"doc_id": "d", "pin": True}}
+    a.run(again)
+    assert sorted(a.step([]).tier_pins) == sorted((k, True) for k in keys)

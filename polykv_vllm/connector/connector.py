@@ -144,6 +144,7 @@ class PolyKVConnector(KVConnectorBase_V1):
             tiers = self._open_tiers(rank=0, scan=False)  # docs/TIERS.md
             if tiers:
                 self.index.tiers = TierPlanner(tiers, self.tier_fp)
+                self.index.documents.pin_changes = []  # pins reach the tiers
             logger.info(
                 "polykv: store of %d bytes, %d bytes per %d-token block (%.2fx smaller than the "
                 "%s cache), preset %s",

@@ -137,6 +137,8 @@ class PolyKVWorker:
         overwrites them); a load with tier blocks (always async) starts its fetch thread."""
         if self.tiers is not None:
             self.tiers.put_pending()
+            if plan.tier_pins:
+                self.tiers.pin(plan.tier_pins)
         for job in plan.loads:
             fetch = plan.fetches.get(job.load_id)
             if fetch is not None:

@@ -245,7 +245,9 @@ class StoreIndex:
         self._next_load_id += 1
         self._loads.add(load)
         if self.tiers is not None and n_tier:
-            self.tiers.plan_fetch(load.load_id, n - n_tier, request, start + n - n_tier, n_tier, bs)
+            self.tiers.plan_fetch(
+                self, load.load_id, n - n_tier, request, start + n - n_tier, n_tier, bs
+            )
         self._planned_loads.append(
             LoadJob(
                 req_id=rid,

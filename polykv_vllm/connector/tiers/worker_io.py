@@ -167,6 +167,13 @@ class TierIO:
         for tier in self.tiers:
             tier.close()
 
+    def pin(self, pins: Sequence[tuple[bytes, bool]]) -> None:
+        """Pin (or unpin) blocks of pinned documents in the tiers (this rank's entries)."""
+        for key, pinned in pins:
+            name = rank_key(key, self.rank)
+            for tier in self.tiers:
+                tier.pin(name, pinned)
+
     def gauges(self, world_size: int) -> dict[str, int]:
         """``{"<tier>_stored_entries": n, "<tier>_stored_bytes": n}`` (docs/TIERS.md): entries
         are blocks (this rank's files), bytes of all ranks (each rank's entry of a block has
