@@ -44,13 +44,13 @@ def finite_blocks(blocks: int, per_layer: Sequence[PackedKV]) -> torch.Tensor:
 class Fetched:
     """What a tier fetch's thread read (``docs/TIERS.md``): ``rows`` (the first of the fetched
     rows, in order) hold their blocks (written into a host slab, or in ``payloads`` for the
-    step's thread to write into a device slab); ``missing`` rows no tier gave. ``loaded``: on a
-    CPU build the load itself ran in the same thread, ``(blocks, why not the rest, seconds)``."""
+    step's thread to write into a device slab); ``missing`` rows no tier gave; ``first``: the
+    index in the load's rows of the first fetched row."""
 
     rows: tuple[int, ...]
     missing: tuple[int, ...]
     payloads: list[memoryview] = dataclasses.field(default_factory=list)
-    loaded: tuple[int, str, float] | None = None
+    first: int = 0
 
 
 @dataclasses.dataclass(eq=False)

@@ -329,9 +329,11 @@ class PolyKVWorker:
 
     def _start_fetch(self, job: LoadJob, fetch: FetchJob) -> AsyncLoad:
         """An async load whose last rows come from the tiers: their blocks are read on the
-        fetch thread (a disk or network read never stalls the step); on a CPU build the load
-        runs in that thread too, on CUDA :meth:`get_finished` starts it on the side stream once
-        the reads landed (:meth:`_fetch_landed`)."""
+        fetch thread (a disk or network read never stalls the step); once they landed,
+        :meth:`get_finished` loads them (:meth:`_fetch_landed`: on CUDA on the side stream, on
+        a CPU build in the step's thread, as a synchronous memory hit is: decoding in a second
+        Python thread while the engine steps was measured slower, the two threads trading the
+        GIL)."""
         assert self.io is not None and self.tiers is not None
         store = self.store
         store.check_rows(job.rows)
@@ -339,25 +341,18 @@ class PolyKVWorker:
         good, reason = self._loadable(job)  # the rows from memory (the fetched ones are after)
         if self._fetch_thread is None:
             self._fetch_thread = ThreadPoolExecutor(1, thread_name_prefix="polykv-fetch")
-        load_here = self.io.device.type == "cpu"
-        future = self._fetch_thread.submit(self._fetch_in_thread, job, fetch, good, load_here)
+        future = self._fetch_thread.submit(self._fetch_in_thread, job, fetch)
         return AsyncLoad(job, good, reason, fetch=future)
 
-    def _fetch_in_thread(self, job: LoadJob, fetch: FetchJob, good: int, load: bool) -> Fetched:
+    def _fetch_in_thread(self, job: LoadJob, fetch: FetchJob) -> Fetched:
         assert self.tiers is not None
         store = self.store
         try:
             with torch.inference_mode():  # vLLM's tensors are inference tensors
-                got = self.tiers.read_rows(store, job, fetch, write=store.device.type == "cpu")
+                return self.tiers.read_rows(store, job, fetch, write=store.device.type == "cpu")
         except Exception:  # tiers never raise for their medium: this is a bug, say so loudly
             logger.exception("polykv: the tier fetch of request %s failed", job.req_id)
-            got = Fetched(rows=(), missing=job.rows[fetch.first :])
-        if load:
-            reason = "missing"
-            if good == fetch.first:  # every row from memory is there: then the fetched ones
-                good, reason = good + len(got.rows), _NO_TIER
-            got.loaded = self._load_in_thread(job, good, reason) if good else (0, reason, 0.0)
-        return got
+            return Fetched(rows=(), missing=job.rows[fetch.first :], first=fetch.first)
 
     def _fetch_landed(self, load: AsyncLoad) -> AsyncLoad:
         """The tier reads of ``load`` are done: its fetched rows are filled and reported stored,
@@ -370,9 +365,15 @@ class PolyKVWorker:
         store.mark_filled(got.rows)
         for row in got.rows:
             self._report.stored[row] = [store.row_bytes, 1]
-        if got.loaded is not None:
+        assert self.io is not None
+        if self.io.device.type == "cpu":
+            good, reason = load.good, "missing"
+            if good == got.first:  # every row from memory is there: then the fetched ones
+                good, reason = good + len(got.rows), _NO_TIER
             done: Future[tuple[int, str, float]] = Future()
-            done.set_result(got.loaded)
+            done.set_result(
+                self._load_in_thread(load.job, good, reason) if good else (0, reason, 0)
+            )
             out = AsyncLoad(load.job, load.good, load.reason, future=done)
         else:
             out = self._start_async(load.job)

@@ -117,7 +117,7 @@ class TierIO:
         their entries are pending and referenced)."""
         rows = job.rows[fetch.first :]
         assert len(rows) == len(fetch.keys)
-        got = Fetched(rows=(), missing=())
+        got = Fetched(rows=(), missing=(), first=fetch.first)
         done = 0
         for row, key in zip(rows, fetch.keys, strict=True):
             payload = self._read(key, store.row_bytes)
