@@ -42,7 +42,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 import torch
 
@@ -58,6 +58,7 @@ __all__ = ["PolyKVWorker", "WorkerCounters"]
 
 logger = logging.getLogger(__name__)
 
+_FETCH_YIELD_S = 0.002  # the most get_finished waits for a fetch in flight
 _NO_TIER = "in no tier"  # why a fetched block was not loaded (its row is reported failed)
 
 
@@ -156,6 +157,10 @@ class PolyKVWorker:
         once); their reports and load errors are added for this step."""
         if not self._in_flight:
             return set()
+        fetching = [load.fetch for load in self._in_flight if load.fetch is not None]
+        if fetching:  # release the GIL to the fetch thread a moment (an idle engine's empty
+            # steps otherwise starve it: docs/TIERS.md); returns as soon as one is done
+            wait(fetching, timeout=_FETCH_YIELD_S, return_when=FIRST_COMPLETED)
         finished: set[str] = set()
         pending = []
         for load in self._in_flight:
