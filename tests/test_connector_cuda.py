@@ -557,3 +557,86 @@ def test_tp2_load_failing_on_one_rank_is_recomputed_on_both(tp2: Any) -> None:
     # on, on both ranks; the answer is complete
     assert len(again.outputs[0].token_ids) == 8
     assert bad.failed and stored.entries.get(stored.keys[2]) is not bad, "the entry was dropped"
+
+
+@pytest.mark.parametrize("placement", ["gpu", "cpu"])
+def test_async_tier_fetch_then_side_stream_load_equals_the_sync_load(placement: str) -> None:
+    """A load whose last rows come from a tier (docs/TIERS.md): the fetch thread reads them
+    (into the pinned slab, or as bytes the step's thread copies into a GPU slab), then
+    get_finished starts the side-stream load; a block in no tier is a load error."""
+    import threading
+    import time
+
+    from polykv_vllm.connector.metadata import BlockJob, FetchJob, LoadJob, StepPlan
+    from polykv_vllm.connector.paged_io import FlashPagedIO
+    from polykv_vllm.connector.slab import BlockSlab
+    from polykv_vllm.connector.tiers import Tier, chain_keys, fingerprint
+    from polykv_vllm.connector.tiers.worker_io import TierIO
+    from polykv_vllm.connector.worker import PolyKVWorker
+    from polykv_vllm.core import KVCodec
+
+    class Gated(Tier):
+        name = "disk"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.data: dict[str, bytes] = {}
+            self.gate = threading.Event()
+
+        def put(self, key: str, blob: bytes) -> bool:
+            self.data[key] = blob
+            return True
+
+        def get(self, key: str) -> bytes | None:
+            assert self.gate.wait(10)
+            return self.data.get(key)
+
+        def contains_many(self, keys: Any) -> list[bool]:
+            return [k in self.data for k in keys]
+
+        def delete(self, key: str) -> None:
+            self.data.pop(key, None)
+
+    layers, heads, dim, bs, blocks = 4, 2, 64, 16, 12
+    codec = KVCodec("polykv", num_layers=layers, head_dim=dim)
+    g = torch.Generator(device="cuda").manual_seed(8)
+    caches = [
+        torch.randn(blocks, heads, bs, 2 * dim, device="cuda", generator=g).to(torch.bfloat16)
+        for _ in range(layers)
+    ]
+    io = FlashPagedIO(codec, caches, list(range(layers)), dim, bs)
+    device = torch.device("cuda") if placement == "gpu" else torch.device("cpu")
+    slab = BlockSlab(codec, list(range(layers)), 8, bs, heads, dim, device, pin=placement == "cpu")
+    worker = PolyKVWorker(block_size=bs)
+    worker.bind(io, slab)
+    worker.save(StepPlan(stores=[BlockJob("w", (0, 1, 2), (1, 2, 3))]))
+    worker.flush_stores()
+    torch.cuda.synchronize()
+    assert worker.take_report() is not None
+    worker.start_load(StepPlan(loads=[LoadJob("sync", (0, 1, 2), (4, 5, 6), load_id=0)]))
+    torch.cuda.synchronize()
+    assert worker.take_report().loads == {0: [1, 3]}
+    fp = fingerprint(model="cuda-fetch")
+    keys = chain_keys(fp, None, list(range(3 * bs)), bs)
+    tier = Gated()
+    worker.tiers = TierIO([tier], fp, rank=0, store=slab)
+    worker.tiers.put_rows(slab, [(1, keys[0]), (2, keys[1])])
+    assert worker.tiers.flush()
+    job = LoadJob("tier", (0, 3, 4, 5), (7, 8, 9, 10), load_id=1, async_load=True)
+    worker.start_load(StepPlan(loads=[job], fetches={1: FetchJob(1, 1, tuple(keys))}))
+    assert worker.get_finished() == set() and worker.loads_in_flight == 1
+    tier.gate.set()
+    finished: set[str] = set()
+    for _ in range(500):
+        finished = worker.get_finished()
+        if finished:
+            break
+        time.sleep(0.01)
+    assert finished == {"tier"}
+    report = worker.take_report()
+    assert report is not None and set(report.stored) == {3, 4} and report.failed_rows >= {5}
+    assert report.loads == {1: [1, 3]} and worker.take_load_errors() == {10}
+    for cache in caches:
+        assert torch.equal(cache[[7, 8, 9]], cache[[4, 5, 6]]), "fetched rows load like stored"
+    worker.shutdown()
+    worker.tiers.close()

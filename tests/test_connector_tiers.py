@@ -309,3 +309,50 @@ def test_every_tier_counter_is_a_metric() -> None:
     for tier in TIER_NAMES:
         for f in fields(TierStats):
             assert COUNTERS[f"{tier}_{f.name}"][0] == f"vllm:polykv_{tier}_{f.name}"
+
+
+def test_tier_gauges_say_entries_and_bytes_held(tmp_path: Path, redis_url: str) -> None:
+    import time
+
+    disk, remote = open_tiers(str(tmp_path), 10**6, redis_url, rank=0, world_size=2)
+    remote._client.flushdb()  # type: ignore[attr-defined]  # other tests' keys
+    assert disk.held() == (0, 0)
+    for i in range(3):
+        assert disk.put(f"k{i}-r0", blob(1000))
+        assert remote.put(f"k{i}-r0", blob(1000))
+    assert disk.held() == (3, 3 * len(blob(1000)))
+    assert remote.held() is None, "asked in the background: nothing known yet"
+    deadline = time.monotonic() + 10
+    while remote.held() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    held = remote.held()
+    assert held is not None and held[0] == 3 and held[1] > 3 * len(blob(1000))
+    slab = _slab()
+    io = TierIO([disk, remote], FP, rank=0, store=slab)
+    gauges = io.gauges(world_size=2)
+    assert gauges["disk_stored_entries"] == 3
+    assert gauges["disk_stored_bytes"] == 2 * 3 * len(blob(1000)), "both ranks' files"
+    assert gauges["remote_stored_entries"] == 3
+    io.close()
+    pytest.importorskip("vllm")
+    from polykv_vllm.connector.metrics import GAUGES
+
+    assert {k for k in gauges} <= set(GAUGES), "every tier gauge is a metric"
+
+
+def test_disk_eviction_skips_pinned_entries(tmp_path: Path) -> None:
+    b = blob(1000)
+    disk = DiskTier(tmp_path, budget_bytes=3 * len(b))
+    for k in ("a", "b", "c"):
+        assert disk.put(k, b)
+    disk.pin("a", True)  # the oldest: LRU's first victim, but pinned
+    assert disk.put("d", b)
+    assert disk.contains_many(["a", "b", "c", "d"]) == [True, False, True, True]
+    disk.pin("c", True)
+    disk.pin("d", True)
+    assert disk.put("e", b), "only pinned entries left: the new one goes"
+    assert disk.contains_many(["a", "c", "d", "e"]) == [True, True, True, False]
+    disk.pin("a", False)
+    assert disk.put("f", b)
+    assert disk.contains_many(["a", "c", "d", "f"]) == [False, True, True, True]
+    assert disk.take_stats().evictions == 3

@@ -52,6 +52,7 @@ class TierEngine(sh.Engine):
     def __init__(self, tier: DictTier, budget_blocks: int = 100, missing: int = -1) -> None:
         index = sh.make_index(budget_blocks)
         index.tiers = TierPlanner([tier], FP)
+        index.documents.pin_changes = []  # as the connector does
         super().__init__(index)
         self.tier = tier
         self.fetched = 0
@@ -148,3 +149,65 @@ def test_no_tier_hit_beyond_the_room_the_store_can_make() -> None:
     assert b.admit(req) == 5 * sh.BS  # a 5-block store
     b.step([req])
     assert b.index.finish(req)["polykv"]["tokens_from_store"] == 5 * sh.BS
+
+
+def test_a_tier_load_is_async_and_lookups_of_its_blocks_wait_for_it() -> None:
+    tier = DictTier()
+    a = TierEngine(tier)
+    doc = sh.doc(4, 4.5)
+    a.run(Req("a1", doc))
+    b = TierEngine(tier)  # a sync index (async_loads=False): memory hits stay synchronous
+    assert not b.index.async_loads
+    first, second = Req("b1", doc, seed="b"), Req("b2", doc, seed="b")
+    assert b.index.lookup(first, 0) == 4 * sh.BS
+    assert b.index.lookup_is_async("b1"), "a load reaching into a tier is asynchronous"
+    b.index.on_alloc(first, list(range(5)), 4 * sh.BS)
+    plan = b.index.plan_step([])
+    (job,) = plan.loads
+    assert job.async_load and plan.fetches[job.load_id].first == 0
+    # while the fetch is in flight, another agent on the same document waits for it
+    assert b.index.lookup(second, 0) is None
+    b.apply(plan)  # the fetch lands, the load finishes
+    assert b.index.lookup(second, 0) == 4 * sh.BS and not b.index.lookup_is_async("b2")
+    b.index.finish(first)
+    b.index.finish(second)
+
+
+def test_a_status_probe_says_which_tiers_hold_a_documents_blocks() -> None:
+    tier = DictTier()
+    a = TierEngine(tier)
+    doc = sh.doc(5, 3.5)  # 3 full blocks
+    a.run(Req("a1", doc))
+    b = TierEngine(tier)  # never saw it
+    probe = Req("p", doc[:1], seed="b")
+    probe.kv_transfer_params = {"polykv": {"tier_status": doc}}
+    assert b.run(probe)["polykv"]["tiers"] == {"memory": 0, "remote": 3}
+    b.run(Req("b1", doc, seed="b"))  # fetched: now in memory too
+    again = Req("p2", doc[:1], seed="b")
+    again.kv_transfer_params = {"polykv": {"tier_status": doc, "doc_id": "d"}}
+    assert b.run(again)["polykv"]["tiers"]["remote"] == 3
+    salted = Req("p3", doc[:1], seed="b")
+    salted.salt = "other-tenant"
+    salted.kv_transfer_params = {"polykv": {"tier_status": doc}}
+    assert b.run(salted)["polykv"]["tiers"] == {"memory": 0, "remote": 0}, "per tenant"
+
+
+def test_a_pinned_document_is_pinned_in_the_tiers_and_unpinned_with_it() -> None:
+    tier = DictTier()
+    a = TierEngine(tier)
+    doc = sh.doc(6, 3.5)  # 3 full blocks
+    req = Req("a1", doc)
+    req.kv_transfer_params = {"polykv": {"doc_id": "d", "pin": True}}
+    assert a.admit(req) == 0
+    plan = a.step([req])
+    keys = [k for _, k in plan.tier_puts]
+    assert len(keys) == 3 and plan.tier_pins == [(k, True) for k in keys]
+    assert a.index.finish(req)["polykv"]["pinned"]
+    unpin = Req("a2", doc[:5])
+    unpin.kv_transfer_params = {"polykv": {"doc_id": "d", "pin": False}}
+    a.run(unpin)
+    assert sorted(a.step([]).tier_pins) == sorted((k, False) for k in keys)
+    again = Req("a3", doc[:5])  # pinned again later: its entries are already in the tier
+    again.kv_transfer_params = {"polykv": {"doc_id": "d", "pin": True}}
+    a.run(again)
+    assert sorted(a.step([]).tier_pins) == sorted((k, True) for k in keys)

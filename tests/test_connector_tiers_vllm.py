@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -132,7 +133,89 @@ def test_corrupt_disk_entries_are_recomputed(
         assert list(out.outputs[0].token_ids) == off[0]
         s = _tier_stats("disk")
         assert s.hits == 2 and s.corrupt == 1
-    assert not path.exists(), "a refused entry is deleted"
+        assert p["tokens_stored"] == 3 * BS, "the recomputed blocks are stored again"
+    assert path.read_bytes() != bytes(data), "the refused entry was deleted, then rewritten"
+
+
+def test_a_slow_tier_read_never_stalls_the_batch_and_a_failed_fetch_is_recomputed(
+    baseline: tuple[list[list[int]], list[list[int]]], tmp_path: Path
+) -> None:
+    """A 5-block store: document 1 evicts document 0, which is then only on disk. Its revisit
+    waits for a slow disk (DELAY per block, the real files underneath) in
+    WAITING_FOR_REMOTE_KVS while another request keeps decoding; then document 1, damaged on
+    disk, loads its first two blocks and recomputes the rest."""
+    from vllm import SamplingParams
+
+    from polykv_vllm.connector.tiers import rank_key
+    from polykv_vllm.connector.tiers.disk import DiskTier
+
+    pool, off = baseline
+    delay = 0.6
+    with vh.engine({"store_bytes": 6 * 2**20, "disk_path": str(tmp_path)}) as llm:
+        for doc in pool[:2]:  # one after the other: 1 evicts 0 once 0's store is confirmed
+            vh.run(llm, [doc], 1)
+        _flush()
+        llm.reset_prefix_cache()
+        index = vh.scheduler_connector(llm).index
+        worker = vh.worker_connector().worker
+        assert index is not None and index.tiers is not None and worker is not None
+        assert worker.tiers is not None and index.num_entries == 5, "document 1 only"
+        (disk,) = worker.tiers.tiers
+        assert isinstance(disk, DiskTier)
+        engine = llm.llm_engine
+        scheduler = engine.engine_core.engine_core.scheduler  # type: ignore[attr-defined]
+        other = SamplingParams(max_tokens=120, temperature=0, ignore_eos=True)
+        other_id = engine.add_request("other", {"prompt_token_ids": pool[2][:60]}, other)
+        for _ in range(3):
+            engine.step()
+        real_get = disk.get
+
+        def slow_get(key: str) -> bytes | None:
+            time.sleep(delay)
+            return real_get(key)
+
+        disk.get = slow_get  # type: ignore[method-assign]
+        params = SamplingParams(max_tokens=GEN, temperature=0)
+        tier_id = engine.add_request("tier", {"prompt_token_ids": pool[0]}, params)
+        waiting: list[tuple[float, int]] = []  # (step seconds, tokens of "other") while waiting
+        done: dict[str, Any] = {}
+        while engine.has_unfinished_requests():
+            t0 = time.perf_counter()
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id.split("-")[0]] = out  # "tier" / "other"
+            seconds = time.perf_counter() - t0
+            req = scheduler.requests.get(tier_id)
+            if req is not None and req.status.name == "WAITING_FOR_REMOTE_KVS":
+                waiting.append((seconds, len(scheduler.requests[other_id].output_token_ids)))
+        del disk.get
+        # (relative bounds: the box's 2 cores are shared, a decode step takes 0.05-0.5 s)
+        total = sum(s for s, _ in waiting)
+        assert total >= 5 * delay * 0.9, "the fetch overlapped these steps"
+        assert max(s for s, _ in waiting) < total / 2, f"a step waited for the disk: {waiting}"
+        assert waiting[-1][1] - waiting[0][1] >= 4, f"the other request kept decoding: {waiting}"
+        p = vh.polykv_params(done["tier"])
+        assert p["tokens_from_store"] == 5 * BS, p
+        assert list(done["tier"].outputs[0].token_ids) == off[0]
+        assert len(done["other"].outputs[0].token_ids) == 120
+        assert _tier_stats("disk").hits == 5
+
+        # document 1 is now only on disk (document 0's fetch evicted it); block 2 is damaged
+        keys = index.tiers.keys(_Req(pool[1]), BS)
+        path = disk.path_of(rank_key(keys[2], 0))
+        data = bytearray(path.read_bytes())
+        data[-100] ^= 0xFF
+        path.write_bytes(bytes(data))
+        llm.reset_prefix_cache()
+        (out,) = vh.run(llm, pool[1:2], GEN)
+        p = vh.polykv_params(out)
+        assert p["tokens_from_store"] == 2 * BS, p  # blocks 0-1 from disk, the rest recomputed
+        assert p["tokens_stored"] == 3 * BS, p
+        assert list(out.outputs[0].token_ids) == off[1]
+        assert _tier_stats("disk").corrupt == 1
+        _flush()  # the refused entry was deleted; the recomputed blocks are written again
+        assert path.read_bytes() != bytes(data)
+        assert index.loads_in_flight == 0 and worker.loads_in_flight == 0
 
 
 class _Req:

@@ -114,7 +114,8 @@ class PolyKVConfig:
       request waits in vLLM's WAITING_FOR_REMOTE_KVS until the worker finished its load: a CUDA
       side stream, or a background thread on a CPU build), ``"off"`` (the load runs inside the
       step that needs it), or ``"auto"`` (the default: on for placement cpu on CUDA, where the
-      host-to-device copy dominates; off elsewhere, where small loads are faster inline).
+      host-to-device copy dominates; off elsewhere, where small loads are faster inline). A
+      load reaching into the disk or Redis tier is asynchronous whatever this says.
     - ``registry_path``: a JSON file where the OpenAI server keeps the documents registered
       through ``/v1/polykv/documents`` (canonical tokens, written atomically), so they survive a
       restart; None: in memory only (``docs/DOCUMENTS.md``).

@@ -126,6 +126,7 @@ class PolyKVConnector(KVConnectorBase_V1):
         #: scheduler side: each tensor-parallel rank's store bytes, as it last reported them
         self._rank_bytes: dict[int, int] = {}
         self._rank_gauges: dict[int, int] = {}
+        self._tier_gauges: dict[str, int] = {}
         on_device = self.config.placement == "gpu"
         if _HAS_CACHE_HIT_SOURCE:
             from vllm.v1.metrics.cache_hit_source import CacheHitSource
@@ -147,6 +148,7 @@ class PolyKVConnector(KVConnectorBase_V1):
             tiers = self._open_tiers(rank=0, scan=False)  # docs/TIERS.md
             if tiers:
                 self.index.tiers = TierPlanner(tiers, self.tier_fp)
+                self.index.documents.pin_changes = []  # pins reach the tiers
             logger.info(
                 "polykv: store of %d bytes, %d bytes per %d-token block (%.2fx smaller than the "
                 "%s cache), codec %s",
@@ -299,20 +301,24 @@ class PolyKVConnector(KVConnectorBase_V1):
         return None if report is None else PolyKVWorkerMetadata(report)
 
     def shutdown(self) -> None:
-        if self.worker is not None and self.worker.tiers is not None:
-            self.worker.tiers.close()
-            self.worker.tiers = None
-        if self.worker is not None and self.worker.io is not None:
-            self.worker.shutdown()  # async loads in flight finish first
-            self.worker.close()  # staged stores in flight land, then the store is emptied
+        worker = self.worker
+        if worker is not None and worker.io is not None:
+            worker.shutdown()  # async loads and tier fetches in flight finish first
+            worker.flush_stores()  # staged stores land (and are written through below)
+        if worker is not None and worker.tiers is not None:
+            worker.tiers.close()  # the pending write-throughs are written
+            worker.tiers = None
+        if worker is not None and worker.io is not None:
+            worker.close()  # staged stores in flight land, then the store is emptied
 
     # --- scheduler side --------------------------------------------------------------------
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
-        n = self._index().lookup(request, num_computed_tokens)
-        return n, bool(n) and self.config.load_async
+        index = self._index()
+        n = index.lookup(request, num_computed_tokens)
+        return n, bool(n) and index.lookup_is_async(request.request_id)
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
@@ -349,9 +355,16 @@ class PolyKVConnector(KVConnectorBase_V1):
                 stats.sample("store_seconds", s)
             if w.load_failures:
                 stats.add("load_failures", w.load_failures)
-            if self.worker.tiers is not None:
-                for name, amount in self.worker.tiers.take_stats().items():
+            tiers = self.worker.tiers
+            if tiers is not None:
+                for name, amount in tiers.take_stats().items():
                     stats.add(name, amount)
+                if tiers.rank == 0:  # per-tier gauges: docs/TIERS.md
+                    held = tiers.gauges(self.facts.world_size)
+                    if held != self._tier_gauges:
+                        self._tier_gauges = held
+                        for name, count in held.items():
+                            stats.set_gauge(name, count)
         if self.index is not None:
             c = self.index.take_counters()
             for key, value in vars(c).items():  # flat ints: asdict's deep copy cost ~12 us

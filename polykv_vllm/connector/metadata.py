@@ -63,9 +63,11 @@ class StepPlan:
     stores: list[BlockJob] = field(default_factory=list)
     freed_rows: list[int] = field(default_factory=list)
     # tiers (docs/TIERS.md): fetches by load id, run before their load; the rows of ``stores``
-    # with their chain keys, written through to the tiers once stored
+    # with their chain keys, written through to the tiers once stored; chain keys whose
+    # entries a pinned document pins (True) or no longer pins (False) in the tiers
     fetches: dict[int, FetchJob] = field(default_factory=dict)
     tier_puts: list[tuple[int, bytes]] = field(default_factory=list)
+    tier_pins: list[tuple[bytes, bool]] = field(default_factory=list)
 
     def is_empty(self) -> bool:
         return not (self.loads or self.stores or self.freed_rows)

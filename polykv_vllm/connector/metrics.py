@@ -98,6 +98,23 @@ GAUGES: dict[str, tuple[str, str]] = {
         "Bytes the stored tokens take in the engine's KV cache dtype.",
     ),
     "capacity_bytes": ("vllm:polykv_capacity_bytes", "Byte budget of the polykv store."),
+    # the tiers below the store (docs/TIERS.md), from tensor-parallel rank 0's worker
+    "disk_stored_entries": (
+        "vllm:polykv_disk_stored_entries",
+        "Blocks in the polykv disk tier (this server's files; refreshed each step).",
+    ),
+    "disk_stored_bytes": (
+        "vllm:polykv_disk_stored_bytes",
+        "Bytes of the polykv disk tier's files (this server's, all ranks).",
+    ),
+    "remote_stored_entries": (
+        "vllm:polykv_remote_stored_entries",
+        "Keys in the Redis DB of the polykv remote tier (DBSIZE, asked every 10 s).",
+    ),
+    "remote_stored_bytes": (
+        "vllm:polykv_remote_stored_bytes",
+        "Memory the Redis server of the polykv remote tier uses (INFO used_memory, every 10 s).",
+    ),
 }
 #: per-rank gauge key → (Prometheus name, help); the metric carries a ``rank`` label
 RANK_GAUGES: dict[str, tuple[str, str]] = {

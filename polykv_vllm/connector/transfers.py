@@ -1,7 +1,8 @@
 """Pieces of the worker's transfers that hold no store: timing spans, started async loads.
 
 :class:`Span` times a piece of work on the device's stream (CUDA events, no host sync) or in
-wall time; :class:`AsyncLoad` is an asynchronous load the worker started
+wall time; :class:`AsyncLoad` is an asynchronous load the worker started (:class:`Fetched`:
+what its tier fetch read)
 (:meth:`~.worker.PolyKVWorker.get_finished` polls it); :func:`finite_blocks` is the scale check
 a side-stream load runs without a host sync; :class:`DoneFence` is the fence of work that is
 already done (a synchronous copy).
@@ -19,7 +20,7 @@ import torch
 from polykv_vllm.connector.metadata import LoadJob
 from polykv_vllm.core import PackedKV
 
-__all__ = ["AsyncLoad", "DoneFence", "Span", "finite_blocks"]
+__all__ = ["AsyncLoad", "DoneFence", "Fetched", "Span", "finite_blocks"]
 
 
 class DoneFence:
@@ -39,12 +40,26 @@ def finite_blocks(blocks: int, per_layer: Sequence[PackedKV]) -> torch.Tensor:
     return torch.isfinite(torch.cat(scales, dim=1)).all(dim=1)
 
 
+@dataclasses.dataclass
+class Fetched:
+    """What a tier fetch's thread read (``docs/TIERS.md``): ``rows`` (the first of the fetched
+    rows, in order) hold their blocks (written into a host slab, or in ``payloads`` for the
+    step's thread to write into a device slab); ``missing`` rows no tier gave; ``first``: the
+    index in the load's rows of the first fetched row."""
+
+    rows: tuple[int, ...]
+    missing: tuple[int, ...]
+    payloads: list[memoryview] = dataclasses.field(default_factory=list)
+    first: int = 0
+
+
 @dataclasses.dataclass(eq=False)
 class AsyncLoad:
     """A started async load: ``good`` blocks (from the first) were readable when it started
     (``reason`` says why not the rest). Done when its CUDA ``event`` completed (``flags``: each
     block's scales were finite) or its ``future`` (the CPU thread's result) is done; at once
-    when it had nothing to load."""
+    when it had nothing to load. With ``fetch`` its tier blocks are still being read: done
+    once they are (the worker then concludes the fetch and, on CUDA, starts the load)."""
 
     job: LoadJob
     good: int
@@ -54,8 +69,11 @@ class AsyncLoad:
     future: Future[tuple[int, str, float]] | None = None
     span: Span | None = None
     fetch_failed: set[int] = dataclasses.field(default_factory=set)  # rows no tier could give
+    fetch: Future[Fetched] | None = None
 
     def done(self) -> bool:
+        if self.fetch is not None:
+            return self.fetch.done()
         if self.event is not None:
             return bool(self.event.query())
         return self.future is None or self.future.done()

@@ -28,7 +28,10 @@ background thread (torch releases the GIL). :meth:`PolyKVWorker.get_finished` po
 errors exactly as a synchronous load would, in that step. Their blocks belong to a request vLLM
 holds in WAITING_FOR_REMOTE_KVS (even if it was aborted) until that step: nothing else writes or
 reads them meanwhile, and their slab rows stay referenced (never freed or rewritten) until the
-scheduler side heard of the load. A CUDA load decodes every block it could read and reports
+scheduler side heard of the load. A load whose last blocks come from the tiers below the store
+(``docs/TIERS.md``; the scheduler makes every such load async) first reads them on the fetch
+thread (:meth:`PolyKVWorker._start_fetch`): a disk or Redis read never stalls a step. A CUDA
+load decodes every block it could read and reports
 the ones whose scales are not finite as errors (blocks past the first bad one included), so
 vLLM recomputes them and never treats their contents as valid.
 """
@@ -39,7 +42,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 import torch
 
@@ -47,13 +50,16 @@ from polykv_vllm.connector.metadata import BlockJob, FetchJob, LoadJob, StepPlan
 from polykv_vllm.connector.paged_io import PagedIO
 from polykv_vllm.connector.slab import BlockSlab, Run, first_invalid_block, runs
 from polykv_vllm.connector.staging import Fence, StagedStores
-from polykv_vllm.connector.tiers.worker_io import TierIO
-from polykv_vllm.connector.transfers import AsyncLoad, DoneFence, Span, finite_blocks
+from polykv_vllm.connector.tiers.worker_io import TierIO, write_row
+from polykv_vllm.connector.transfers import AsyncLoad, DoneFence, Fetched, Span, finite_blocks
 from polykv_vllm.core import PackedKV
 
 __all__ = ["PolyKVWorker", "WorkerCounters"]
 
 logger = logging.getLogger(__name__)
+
+_FETCH_YIELD_S = 0.002  # the most get_finished waits for a fetch in flight
+_NO_TIER = "in no tier"  # why a fetched block was not loaded (its row is reported failed)
 
 
 @dataclasses.dataclass
@@ -107,6 +113,7 @@ class PolyKVWorker:
         self._in_flight: list[AsyncLoad] = []  # async loads not yet reported, in start order
         self._load_side: torch.cuda.Stream | None = None  # CUDA async loads
         self._thread: ThreadPoolExecutor | None = None  # CPU async loads
+        self._fetch_thread: ThreadPoolExecutor | None = None  # tier fetches (docs/TIERS.md)
         #: the tiers below the store (docs/TIERS.md), set by the connector; None: no tiers
         self.tiers: TierIO | None = None
         #: this worker's tensor-parallel rank (its slab holds that rank's kv heads), set by the
@@ -135,18 +142,19 @@ class PolyKVWorker:
         ``plan.freed_rows`` empty (after the loads: no load reads a freed row, and a store may
         reuse it this step; an unfinished async load's rows are never among them). Tiers first:
         rows stored by the last plan and not yet written through are (before anything
-        overwrites them), and a load's tier blocks are fetched before it runs or starts."""
+        overwrites them); a load with tier blocks (always async) starts its fetch thread."""
         if self.tiers is not None:
             self.tiers.put_pending()
+            if plan.tier_pins:
+                self.tiers.pin(plan.tier_pins)
         for job in plan.loads:
             fetch = plan.fetches.get(job.load_id)
-            failed = self.fetch(job, fetch) if fetch is not None else set()
-            if job.async_load:
-                load = self._start_async(job)
-                load.fetch_failed = failed  # reported with the load, when it finishes
-                self._in_flight.append(load)
+            if fetch is not None:
+                assert job.async_load, "the scheduler makes every tier fetch asynchronous"
+                self._in_flight.append(self._start_fetch(job, fetch))
+            elif job.async_load:
+                self._in_flight.append(self._start_async(job))
             else:
-                self._report.failed_rows |= failed
                 self._load(job)
         self.store.check_rows(plan.freed_rows)
         self.store.mark_empty(plan.freed_rows)
@@ -156,14 +164,20 @@ class PolyKVWorker:
         once); their reports and load errors are added for this step."""
         if not self._in_flight:
             return set()
+        fetching = [load.fetch for load in self._in_flight if load.fetch is not None]
+        if fetching:  # release the GIL to the fetch thread a moment (an idle engine's empty
+            # steps otherwise starve it: docs/TIERS.md); returns as soon as one is done
+            wait(fetching, timeout=_FETCH_YIELD_S, return_when=FIRST_COMPLETED)
         finished: set[str] = set()
         pending = []
         for load in self._in_flight:
+            while load.fetch is not None and load.done():
+                load = self._fetch_landed(load)
             if not load.done():
                 pending.append(load)
                 continue
             good, reason, seconds = load.result()
-            self._conclude(load.job, good, reason, drop_row=reason != "error")
+            self._conclude(load.job, good, reason, drop_row=reason not in ("error", _NO_TIER))
             self._report.failed_rows |= load.fetch_failed
             if good:
                 self._record("load", load.span or Span.of(seconds), good)
@@ -178,21 +192,12 @@ class PolyKVWorker:
 
     def shutdown(self) -> None:
         """Wait for the async loads in flight (the engine is going away)."""
-        if self._thread is not None:
-            self._thread.shutdown(wait=True)
-            self._thread = None
+        for pool in (self._fetch_thread, self._thread):  # fetches first: they may load
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._fetch_thread = self._thread = None
         if self._load_side is not None:
             self._load_side.synchronize()
-
-    def fetch(self, job: LoadJob, fetch: FetchJob) -> set[int]:
-        """Read ``job``'s tier blocks into their rows (synchronous; docs/TIERS.md); returns the
-        rows no tier could give, which stay empty: the load that follows recomputes them, and
-        its report names them failed (so the scheduler drops their pending entries)."""
-        assert self.tiers is not None, "a fetch was planned without tiers"
-        report = WorkerReport()
-        self.tiers.fetch(self.store, job, fetch, report)
-        self._report.stored.update(report.stored)
-        return report.failed_rows
 
     def save(self, plan: StepPlan) -> None:
         """Compress ``plan.stores`` (blocks computed by this step's forward) into the store."""
@@ -345,6 +350,59 @@ class PolyKVWorker:
             self.totals.load_failures += 1
 
     # --- async loads -------------------------------------------------------------------------
+
+    def _start_fetch(self, job: LoadJob, fetch: FetchJob) -> AsyncLoad:
+        """An async load whose last rows come from the tiers: their blocks are read on the
+        fetch thread (a disk or network read never stalls the step); once they landed,
+        :meth:`get_finished` loads them (:meth:`_fetch_landed`: on CUDA on the side stream, on
+        a CPU build in the step's thread, as a synchronous memory hit is: decoding in a second
+        Python thread while the engine steps was measured slower, the two threads trading the
+        GIL)."""
+        assert self.io is not None and self.tiers is not None
+        store = self.store
+        store.check_rows(job.rows)
+        store.mark_empty(job.rows[fetch.first :])  # until fetched (a stale block may be there)
+        good, reason = self._loadable(job)  # the rows from memory (the fetched ones are after)
+        if self._fetch_thread is None:
+            self._fetch_thread = ThreadPoolExecutor(1, thread_name_prefix="polykv-fetch")
+        future = self._fetch_thread.submit(self._fetch_in_thread, job, fetch)
+        return AsyncLoad(job, good, reason, fetch=future)
+
+    def _fetch_in_thread(self, job: LoadJob, fetch: FetchJob) -> Fetched:
+        assert self.tiers is not None
+        store = self.store
+        try:
+            with torch.inference_mode():  # vLLM's tensors are inference tensors
+                return self.tiers.read_rows(store, job, fetch, write=store.device.type == "cpu")
+        except Exception:  # tiers never raise for their medium: this is a bug, say so loudly
+            logger.exception("polykv: the tier fetch of request %s failed", job.req_id)
+            return Fetched(rows=(), missing=job.rows[fetch.first :], first=fetch.first)
+
+    def _fetch_landed(self, load: AsyncLoad) -> AsyncLoad:
+        """The tier reads of ``load`` are done: its fetched rows are filled and reported stored,
+        the others failed; returns the load that follows (done at once on a CPU build)."""
+        assert load.fetch is not None
+        got = load.fetch.result()
+        store = self.store
+        for row, payload in zip(got.rows, got.payloads, strict=False):  # a device slab
+            write_row(store, row, payload)
+        store.mark_filled(got.rows)
+        for row in got.rows:
+            self._report.stored[row] = [store.row_bytes, 1]
+        assert self.io is not None
+        if self.io.device.type == "cpu":
+            good, reason = load.good, "missing"
+            if good == got.first:  # every row from memory is there: then the fetched ones
+                good, reason = good + len(got.rows), _NO_TIER
+            done: Future[tuple[int, str, float]] = Future()
+            done.set_result(
+                self._load_in_thread(load.job, good, reason) if good else (0, reason, 0)
+            )
+            out = AsyncLoad(load.job, load.good, load.reason, future=done)
+        else:
+            out = self._start_async(load.job)
+        out.fetch_failed = set(got.missing)
+        return out
 
     def _start_async(self, job: LoadJob) -> AsyncLoad:
         assert self.io is not None, "register_kv_caches must run before the first load"

@@ -4,7 +4,8 @@ polykv`` installs (``docs/DOCUMENTS.md``).
 Routes (tenant: the ``cache_salt`` of the body, or the ``X-PolyKV-Cache-Salt`` header)::
 
     PUT    /v1/polykv/documents/{doc_id}   {"text": ...} or {"messages": [...]}, "pin", "replace"
-    GET    /v1/polykv/documents/{doc_id}   status from the store: stored/total blocks, pinned
+    GET    /v1/polykv/documents/{doc_id}   status from the store: stored/total blocks, pinned,
+                                           blocks held per tier (memory, disk, remote)
     DELETE /v1/polykv/documents/{doc_id}   unpin, forget, evict
     GET    /v1/polykv/documents            the tenant's documents
 
@@ -69,7 +70,7 @@ _CHAT_RENDER_KEYS = (
     "tools",
 )
 # polykv request keys that belong to the document, not to the agent's request
-_DOCUMENT_KEYS = ("by_reference", "doc_id", "pin", "pin_token", "forget")
+_DOCUMENT_KEYS = ("by_reference", "doc_id", "pin", "pin_token", "forget", "tier_status")
 
 
 class DocumentError(Exception):
@@ -253,7 +254,7 @@ class DocumentsMiddleware:
         tenant = _tenant(scope, {})
         record = self._known(scope, tenant, doc_id)
         if method == "GET":
-            receipt = await self._probe(scope, record)
+            receipt = await self._probe(scope, record, tier_status=list(record.tokens))
             return await send_json(send, 200, {**_summary(record), **_status(receipt)})
         if method == "DELETE":
             async with self.service(scope).lock:
@@ -497,5 +498,5 @@ def _summary(record: DocumentRecord) -> dict[str, Any]:
 
 
 def _status(receipt: dict[str, Any]) -> dict[str, Any]:
-    keys = ("stored_blocks", "total_blocks", "stored_bytes", "pinned")
+    keys = ("stored_blocks", "total_blocks", "stored_bytes", "pinned", "tiers")
     return {k: receipt.get(k) for k in keys}

@@ -61,6 +61,9 @@ class Documents:
         self._docs: dict[DocKey, Document] = {}
         self._pinned: dict[str | None, set[DocKey]] = {}  # tenant -> its pinned documents
         self._pinned_bytes: dict[str | None, int] = {}  # tenant -> bytes of its pinned entries
+        #: entries that became pinned (True) or unpinned (False), for the tiers below the
+        #: store (``scheduler/tiers.py`` takes them each step); None: not recorded
+        self.pin_changes: list[tuple[Entry, bool]] | None = None
         self.num_present = 0  # documents with at least one stored block
 
     def get(self, tenant: str | None, name: str) -> Document | None:
@@ -131,6 +134,7 @@ class Documents:
             tenant = next(iter(entry.docs))[0]
             self._pinned_bytes[tenant] -= entry.nbytes
             entry.pins = 0
+            self._changed(entry, False)
         for key in entry.docs:
             doc = self._docs.get(key)
             if doc is None or doc.entries.pop(entry.key, None) is None:
@@ -190,11 +194,17 @@ class Documents:
             entry.pins -= 1
             if entry.pins == 0:
                 self._pinned_bytes[doc.tenant] -= entry.nbytes
+                self._changed(entry, False)
 
     def _pin_entry(self, entry: Entry, tenant: str | None) -> None:
         entry.pins += 1
         if entry.pins == 1:
             self._pinned_bytes[tenant] = self._pinned_bytes.get(tenant, 0) + entry.nbytes
+            self._changed(entry, True)
+
+    def _changed(self, entry: Entry, pinned: bool) -> None:
+        if self.pin_changes is not None:
+            self.pin_changes.append((entry, pinned))
 
     def _committed(self, tenant: str | None) -> int:
         """Bytes the tenant's pins hold or will hold: its pinned entries, plus the blocks its

@@ -53,6 +53,7 @@ class Entry:
     ranks_confirmed: int = 0
     real_bytes: int = 0
     docs: set[DocKey] = field(default_factory=set)
+    tier_key: bytes | None = None  # its chain key in the tiers, once written or fetched
 
     @property
     def evictable(self) -> bool:

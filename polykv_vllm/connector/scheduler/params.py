@@ -2,9 +2,9 @@
 engine: it is logged and ignored, and the receipt says what was refused).
 
 ``kv_transfer_params = {"polykv": {"doc_id": str, "pin": bool, "pin_token": str, "forget": bool,
-"doc_tokens": int}}``; all keys optional (``docs/CONNECTOR.md``). ``forget`` (sent by the
-document routes' ``DELETE``, :mod:`polykv_vllm.server`) unpins the tenant's document, drops its
-name and evicts its blocks that no other document names.
+"doc_tokens": int, "tier_status": [int]}}``; all keys optional (``docs/CONNECTOR.md``).
+``forget`` (sent by the document routes' ``DELETE``, :mod:`polykv_vllm.server`) unpins the
+tenant's document, drops its name and evicts its blocks that no other document names.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ class DocParams:
     - ``doc_tokens``: the first ``doc_tokens`` prompt tokens are the shared document; only its
       whole blocks are stored, not the agent's own question after it (None: the whole prompt).
       The document routes set it on every by-reference request.
+    - ``tier_status``: the document's token ids (sent by the document routes' ``GET``): the
+      receipt says how many of their full blocks each tier holds (``docs/TIERS.md``).
     """
 
     doc_id: str | None = None
@@ -44,6 +46,7 @@ class DocParams:
     doc_id_refused: str | None = None
     forget: bool = False
     doc_tokens: int | None = None
+    tier_status: tuple[int, ...] | None = field(default=None, repr=False)
 
 
 def parse_doc_params(kv_transfer_params: Mapping[str, Any] | None) -> DocParams:
@@ -98,6 +101,12 @@ def parse_doc_params(kv_transfer_params: Mapping[str, Any] | None) -> DocParams:
             doc_tokens,
         )
         doc_tokens = None
+    status = raw.get("tier_status")
+    if status is not None and (
+        not isinstance(status, list) or not all(type(t) is int for t in status)
+    ):
+        logger.warning("ignoring polykv.tier_status: expected a list of token ids")
+        status = None
     return DocParams(
         doc_id=doc_id,
         pin=pin,
@@ -105,4 +114,5 @@ def parse_doc_params(kv_transfer_params: Mapping[str, Any] | None) -> DocParams:
         doc_id_refused=refused,
         forget=forget,
         doc_tokens=doc_tokens,
+        tier_status=tuple(status) if status is not None else None,
     )

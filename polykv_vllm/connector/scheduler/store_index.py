@@ -106,7 +106,7 @@ class StoreIndex:
             pins = PinPolicy(mode="any", quota_bytes=budget_bytes // 2)
         self.documents = Documents(pins, geometry.block_bytes, budget_bytes)
         self._reqs: dict[str, RequestState] = {}
-        self._lookups: dict[str, tuple[int, int]] = {}
+        self._lookups: dict[str, tuple[int, int, bool]] = {}  # id -> (start, blocks, async)
         self._loads = LoadsInFlight()
         self._planned_loads: list[LoadJob] = []
         self._next_load_id = 0
@@ -183,16 +183,29 @@ class StoreIndex:
             if entry is None or not entry.ready:
                 break
             n += 1
-        if n and self._loads.any_loading(request.block_hashes[start : start + n]):
+        # the block after the hit too: a pending entry an async tier fetch is bringing in
+        if self._loads.any_loading(request.block_hashes[start : min(start + n + 1, limit)]):
             self._lookups.pop(request.request_id, None)
             if request.request_id not in self._deduplicated:
                 self._deduplicated.add(request.request_id)
                 self.counters.loads_deduplicated += 1
             return None
+        from_tier = 0
         if self.tiers is not None and start + n < limit:  # tiers: docs/TIERS.md
-            n += self.tiers.probe(self, request, start + n, limit)
-        self._lookups[request.request_id] = (start, n)
-        return n * bs
+            from_tier = self.tiers.probe(self, request, start + n, limit)
+        # a load reaching into a tier is asynchronous whatever async_loads says: a disk or
+        # network read never stalls the step (docs/TIERS.md)
+        self._lookups[request.request_id] = (
+            start,
+            n + from_tier,
+            self.async_loads or from_tier > 0,
+        )
+        return (n + from_tier) * bs
+
+    def lookup_is_async(self, request_id: str) -> bool:
+        """Whether the load the request's last :meth:`lookup` found is asynchronous."""
+        found = self._lookups.get(request_id)
+        return found is not None and found[2]
 
     def on_alloc(
         self, request: RequestLike, block_ids: Sequence[int], num_external_tokens: int
@@ -213,7 +226,7 @@ class StoreIndex:
             return
         bs = self.geometry.block_size
         assert lookup is not None, "vLLM allocated external tokens without a lookup"
-        start, n_found = lookup
+        start, n_found, load_async = lookup
         n = num_external_tokens // bs
         assert num_external_tokens % bs == 0 and n <= n_found, (num_external_tokens, lookup)
         keys = request.block_hashes[start : start + n]
@@ -227,12 +240,14 @@ class StoreIndex:
         if self.tiers is not None and n_tier:
             entries += self.tiers.prepare_fetch(self, request, start + n - n_tier, n_tier)
         load = LoadInFlight(
-            load_id=self._next_load_id, req_id=rid, entries=entries, async_load=self.async_loads
+            load_id=self._next_load_id, req_id=rid, entries=entries, async_load=load_async
         )
         self._next_load_id += 1
         self._loads.add(load)
         if self.tiers is not None and n_tier:
-            self.tiers.plan_fetch(load.load_id, n - n_tier, request, start + n - n_tier, n_tier, bs)
+            self.tiers.plan_fetch(
+                self, load.load_id, n - n_tier, request, start + n - n_tier, n_tier, bs
+            )
         self._planned_loads.append(
             LoadJob(
                 req_id=rid,
@@ -483,9 +498,11 @@ class StoreIndex:
         doc = self.documents.get(*state.doc) if state.doc is not None else None
         if doc is None:
             doc = self._named_doc(state)
+        ready = 0
         if doc is not None:
             stored, total, pinned = doc.stored_blocks, doc.total_blocks, _pinned(doc)
             stored_bytes = sum(e.real_bytes or e.nbytes for e in doc.entries.values())
+            ready = sum(1 for e in doc.entries.values() if e.ready)
             self.documents.forget_if_empty(doc)
         else:
             keys = state.prompt_keys(self.geometry.block_size)
@@ -500,6 +517,11 @@ class StoreIndex:
             "total_blocks": total,
             "stored_bytes": stored_bytes,
         }
+        tokens = state.params.tier_status
+        if tokens is not None:  # which tiers hold the document's blocks (docs/TIERS.md)
+            receipt["tiers"] = {"memory": ready}
+            if self.tiers is not None:
+                receipt["tiers"].update(self.tiers.held(request, tokens, self.geometry.block_size))
         if state.pin_refused is not None:
             receipt["pin_refused"] = state.pin_refused
         if state.params.doc_id_refused is not None:

@@ -16,6 +16,8 @@ write-through.
 - **Write-through** (:meth:`TierPlanner.fill`): every row a plan stores goes into the same
   plan's ``tier_puts`` with its chain key; each worker writes its part once its store of the
   row is done (entries fetched from a tier are not written back).
+- **Pins** (:meth:`TierPlanner.fill`): an entry a pinned document pins is pinned in the tiers
+  too (``tier_pins``: the disk tier never evicts it), and unpinned with its document.
 """
 
 from __future__ import annotations
@@ -53,13 +55,16 @@ class TierPlanner:
         keys = self._keys.get(rid)
         if keys is None:
             tokens = getattr(request, "prompt_token_ids", None)
-            salt = getattr(request, "cache_salt", None)
-            lora = getattr(request, "lora_request", None)
-            if lora is not None:  # vLLM's hashes include the adapter: so do these
-                salt = f"{salt}|lora:{getattr(lora, 'lora_name', lora)}"
+            salt = _salt(request)
             keys = [] if tokens is None else chain_keys(self.fp, salt, tokens, block_size)
             self._keys[rid] = keys
         return keys
+
+    def held(self, request: RequestLike, tokens: Sequence[int], block_size: int) -> dict[str, int]:
+        """How many of the full blocks of ``tokens`` (in ``request``'s tenant) each tier holds
+        (rank 0's part; one ``stat`` per block on disk, one pipelined ``EXISTS`` in Redis)."""
+        names = [rank_key(k, 0) for k in chain_keys(self.fp, _salt(request), tokens, block_size)]
+        return {t.name: sum(t.contains_many(names)) for t in self.tiers}
 
     def note(self, request: RequestLike, block_size: int) -> None:
         """A request was admitted: remember its blocks' chain keys for the write-through."""
@@ -119,10 +124,21 @@ class TierPlanner:
         return out
 
     def plan_fetch(
-        self, load_id: int, offset: int, request: RequestLike, first: int, n: int, block_size: int
+        self,
+        index: StoreIndex,
+        load_id: int,
+        offset: int,
+        request: RequestLike,
+        first: int,
+        n: int,
+        block_size: int,
     ) -> None:
         keys = tuple(self.keys(request, block_size)[first : first + n])
         self._fetches[load_id] = FetchJob(load_id=load_id, first=offset, keys=keys)
+        for h, key in zip(request.block_hashes[first : first + n], keys, strict=True):
+            entry = index.entries.get(h)
+            if entry is not None:
+                entry.tier_key = key
 
     def on_ready(self, entry: Entry) -> bool:
         """``entry`` was confirmed by every rank: True if it was fetched from a tier (not a
@@ -134,15 +150,22 @@ class TierPlanner:
         return False
 
     def fill(self, index: StoreIndex, plan: StepPlan) -> None:
-        """This step's fetches and write-throughs (the rows it stores) into ``plan``; a fetched
-        row is not marked empty by the plan (the fetch fills it, or empties it if it fails)."""
+        """This step's fetches, write-throughs (the rows it stores) and pin changes of entries
+        the tiers hold into ``plan``; a fetched row is not marked empty by the plan (the fetch
+        fills it, or empties it if it fails)."""
         plan.fetches, self._fetches = self._fetches, {}
         for job in plan.stores:
             for row in job.rows:
                 entry = index.entries.at_row(row)
                 key = self._chain.pop(entry.key, None) if entry is not None else None
-                if key is not None:
+                if entry is not None and key is not None:
                     plan.tier_puts.append((row, key))
+                    entry.tier_key = key
+        # pins of entries the tiers hold (a store's entry was joined, and pinned, just before)
+        changes = index.documents.pin_changes
+        if changes:
+            plan.tier_pins += [(e.tier_key, p) for e, p in changes if e.tier_key is not None]
+            changes.clear()
         loads_rows = {job.load_id: job.rows for job in plan.loads}
         if plan.fetches:
             fetched = {r for lid, f in plan.fetches.items() for r in loads_rows[lid][f.first :]}
@@ -159,3 +182,13 @@ class TierPlanner:
                 self._chain.pop(h, None)
                 if entry is None:
                     self._fetched.discard(h)
+
+
+def _salt(request: RequestLike) -> str | None:
+    """The tenant part of a request's chain keys: its ``cache_salt``, and its LoRA adapter
+    (vLLM's block hashes include the adapter: so do these)."""
+    salt = getattr(request, "cache_salt", None)
+    lora = getattr(request, "lora_request", None)
+    if lora is not None:
+        salt = f"{salt}|lora:{getattr(lora, 'lora_name', lora)}"
+    return salt

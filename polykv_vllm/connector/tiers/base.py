@@ -158,6 +158,16 @@ class Tier(abc.ABC):
         """Bytes this process knows the tier holds (its own index; -1 if it keeps none)."""
         return -1
 
+    def pin(self, key: str, pinned: bool) -> None:
+        """Protect ``key`` from this tier's own eviction (or stop); a tier that never evicts
+        (Redis: its server does, by its ``maxmemory-policy``) ignores it."""
+        return None
+
+    def held(self) -> tuple[int, int] | None:
+        """``(entries, bytes)`` the tier holds as far as this process knows, without waiting
+        for the medium (the metrics' gauges), or None if unknown."""
+        return None
+
     def close(self) -> None:
         return None
 

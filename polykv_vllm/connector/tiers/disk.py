@@ -50,6 +50,7 @@ class DiskTier(Tier):
         self.owned = owned
         self._lock = threading.Lock()
         self._index: OrderedDict[str, int] = OrderedDict()  # key -> bytes, oldest first
+        self._pinned: set[str] = set()  # never evicted (pinned documents' blocks)
         self._bytes = 0
         self._seq = itertools.count()
         if scan:
@@ -58,6 +59,12 @@ class DiskTier(Tier):
     @property
     def nbytes(self) -> int:
         return self._bytes
+
+    def held(self) -> tuple[int, int]:
+        """This process's files (its rank's; files other servers wrote since its start are
+        not counted)."""
+        with self._lock:
+            return len(self._index), self._bytes
 
     def path_of(self, key: str) -> Path:
         return self.root / key[:2] / (key + _SUFFIX)
@@ -124,11 +131,28 @@ class DiskTier(Tier):
         self._bytes += size - (old or 0)
         self._index[key] = size
 
+    def pin(self, key: str, pinned: bool) -> None:
+        """Keep ``key`` out of (or back in) the eviction order: a pinned document's blocks are
+        pinned here too (docs/TIERS.md). Held in memory: a restart forgets it until the
+        document is pinned again."""
+        with self._lock:
+            if pinned:
+                self._pinned.add(key)
+            else:
+                self._pinned.discard(key)
+
     def _over_budget(self) -> list[str]:
+        """LRU victims until the budget holds, never a pinned entry (if only pinned entries
+        are left, the tier stays over its budget)."""
+        if self._bytes <= self.budget_bytes:
+            return []
         victims = []
-        while self._bytes > self.budget_bytes and self._index:
-            key, size = self._index.popitem(last=False)
-            self._bytes -= size
+        for key in list(self._index):
+            if self._bytes <= self.budget_bytes:
+                break
+            if key in self._pinned:
+                continue
+            self._bytes -= self._index.pop(key)
             victims.append(key)
         return victims
 

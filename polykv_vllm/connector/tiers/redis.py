@@ -11,6 +11,7 @@ costs one timeout per interval, not one per step); the client reconnects on the 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +21,7 @@ from polykv_vllm.connector.tiers.base import Tier
 __all__ = ["RedisTier"]
 
 _PREFIX = "polykv:v1:"
+_HELD_SECONDS = 10.0
 
 
 class RedisTier(Tier):
@@ -38,6 +40,32 @@ class RedisTier(Tier):
         )
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self._down_until = 0.0
+        self._held: tuple[int, int] | None = None
+        self._held_at = -float("inf")
+        self._held_lock = threading.Lock()
+        self._asking = False
+
+    def held(self) -> tuple[int, int] | None:
+        """``(keys in the DB, used_memory of the server)`` as last asked (at most every
+        ``_HELD_SECONDS``, on a short-lived thread: the caller never waits for the network).
+        The whole DB and server: give polykv a DB (or server) of its own."""
+        now = time.monotonic()
+        with self._held_lock:
+            if self._asking or now - self._held_at < _HELD_SECONDS or not self._up():
+                return self._held
+            self._asking, self._held_at = True, now
+        threading.Thread(target=self._ask_held, name="polykv-remote-gauges", daemon=True).start()
+        return self._held
+
+    def _ask_held(self) -> None:
+        try:
+            entries = int(self._client.dbsize())
+            used = int(self._client.info("memory")["used_memory"])
+            self._held = (entries, used)
+        except self._errors as e:
+            self._failed("DBSIZE / INFO", e)
+        finally:
+            self._asking = False
 
     def _up(self) -> bool:
         return time.monotonic() >= self._down_until

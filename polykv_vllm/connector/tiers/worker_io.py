@@ -3,7 +3,8 @@
 :meth:`TierIO.put_rows` copies confirmed rows out of the slab (the one part on the step's
 path: one copy per row into host bytes), wraps them in the entry header and hands them to each
 tier's :class:`~.base.AsyncWriter` (a full queue drops the write and counts it).
-:meth:`TierIO.fetch` reads a load's tier blocks into their rows before the load runs: tiers are
+:meth:`TierIO.read_rows` reads a load's tier blocks into their rows before the load runs (on the
+worker's fetch thread for an asynchronous load, :meth:`TierIO.fetch` in the step): tiers are
 asked top first, an entry failing a check (size, fingerprint, key, checksum) is a miss,
 deleted from its tier and counted, and a hit below the top tier is promoted to the tiers
 above. The first block no tier gives ends the fetch: it and every later block of the fetch are
@@ -28,6 +29,7 @@ from polykv_vllm.connector.tiers.base import (
     rank_key,
     unpack_entry,
 )
+from polykv_vllm.connector.transfers import Fetched
 
 __all__ = ["TierIO", "read_row", "write_row"]
 
@@ -98,30 +100,44 @@ class TierIO:
                 writer.submit(name, blob)
 
     def fetch(self, store: BlockSlab, job: LoadJob, fetch: FetchJob, report: WorkerReport) -> int:
-        """Read ``job.rows[fetch.first:]`` from the tiers; returns the blocks fetched."""
+        """Read ``job.rows[fetch.first:]`` from the tiers (synchronously); returns the blocks
+        fetched."""
+        got = self.read_rows(store, job, fetch, write=True)
+        store.mark_filled(got.rows)
+        for row in got.rows:
+            report.stored[row] = [store.row_bytes, 1]
+        store.mark_empty(got.missing)
+        report.failed_rows.update(got.missing)
+        return len(got.rows)
+
+    def read_rows(self, store: BlockSlab, job: LoadJob, fetch: FetchJob, write: bool) -> Fetched:
+        """Read the fetch's blocks in order until the first no tier gives; each into its row
+        when ``write``, else into ``payloads``. Marks nothing: safe on a thread other than the
+        step's when ``write`` goes to a host slab (nothing else touches rows being fetched:
+        their entries are pending and referenced)."""
         rows = job.rows[fetch.first :]
         assert len(rows) == len(fetch.keys)
+        got = Fetched(rows=(), missing=(), first=fetch.first)
         done = 0
         for row, key in zip(rows, fetch.keys, strict=True):
             payload = self._read(key, store.row_bytes)
             if payload is None:
                 break
-            write_row(store, row, payload)
-            store.mark_filled([row])
-            report.stored[row] = [store.row_bytes, 1]
+            if write:
+                write_row(store, row, payload)
+            else:
+                got.payloads.append(payload)
             done += 1
-        if done < len(rows):
-            bad = rows[done:]
+        got.rows, got.missing = rows[:done], rows[done:]
+        if got.missing:
             logger.warning(
                 "polykv: request %s: block %d of its tier fetch is in no tier; recomputing %d "
                 "blocks",
                 job.req_id,
                 fetch.first + done,
-                len(rows) - done,
+                len(got.missing),
             )
-            store.mark_empty(bad)
-            report.failed_rows.update(bad)
-        return done
+        return got
 
     def _read(self, key: bytes, payload_bytes: int) -> memoryview | None:
         name = rank_key(key, self.rank)
@@ -150,6 +166,27 @@ class TierIO:
             writer.close()
         for tier in self.tiers:
             tier.close()
+
+    def pin(self, pins: Sequence[tuple[bytes, bool]]) -> None:
+        """Pin (or unpin) blocks of pinned documents in the tiers (this rank's entries)."""
+        for key, pinned in pins:
+            name = rank_key(key, self.rank)
+            for tier in self.tiers:
+                tier.pin(name, pinned)
+
+    def gauges(self, world_size: int) -> dict[str, int]:
+        """``{"<tier>_stored_entries": n, "<tier>_stored_bytes": n}`` (docs/TIERS.md): entries
+        are blocks (this rank's files), bytes of all ranks (each rank's entry of a block has
+        the same size: this rank's bytes times ``world_size``); Redis says its DB's keys and
+        its server's memory."""
+        out: dict[str, int] = {}
+        for tier in self.tiers:
+            held = tier.held()
+            if held is not None:
+                local = tier.name != "remote"
+                out[f"{tier.name}_stored_entries"] = held[0]
+                out[f"{tier.name}_stored_bytes"] = held[1] * (world_size if local else 1)
+        return out
 
     def take_stats(self) -> dict[str, int]:
         """``{"<tier>_<counter>": n}`` of the nonzero counters since the last call."""
