@@ -207,6 +207,31 @@ def test_progress_falls_back_to_log_lines(monkeypatch, caplog):
     assert lines and lines[-1] == "step 10/10, 2 of 2 agents still decoding"
 
 
+def test_xformers_without_cuda_operators_falls_back(monkeypatch, caplog):
+    """An xformers that imports but cannot run its operator on the device (PyPI's wheel without
+    CUDA operators raises NotImplementedError when called) is a fallback, not a crash."""
+    import importlib.util
+    import sys
+    import types
+
+    from polykv_vllm.hf.hydragen import _xformers_problem
+
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("No operator found: xFormers wasn't build with CUDA support")
+
+    fmha = types.SimpleNamespace(memory_efficient_attention_partial=refuse)
+    ops = types.ModuleType("xformers.ops")
+    ops.fmha = fmha  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers"))
+    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    device = torch.device("meta")  # not CUDA: the probe's own call must fail and be caught
+    assert "xformers cannot run on meta" in str(_xformers_problem(device))
+    with caplog.at_level(logging.INFO, logger="polykv_vllm.hf.hydragen"):
+        assert resolve_backend("auto", torch.device("cuda")) == "torch"
+    assert len(caplog.records) == 1 and "xformers cannot run on cuda" in caplog.text
+
+
 def test_broken_xformers_falls_back_with_one_line(monkeypatch, caplog):
     """An xformers wheel that does not import (built for another torch) is a fallback too."""
     import importlib.util

@@ -184,7 +184,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 "use backend='torch' or 'auto'."
             )
         return "torch"
-    problem = _xformers_problem()
+    problem = _xformers_problem(device)
     if problem is not None:
         logger.info(
             "%s: shared-prefix attention uses the torch backend "
@@ -195,8 +195,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "xformers"
 
 
-def _xformers_problem() -> str | None:
-    """Why xformers cannot serve the prefix attention here, or None when it can."""
+def _xformers_problem(device: torch.device | None = None) -> str | None:
+    """Why xformers cannot serve the prefix attention (on ``device``, when given), or None when
+    it can. With a device, a tiny call checks it once per device: a wheel built without CUDA
+    operators (PyPI's 0.0.35 on the H200 host) imports fine and fails only when called."""
     if importlib.util.find_spec("xformers") is None:
         return "xformers is not installed"
     try:
@@ -205,6 +207,29 @@ def _xformers_problem() -> str | None:
         return f"xformers failed to import ({type(exc).__name__}: {exc})"
     if not hasattr(fmha, "memory_efficient_attention_partial"):
         return "xformers has no fmha.memory_efficient_attention_partial (too old)"
+    return None if device is None else _xformers_runs(fmha, device)
+
+
+_RUNS: dict[tuple[int, str], str | None] = {}  # (id of the fmha module, device): the probe's answer
+
+
+def _xformers_runs(fmha: object, device: torch.device) -> str | None:
+    """None if ``fmha.memory_efficient_attention_partial`` runs on ``device``, else why not
+    (probed once per module and device)."""
+    key = (id(fmha), str(device))
+    if key not in _RUNS:
+        _RUNS[key] = _probe(fmha, device)
+    return _RUNS[key]
+
+
+def _probe(fmha: object, device: torch.device) -> str | None:
+    try:
+        q = torch.zeros(1, 2, 1, 64, device=device, dtype=torch.bfloat16)
+        fmha.memory_efficient_attention_partial(q, q, q, scale=0.125)  # type: ignore[attr-defined]
+    except Exception as exc:  # NotImplementedError: "xFormers wasn't build with CUDA support"
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else ""
+        return f"xformers cannot run on {device} ({type(exc).__name__}: {first:.200})"
     return None
 
 
