@@ -101,8 +101,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         from polykv_vllm.calibrate.command import main as calibrate_main
 
         raise SystemExit(calibrate_main(sys.argv[2:]))
-    if sys.argv[1:2] == ["warm"]:  # polykv's own: fill the persistent tiers (apps/warm.py)
-        from polykv_vllm.apps.warm import main as warm
+    if sys.argv[1:2] == ["warm"]:  # polykv's own: fill the persistent tiers (polykv_vllm/warm.py)
+        from polykv_vllm.warm import main as warm
 
         warm(sys.argv[2:])
         return

