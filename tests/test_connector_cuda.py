@@ -204,6 +204,34 @@ def test_tier_rows_round_trip_on_cuda_slabs(placement: str, tmp_path: Path) -> N
     io.close()
 
 
+def _pinned_store_worker(
+    seed: int, cache_blocks: int, rows: int, **worker_attrs: int
+) -> tuple[Any, Any, list[torch.Tensor], Any]:
+    """A worker alone with a CUDA paged cache (3 layers, 2 heads, head dim 64, bf16 random) and
+    a pinned host slab of ``rows`` rows, its class attributes overridden by ``worker_attrs``
+    (e.g. ``STAGING_TOKENS``); returns ``(worker, io, caches, slab)``."""
+    from polykv_vllm.connector.paged_io import FlashPagedIO
+    from polykv_vllm.connector.slab import BlockSlab
+    from polykv_vllm.connector.worker import PolyKVWorker
+    from polykv_vllm.core import KVCodec
+
+    layers, heads, dim, bs = 3, 2, 64, 16
+    codec = KVCodec("polykv", num_layers=layers, head_dim=dim)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    caches = [
+        torch.randn(cache_blocks, heads, bs, 2 * dim, device="cuda", generator=g).to(torch.bfloat16)
+        for _ in range(layers)
+    ]
+    io = FlashPagedIO(codec, caches, list(range(layers)), dim, bs)
+    slab = BlockSlab(codec, list(range(layers)), rows, bs, heads, dim, torch.device("cpu"), True)
+    worker = PolyKVWorker(block_size=bs, staging_slots=worker_attrs.pop("staging_slots", 4))
+    for name, value in worker_attrs.items():
+        assert hasattr(worker, name), name
+        setattr(worker, name, value)
+    worker.bind(io, slab)
+    return worker, io, caches, slab
+
+
 def test_staged_store_lands_in_pinned_memory_and_is_confirmed_after_its_copy() -> None:
     """The CPU tier's store path without vLLM: compressed into a GPU staging slot on the
     current stream, copied to the pinned slab on a side stream, confirmed once copied. The
@@ -212,24 +240,12 @@ def test_staged_store_lands_in_pinned_memory_and_is_confirmed_after_its_copy() -
     (two requests) go in two pieces, so the second piece waits for the first (a counted stall)
     and reuses its slot."""
     from polykv_vllm.connector.metadata import BlockJob, StepPlan
-    from polykv_vllm.connector.paged_io import FlashPagedIO
-    from polykv_vllm.connector.slab import BlockSlab
-    from polykv_vllm.connector.worker import PolyKVWorker
-    from polykv_vllm.core import KVCodec
 
-    layers, heads, dim, bs = 3, 2, 64, 16
-    codec = KVCodec("polykv", num_layers=layers, head_dim=dim)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    caches = [
-        torch.randn(10, heads, bs, 2 * dim, device="cuda", generator=g).to(torch.bfloat16)
-        for _ in range(layers)
-    ]
-    io = FlashPagedIO(codec, caches, list(range(layers)), dim, bs)
-    slab = BlockSlab(codec, list(range(layers)), 8, bs, heads, dim, torch.device("cpu"), True)
-    worker = PolyKVWorker(block_size=bs, staging_slots=1)
-    worker.STAGING_TOKENS = 2 * bs
-    worker.DIRECT_STORE_TOKENS = 0  # the staging slots, not the direct path below
-    worker.bind(io, slab)
+    bs = 16
+    # one slot of two blocks; the staging slots, not the direct path below
+    worker, io, caches, slab = _pinned_store_worker(
+        0, 10, 8, staging_slots=1, STAGING_TOKENS=2 * bs, DIRECT_STORE_TOKENS=0
+    )
     want = [p.to("cpu") for p in io.store([1, 2, 7])]
     torch.cuda.synchronize()
     worker.save(StepPlan(stores=[BlockJob("a", (5, 6), (1, 2)), BlockJob("b", (0,), (7,))]))
@@ -254,25 +270,12 @@ def test_small_staged_store_is_encoded_straight_into_pinned_rows() -> None:
     rows are confirmed once that stream passed, and hold the blocks' compression. A larger piece
     in the same step still goes through a slot."""
     from polykv_vllm.connector.metadata import BlockJob, StepPlan
-    from polykv_vllm.connector.paged_io import FlashPagedIO
-    from polykv_vllm.connector.slab import BlockSlab
-    from polykv_vllm.connector.worker import PolyKVWorker
-    from polykv_vllm.core import KVCodec
 
-    layers, heads, dim, bs = 3, 2, 64, 16
-    codec = KVCodec("polykv", num_layers=layers, head_dim=dim)
-    g = torch.Generator(device="cuda").manual_seed(1)
-    caches = [
-        torch.randn(12, heads, bs, 2 * dim, device="cuda", generator=g).to(torch.bfloat16)
-        for _ in range(layers)
-    ]
-    io = FlashPagedIO(codec, caches, list(range(layers)), dim, bs)
-    slab = BlockSlab(codec, list(range(layers)), 10, bs, heads, dim, torch.device("cpu"), True)
+    bs = 16
+    worker, io, caches, slab = _pinned_store_worker(
+        1, 12, 10, DIRECT_STORE_TOKENS=3 * bs, STAGING_TOKENS=3 * bs
+    )
     assert slab.is_pinned
-    worker = PolyKVWorker(block_size=bs)
-    worker.DIRECT_STORE_TOKENS = 3 * bs
-    worker.STAGING_TOKENS = 3 * bs
-    worker.bind(io, slab)
     want = [p.to("cpu") for p in io.store([1, 2, 7, 3, 4, 5, 8])]
     torch.cuda.synchronize()
     # the rows in store order, in pieces of at most 3 blocks: 5,6,0 / 1,2,3 / 4, all direct
