@@ -113,21 +113,21 @@ def engine_kwargs(
     equal_gpu_memory: bool = False,
 ) -> dict[str, Any]:
     """``LLM(...)`` keyword arguments of configuration ``name`` (a key of :data:`CONFIGS`, a
-    polykv one optionally with ``:lite`` for the polykv-lite preset, or ``:sync`` / ``:async``
-    for ``async_load`` off / on).
+    polykv one optionally with ``:lite`` for the polykv-lite preset, ``:sync`` / ``:async``
+    for ``async_load`` off / on, or ``:tinylfu`` for ``eviction="tinylfu"``).
 
     ``kv_gib``: GPU KV cache (``kv_cache_memory_bytes``); ``cpu_gib``: host memory of native
     offloading and of the polykv CPU store; ``store_gib``: the polykv GPU store, taken out of
     the KV cache when ``equal_gpu_memory``.
     """
     base, _, variant = name.partition(":")
-    variants = ("lite", "sync", "async")
+    variants = ("lite", "sync", "async", "tinylfu")
     if base not in CONFIGS or (
         variant and (variant not in variants or not base.startswith("polykv"))
     ):
         raise SystemExit(
             f"unknown config {name!r}: choose from {', '.join(CONFIGS)} "
-            "(polykv ones also with ':lite', ':sync' or ':async')"
+            "(polykv ones also with ':lite', ':sync', ':async' or ':tinylfu')"
         )
     dtype, tier = CONFIGS[base]
     kv = int(kv_gib * GIB)
@@ -148,6 +148,7 @@ def engine_kwargs(
             store_bytes=int(store * GIB),
             preset="polykv-lite" if variant == "lite" else preset,
             async_load={"sync": "off", "async": "on"}.get(variant, "auto"),
+            eviction="tinylfu" if variant == "tinylfu" else "lru",
         )
     kw["kv_cache_memory_bytes"] = kv
     return kw

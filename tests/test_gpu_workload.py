@@ -238,6 +238,22 @@ def test_parse_args_smoke_defaults_and_errors(capsys: pytest.CaptureFixture[str]
     assert gw.file_stem("polykv-cpu:lite") == "polykv-cpu_lite"
 
 
+def test_engine_kwargs_variants_set_the_polykv_options() -> None:
+    from gpu_serve import engine_kwargs
+
+    pytest.importorskip("vllm")
+    mem = {"kv_gib": 4.0, "cpu_gib": 2.0, "store_gib": 1.0}
+    extra = engine_kwargs("polykv-cpu-fp8:tinylfu", **mem)["kv_transfer_config"]
+    extra = extra.kv_connector_extra_config
+    assert extra["eviction"] == "tinylfu" and extra["async_load"] == "auto"
+    assert extra["store_bytes"] == 2 * 2**30 and extra["placement"] == "cpu"
+    sync = engine_kwargs("polykv-cpu:sync", **mem)["kv_transfer_config"]
+    assert sync.kv_connector_extra_config["eviction"] == "lru"
+    assert sync.kv_connector_extra_config["async_load"] == "off"
+    with pytest.raises(SystemExit, match="tinylfu"):
+        engine_kwargs("fp8:tinylfu", **mem)
+
+
 def _result(config: str, req_s: float, **extra: Any) -> dict[str, Any]:
     return {
         "format": "gpu_workload",
