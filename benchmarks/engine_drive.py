@@ -30,10 +30,13 @@ def drive(
     clock: Callable[[], float] = time.perf_counter,
     sleep: Callable[[float], None] = time.sleep,
     prefix: str = "",
+    steps: list[tuple[float, float, int]] | None = None,
 ) -> tuple[list[Record], float]:
     """Submit ``requests`` to ``engine`` (``add_request(id, prompt, params)``, ``step()``,
     ``has_unfinished_requests()``) at their arrivals, step until all finished; the records and
-    the start time. ``params`` must ask for DELTA outputs (new tokens per step)."""
+    the start time. ``params`` must ask for DELTA outputs (new tokens per step). ``steps``, if
+    given, gets one ``(start since the run's start, seconds, tokens returned)`` per
+    ``step()`` (see :func:`step_summary`)."""
     records: dict[str, Record] = {}
     pending = deque(requests)
     start = clock()
@@ -55,7 +58,12 @@ def drive(
             if pending and (at := pending[0].arrival_s) is not None:
                 sleep(max(0.0, start + at - clock()))
             continue
-        for out in engine.step():
+        t_step = clock()
+        outs = engine.step()
+        if steps is not None:
+            n_out = sum(len(o.token_ids) for out in outs for o in out.outputs)
+            steps.append((t_step - start, clock() - t_step, n_out))
+        for out in outs:
             rec = records[out.request_id]
             t = clock()
             n = sum(len(o.token_ids) for o in out.outputs)
@@ -69,6 +77,21 @@ def drive(
                 params_out = (getattr(out, "kv_transfer_params", None) or {}).get("polykv", {})
                 rec.tokens_from_store = int(params_out.get("tokens_from_store", 0))
     return [records[k] for k in sorted(records, key=lambda k: records[k].index)], start
+
+
+def step_summary(steps: Sequence[tuple[float, float, int]], wall_s: float) -> dict[str, Any]:
+    """Where the run's wall time went, from :func:`drive`'s ``steps``: how many ``step()``
+    calls, the seconds inside them, the steps (and their seconds) that returned no token (a
+    step that only prefilled, or only waited for loads), and the time outside any step."""
+    inside = sum(dt for _, dt, _ in steps)
+    empty = [dt for _, dt, n in steps if n == 0]
+    return {
+        "steps": len(steps),
+        "step_s": inside,
+        "steps_without_tokens": len(empty),
+        "steps_without_tokens_s": sum(empty),
+        "outside_steps_s": max(0.0, wall_s - inside),
+    }
 
 
 def metric_values(metrics: Iterable[Any]) -> dict[str, float]:

@@ -22,6 +22,8 @@ version has it. Prompt tokens per tier are the deltas of vLLM's
 ``vllm:prompt_tokens_by_source`` counters (``llm.get_metrics()``, ``disable_log_stats=False``)
 over the measured run: ``local_cache_hit``, ``external_kv_transfer`` (offloading or polykv),
 ``local_compute``; for polykv also the worker's own counters and ``vllm:polykv_*``.
+``step_timeline``: the number of ``step()`` calls, the seconds inside them, the steps that
+returned no token and their seconds, and the wall time outside any step.
 
 Outputs in ``--out``: ``workload.json`` (parameters, request sequence, document bytes), one
 ``<config>.json`` per configuration as soon as it finished (an ``error`` with the log tail if it
@@ -51,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_drive import drive, metric_values, tiers  # noqa: E402
+from engine_drive import drive, metric_values, step_summary, tiers  # noqa: E402
 from gpu_serve import CONFIGS, GIB, LLAMA3_8B, engine_kwargs  # noqa: E402
 from workload_gen import (  # noqa: E402
     Request,
@@ -204,7 +206,8 @@ def run_config(name: str, a: argparse.Namespace, model_dir: str) -> dict[str, An
 
     before = metric_values(llm.get_metrics())
     worker_before = _worker_counters()
-    records, started = drive(engine, w.requests, prompt, params)
+    steps: list[tuple[float, float, int]] = []
+    records, started = drive(engine, w.requests, prompt, params, steps=steps)
     after = metric_values(llm.get_metrics())
     worker_after = _worker_counters()
     deltas = {k: v - before.get(k, 0.0) for k, v in after.items()}
@@ -228,7 +231,8 @@ def run_config(name: str, a: argparse.Namespace, model_dir: str) -> dict[str, An
         },
         "engine_start_s": start_s,
         "warmup_s": warmup_s,
-        **summarize(records, started),
+        **(summary := summarize(records, started)),
+        "step_timeline": step_summary(steps, summary["wall_s"]),
         **tiers(deltas),
         "metric_deltas": {k: v for k, v in deltas.items() if v},
         "args": {k: v for k, v in vars(a).items() if k != "child"},

@@ -47,7 +47,12 @@ def main() -> None:
             torch.cuda.synchronize()
         start = time.perf_counter()
         pool.generate_ids(
-            qs, model, tok, max_new_tokens=new, eos_token_id=None, backend=args.backend,
+            qs,
+            model,
+            tok,
+            max_new_tokens=new,
+            eos_token_id=None,
+            backend=args.backend,
             progress=False,
         )
         if args.device.startswith("cuda"):

@@ -180,6 +180,22 @@ def test_drive_releases_closed_loop_waves_when_the_previous_finished() -> None:
     assert s["num_cached_tokens"] == 16 and s["tokens_from_store"] == 8
 
 
+def test_drive_records_every_step_and_the_summary_adds_up() -> None:
+    clock = FakeClock()
+    engine = FakeEngine(clock, tokens=3)
+    w = wg.make_workload(docs=3, waves=2, wave_size=2)
+    steps: list[tuple[float, float, int]] = []
+    records, start = ed.drive(
+        engine, w.requests, lambda r: r, None, clock, clock.sleep, steps=steps
+    )
+    assert len(steps) == 6 and all(n == 2 for _, _, n in steps)
+    assert [t for t, _, _ in steps] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
+    s = ed.step_summary(steps + [(0.6, 0.25, 0)], wall_s=1.0)
+    assert s["steps"] == 7 and s["step_s"] == pytest.approx(0.85)
+    assert s["steps_without_tokens"] == 1 and s["steps_without_tokens_s"] == pytest.approx(0.25)
+    assert s["outside_steps_s"] == pytest.approx(0.15)
+
+
 def test_drive_submits_timed_arrivals_and_counts_queueing() -> None:
     clock = FakeClock()
     engine = FakeEngine(clock, tokens=2)
