@@ -33,6 +33,8 @@ __all__ = [
     "prefix_attention_xformers",
     "resolve_backend",
     "suffix_attention",
+    "suffix_attention_merged",
+    "suffix_bias",
 ]
 
 logger = logging.getLogger(__name__)
@@ -152,6 +154,53 @@ def suffix_attention(
     full_mask = mask.unsqueeze(1).repeat(1, g, 1, 1).reshape(n, 1, g * m, -1)
     out, lse = attend_torch(grouped, k, v, scale, full_mask)
     return out.reshape(n, h, m, d), lse.reshape(n, h, m)
+
+
+def suffix_bias(mask: torch.Tensor, kv_heads: int, groups: int) -> torch.Tensor:
+    """The additive float32 bias of :func:`suffix_attention_merged` for a boolean ``mask``
+    ``[N, M, S]``: ``[N * kv_heads, groups * M, S]``, 0 where a query may read a slot, ``-inf``
+    elsewhere (rows ``j * M + i`` for query head ``kv * groups + j``, query ``i``). It depends on
+    the step, not the layer: the decoder builds it once per forward pass."""
+    n, m, s = mask.shape
+    bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    bias.masked_fill_(~mask, float("-inf"))
+    return bias.unsqueeze(1).expand(n, kv_heads * groups, m, s).reshape(n * kv_heads, -1, s)
+
+
+def suffix_attention_merged(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    out_p: torch.Tensor,
+    lse_p: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`merge` of the prefix result ``(out_p [N, H, M, D], lse_p [N, H, M])`` with
+    :func:`suffix_attention`, in one pass and fewer ops: float32 ``[N, H, M, D]``.
+
+    ``q [N, H, M, D]``, suffix ``k`` / ``v [N, Hkv, S, D]``, ``bias`` from :func:`suffix_bias`.
+    The suffix scores start from the prefix's log-sum-exp as the running maximum (the online
+    softmax step of flash attention): ``top = max(lse_p, max_s score)``, ``out = (exp(lse_p -
+    top) * out_p + exp(score - top) @ v) / (exp(lse_p - top) + sum exp(score - top))``. ``lse_p``
+    is finite (the prefix is never empty), so rows whose suffix is all masked (left padding)
+    get the prefix result, without NaN. Scale and bias are applied by ``baddbmm``.
+    """
+    n, h, m, d = q.shape
+    kv_heads, s = k.shape[1], k.shape[2]
+    g = h // kv_heads
+    rows = g * m
+    q3 = q.reshape(n * kv_heads, rows, d).float()  # heads h = kv * G + j, rows j * M + i
+    k3 = k.reshape(n * kv_heads, s, d).float()
+    v3 = v.reshape(n * kv_heads, s, v.shape[-1]).float()
+    scores = torch.baddbmm(bias, q3, k3.transpose(1, 2), alpha=scale)  # [B, R, S]
+    lse3 = lse_p.reshape(n * kv_heads, rows, 1)
+    top = torch.maximum(scores.amax(dim=-1, keepdim=True), lse3)
+    probs = scores.sub_(top).exp_()
+    w_p = (lse3 - top).exp_()
+    total = probs.sum(dim=-1, keepdim=True).add_(w_p)
+    out = torch.baddbmm(out_p.reshape(n * kv_heads, rows, d) * w_p, probs, v3)
+    return out.div_(total).view(n, h, m, d)
 
 
 def merge(
