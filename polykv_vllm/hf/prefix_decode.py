@@ -13,7 +13,8 @@ all agents. Two backends:
   ``block_ids = [0]``). The buffer is allocated once per decoder and reused by every layer and
   step, and each layer's launch plan is built once (at its first decode), so a step does no
   Python planning. CUDA with Triton (or Triton's CPU interpreter, ``TRITON_INTERPRET=1``, for
-  tests); bf16 / fp16 / fp32 models. ``chunk_tokens`` does not apply: the kernel holds no
+  tests); bf16 / fp16 / fp32 models (``auto``: bf16 / fp16 only, see
+  :data:`AUTO_TRITON_DTYPES`). ``chunk_tokens`` does not apply: the kernel holds no
   temporaries beyond the buffer.
 
 :func:`resolve_decode_backend` picks one; ``SharedPool.memory_summary(n).batched_decode_backend``
@@ -40,6 +41,10 @@ DECODE_BACKENDS = ("auto", "torch", "triton")
 #: Model dtypes the Triton kernel writes (its float cache dtypes).
 TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
+#: Model dtypes ``auto`` decodes with the kernel. Its centroid tables are fp16 (about 2^-12 of a
+#: vector's scale, below half a bf16 / fp16 ulp); a float32 model keeps the float32 codec.
+AUTO_TRITON_DTYPES = (torch.bfloat16, torch.float16)
+
 
 def _interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -49,10 +54,13 @@ def resolve_decode_backend(name: str, device: torch.device, dtype: torch.dtype) 
     """``"torch"`` or ``"triton"`` for ``name`` in :data:`DECODE_BACKENDS`, a model on
     ``device`` in ``dtype``.
 
-    ``auto`` picks Triton on CUDA when it imports and the dtype is one the kernel writes (bf16,
-    fp16, fp32), the torch codec otherwise (one log line on CUDA). ``triton`` raises
-    ``ValueError`` when it cannot run: off CUDA (unless Triton's interpreter is on,
-    ``TRITON_INTERPRET=1``), without the triton package, or for another dtype.
+    ``auto`` picks Triton on CUDA when it imports and the model is bf16 or fp16, the torch codec
+    otherwise (one log line on CUDA, at debug level for a float32 model): a float32 model keeps
+    the float32 codec, the kernel's fp16 centroid tables being coarser than float32
+    (``triton`` runs it anyway). ``triton``
+    raises ``ValueError`` when it cannot run: off CUDA (unless Triton's interpreter is on,
+    ``TRITON_INTERPRET=1``), without the triton package, or for a dtype other than bf16, fp16,
+    fp32.
     """
     if name not in DECODE_BACKENDS:
         raise ValueError(f"decode_backend={name!r} is unknown: use one of {list(DECODE_BACKENDS)}.")
@@ -67,12 +75,15 @@ def resolve_decode_backend(name: str, device: torch.device, dtype: torch.dtype) 
         problem = "triton does not import"
     elif dtype not in TRITON_DTYPES:
         problem = f"the model's dtype {dtype} is not one the kernel writes ({TRITON_DTYPES})"
+    elif name == "auto" and dtype not in AUTO_TRITON_DTYPES:
+        problem = f"the model is {dtype}, auto decodes with the kernel only for bf16 / fp16"
     if problem is None:
         return "triton"
     if name == "triton":
         raise ValueError(f"decode_backend='triton' cannot run: {problem}; use 'torch' or 'auto'.")
     if device.type == "cuda":
-        logger.info("%s: the shared prefix is decoded by the torch codec", problem)
+        log = logger.debug if dtype not in AUTO_TRITON_DTYPES else logger.info
+        log("%s: the shared prefix is decoded by the torch codec", problem)
     return "torch"
 
 
