@@ -80,8 +80,8 @@ def generate_batch_ids(
     ``decode_backend`` is ``auto`` / ``torch`` / ``triton``: how that layer is decoded
     (:func:`~polykv_vllm.hf.prefix_decode.resolve_decode_backend`; ``auto`` is the Triton
     decode kernel for a bf16 / fp16 model on CUDA, two launches per layer into one buffer
-    reused by every layer and step, and the torch codec elsewhere); ``memory_summary(n).batched_decode_backend`` records
-    which one ran.
+    reused by every layer and step, and the torch codec elsewhere);
+    ``memory_summary(n).batched_decode_backend`` records which one ran.
     Raises ``ValueError`` for an empty query list, ``max_new_tokens < 1``, a negative
     temperature, a query that does not fit the context with the document, or another model.
     """
