@@ -145,9 +145,16 @@ def run_sequential(pool: Any, model: Any, tok: Any, qs: list[str], new: int) -> 
 
 
 def run_batched(
-    pool: Any, model: Any, tok: Any, qs: list[str], new: int, method: str
+    pool: Any,
+    model: Any,
+    tok: Any,
+    qs: list[str],
+    new: int,
+    method: str,
+    decode_backend: str = "auto",
 ) -> dict[str, Any]:
-    """``method`` is ``batched-BACKEND`` or ``batched-BACKEND-kept`` (``keep_decoded=True``)."""
+    """``method`` is ``batched-BACKEND`` or ``batched-BACKEND-kept`` (``keep_decoded=True``);
+    ``decode_backend`` how the prefix is decoded (``auto`` / ``torch`` / ``triton``)."""
     parts = method.split("-")
     ids = pool.generate_ids(
         qs,
@@ -158,6 +165,7 @@ def run_batched(
         backend=parts[1],
         progress=False,
         keep_decoded=parts[-1] == "kept",
+        decode_backend=decode_backend,
     )
     summary = pool.memory_summary(len(qs))
     return {
@@ -165,6 +173,7 @@ def run_batched(
         "kv_bytes": pool.nbytes + summary.batched_peak_bytes,
         "document_working_bytes": summary.batched_document_bytes,
         "backend_ran": summary.batched_backend,
+        "decode_ran": summary.batched_decode_backend,
     }
 
 
@@ -216,7 +225,7 @@ def timed(
             assert prefix_cache is not None
             res = run_private(pool, model, tok, qs, args.new_tokens, prefix_cache)
         else:
-            res = run_batched(pool, model, tok, qs, args.new_tokens, method)
+            res = run_batched(pool, model, tok, qs, args.new_tokens, method, args.decode_backend)
     except Exception as exc:  # e.g. out of memory, or a kernel the GPU refuses: keep going
         return {"error": f"{type(exc).__name__}: {exc}"[:500]}
     if cuda:
@@ -266,6 +275,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     ap.add_argument("--backend", nargs="+", default=["torch"], choices=["torch", "xformers"])
+    ap.add_argument(
+        "--decode-backend",
+        choices=["auto", "torch", "triton"],
+        default="auto",
+        help="how batched runs decode the prefix (rows record decode_ran)",
+    )
     ap.add_argument("--preset", default="polykv")
     ap.add_argument("--doc-tokens", type=int, default=2048)
     ap.add_argument("--agents", type=int, nargs="+", default=[1, 4, 16])
@@ -307,7 +322,7 @@ def main() -> None:
             assert prefix_cache is not None
             run_private(pool, model, tok, warm, 2, prefix_cache)
         else:
-            run_batched(pool, model, tok, warm, 2, method)
+            run_batched(pool, model, tok, warm, 2, method, args.decode_backend)
     repeats_at = dict(parse_repeats_at(x) for x in args.repeats_at)
     runs: list[dict[str, Any]] = []
     for repeat in range(args.repeats):
@@ -376,9 +391,10 @@ def summarize(runs: list[dict[str, Any]], methods: list[str], agents: list[int])
                 for key in ("cuda_peak_bytes", "cuda_peak_above_start_bytes"):
                     if all(key in r for r in reps.values()):
                         row[m][key] = max(r[key] for r in reps.values())
-                ran = sorted({r["backend_ran"] for r in reps.values() if "backend_ran" in r})
-                if ran:
-                    row[m]["backend_ran"] = ran
+                for key in ("backend_ran", "decode_ran"):
+                    ran = sorted({r[key] for r in reps.values() if key in r})
+                    if ran:
+                        row[m][key] = ran
         for m in methods:
             if not m.startswith("batched"):
                 continue

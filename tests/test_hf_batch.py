@@ -5,7 +5,12 @@ early stops, memory O(1) in agents for the document, bad input."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -289,3 +294,70 @@ def test_suffix_buffers_are_allocated_once_for_the_whole_run():
     per_slot = 2 * layout.kv_heads * layout.head_dim * 4  # K and V, float32
     suffixes = pool.num_layers * len(QUERIES) * (width + new - 1) * per_slot
     assert summary.batched_peak_bytes == summary.batched_document_bytes + suffixes
+
+
+def test_decode_backend_resolution_and_record():
+    from polykv_vllm.hf.prefix_decode import resolve_decode_backend
+
+    cpu = torch.device("cpu")
+    assert resolve_decode_backend("auto", cpu, torch.float32) == "torch"
+    assert resolve_decode_backend("torch", cpu, torch.float32) == "torch"
+    with pytest.raises(ValueError, match="decode_backend='gpu' is unknown"):
+        resolve_decode_backend("gpu", cpu, torch.float32)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(ValueError, match="runs on CUDA"):
+            resolve_decode_backend("triton", cpu, torch.float32)
+    model, tok, pool = _setup(seed=1)
+    pool.generate_ids(["a"], model, tok, max_new_tokens=2, decode_backend="torch")
+    summary = pool.memory_summary(1)
+    assert summary.batched_decode_backend == "torch"
+    assert "torch decode" in str(summary)
+    with pytest.raises(ValueError, match="decode_backend"):
+        pool.generate_ids(["a"], model, tok, max_new_tokens=2, decode_backend="nope")
+
+
+_INTERPRETED = """
+import sys, torch
+sys.path.insert(0, TESTS)
+from test_hf_support import DOCUMENT, make_model, make_tokenizer
+from polykv_vllm.hf import compress
+from polykv_vllm.hf.cache import MemoryMeter
+from polykv_vllm.hf.prefix_decode import PrefixDecoder
+model, tok = make_model(seed=1, layers=2), make_tokenizer(False)
+pool = compress(model, tok, DOCUMENT)
+cpu = torch.device("cpu")
+dec = PrefixDecoder(pool, "triton", 256, MemoryMeter(), doc := MemoryMeter())
+for layer in range(pool.num_layers):
+    k, v = dec.decode(layer, torch.float32, cpu)
+    wk, wv = pool.decode_layer(layer, 0, pool.num_tokens, torch.float32, cpu)
+    for got, want in ((k, wk), (v, wv)):
+        assert got.shape == want.shape, (got.shape, want.shape)
+        # the kernel's centroid tables are fp16: 2^-10 of the layer's scale
+        assert (got - want).abs().max() <= 2**-10 * want.abs().max(), layer
+buffer = 2 * pool.num_tokens * pool.layout.kv_heads * pool.layout.head_dim * 4
+assert doc.peak_bytes == buffer, (doc.peak_bytes, buffer)  # one buffer for every layer
+qs = ["What does __enter__ do?", "x"]
+kw = dict(max_new_tokens=4, eos_token_id=None)
+a = pool.generate_ids(qs, model, tok, decode_backend="triton", **kw)
+assert pool.memory_summary(2).batched_decode_backend == "triton"
+b = pool.generate_ids(qs, model, tok, decode_backend="torch", **kw)
+c = pool.generate_ids(qs, model, tok, decode_backend="triton", keep_decoded=True, **kw)
+assert a == b == c, (a, b, c)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_triton_decode_backend_under_the_interpreter():
+    """The Triton decode path (single-block buffer, plans per layer) on the CPU under Triton's
+    interpreter (it must be enabled before triton is imported: a child process)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", f"TESTS = {str(Path(__file__).parent)!r}\n" + _INTERPRETED],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

@@ -87,3 +87,30 @@ def test_attend_torch_all_masked_rows_are_empty():
     assert torch.isfinite(lse[..., [0, 2]]).all()
     ref = torch.nn.functional.scaled_dot_product_attention(q[..., [0, 2], :], k, v, scale=0.3)
     torch.testing.assert_close(out[..., [0, 2], :], ref)
+
+
+@pytest.mark.parametrize("n,m,heads,kv_heads,dim,suffix", [
+    (1, 1, 4, 2, 16, 1),
+    (5, 3, 9, 3, 59, 7),
+    (3, 4, 8, 8, 64, 12),
+])  # fmt: skip
+def test_fused_suffix_merge_equals_suffix_attention_then_merge(n, m, heads, kv_heads, dim, suffix):
+    """``suffix_attention_merged`` (what the decoder runs) == ``merge(prefix, suffix_attention)``
+    in float32, rows whose suffix is all masked (left padding) included: they get the prefix."""
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(n, heads, m, dim, generator=gen)
+    k_pre, v_pre = torch.randn(40, kv_heads, dim, generator=gen), torch.randn(40, kv_heads, dim)
+    k_suf = torch.randn(n, kv_heads, suffix, dim, generator=gen)
+    v_suf = torch.randn(n, kv_heads, suffix, dim, generator=gen)
+    mask = torch.rand(n, m, suffix, generator=gen) > 0.4
+    mask[0, 0] = False  # one query that reads no suffix slot
+    scale = dim**-0.5
+    out_p, lse_p = prefix_attention_torch(q, k_pre, v_pre, scale)
+    out_s, lse_s = suffix_attention(q, k_suf, v_suf, mask, scale)
+    want = merge(out_p, lse_p, out_s, lse_s)
+    bias = hydragen.suffix_bias(mask, kv_heads, heads // kv_heads)
+    got = hydragen.suffix_attention_merged(q, k_suf, v_suf, bias, scale, out_p, lse_p)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[0, :, 0], out_p[0, :, 0], rtol=0, atol=0)

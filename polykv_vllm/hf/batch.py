@@ -28,8 +28,14 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from polykv_vllm.hf.cache import DEFAULT_CHUNK_TOKENS, MemoryMeter
-from polykv_vllm.hf.hydragen import PrefixAttention, merge, prefix_backend, suffix_attention
+from polykv_vllm.hf.hydragen import (
+    PrefixAttention,
+    prefix_backend,
+    suffix_attention_merged,
+    suffix_bias,
+)
 from polykv_vllm.hf.pool import SharedPool
+from polykv_vllm.hf.prefix_decode import PrefixDecoder
 
 __all__ = ["ATTENTION_NAME", "BatchedDecoder"]
 
@@ -41,12 +47,11 @@ ATTENTION_NAME = "polykv_hydragen"
 class _StepState:
     """What the attention function needs during one forward pass (set by the decoder)."""
 
-    pool: SharedPool
+    decoder: PrefixDecoder
     prefix_fn: PrefixAttention
     mask: torch.Tensor  # bool [N, M, S]: query i of agent n may read suffix slot s
-    total: MemoryMeter
-    document: MemoryMeter
-    chunk_tokens: int
+    # float32 [N * Hkv, G * M, S] from the mask (suffix_bias), built by the first layer
+    bias: torch.Tensor | None = None
     # keep_decoded=True: every decoded layer, kept for the decoder's lifetime (else None).
     kept: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -54,34 +59,11 @@ class _StepState:
         self, layer: int, dtype: torch.dtype, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``layer`` of the pool as ``[P, kv_heads, head_dim]`` keys and values."""
-        if self.kept is not None and layer in self.kept:
-            return self.kept[layer]
-        keys, values = self._decode(layer, dtype, device)
-        if self.kept is not None:
-            self.kept[layer] = (keys, values)
-        return keys, values
-
-    def _decode(
-        self, layer: int, dtype: torch.dtype, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        p, layout = self.pool.num_tokens, self.pool.layout
-        if p <= self.chunk_tokens:  # one codec call, its output is the buffer (no copy)
-            k, v = self.pool.decode_layer(layer, 0, p, dtype, device)
-            return self._track(k.contiguous()), self._track(v.contiguous())
-        shape = (p, layout.kv_heads, layout.head_dim)
-        keys = self._track(torch.empty(shape, dtype=dtype, device=device))
-        values = self._track(torch.empty(shape, dtype=dtype, device=device))
-        for start in range(0, p, self.chunk_tokens):
-            end = min(start + self.chunk_tokens, p)
-            k, v = self.pool.decode_layer(layer, start, end, dtype, device)
-            keys[start:end].copy_(self._track(k))
-            values[start:end].copy_(self._track(v))
-            del k, v
-        return keys, values
-
-    def _track(self, t: torch.Tensor) -> torch.Tensor:
-        self.document.track(t)
-        return self.total.track(t)
+        if self.kept is None:
+            return self.decoder.decode(layer, dtype, device)
+        if layer not in self.kept:
+            self.kept[layer] = self.decoder.decode(layer, dtype, device, keep=True)
+        return self.kept[layer]
 
 
 _ACTIVE: contextvars.ContextVar[_StepState | None] = contextvars.ContextVar(
@@ -113,9 +95,12 @@ def _hydragen_attention(
     k_pre, v_pre = state.decode_prefix(layer, query.dtype, query.device)
     out_p, lse_p = state.prefix_fn(query, k_pre, v_pre, scale)
     del k_pre, v_pre  # the shared working buffer lives for one layer only
-    out_s, lse_s = suffix_attention(query, key, value, state.mask, scale)
-    out = merge(out_p, lse_p, out_s, lse_s).to(query.dtype)
-    return out.transpose(1, 2).contiguous(), None
+    if state.bias is None:  # once per forward pass, shared by every layer
+        kv_heads = key.shape[1]
+        state.bias = suffix_bias(state.mask, kv_heads, query.shape[1] // kv_heads)
+    out = suffix_attention_merged(query, key, value, state.bias, scale, out_p, lse_p)
+    # [N, H, M, D] -> [N, M, H, D] in the query's dtype, one copy (none for fp32 and M = 1)
+    return out.transpose(1, 2).to(query.dtype, memory_format=torch.contiguous_format), None
 
 
 AttentionInterface.register(ATTENTION_NAME, _hydragen_attention)
@@ -226,6 +211,7 @@ class BatchedDecoder:
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         keep_decoded: bool = False,
         new_tokens: int = 0,
+        decode_backend: str = "torch",
     ) -> None:
         self.pool = pool
         self._new_tokens = new_tokens
@@ -234,7 +220,10 @@ class BatchedDecoder:
         self.total_meter = MemoryMeter()
         self.document_meter = MemoryMeter()
         self._prefix_fn = prefix_backend(backend)
-        self._chunk_tokens = chunk_tokens
+        self.decode_backend = decode_backend
+        self._prefix = PrefixDecoder(
+            pool, decode_backend, chunk_tokens, self.total_meter, self.document_meter
+        )
         self._kept: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = (
             {} if keep_decoded else None
         )
@@ -309,12 +298,9 @@ class BatchedDecoder:
         causal = key_slots.unsqueeze(0) <= query_slots.unsqueeze(1)  # [M, S]
         mask = causal.unsqueeze(0) & self._valid.unsqueeze(1)  # [N, M, S]
         state = _StepState(
-            pool=self.pool,
+            decoder=self._prefix,
             prefix_fn=self._prefix_fn,
             mask=mask,
-            total=self.total_meter,
-            document=self.document_meter,
-            chunk_tokens=self._chunk_tokens,
             kept=self._kept,
         )
         kwargs: dict[str, Any] = {"logits_to_keep": 1} if self._keep_arg else {}

@@ -22,6 +22,7 @@ from polykv_vllm.hf.batch import BatchedDecoder
 from polykv_vllm.hf.cache import DEFAULT_CHUNK_TOKENS
 from polykv_vllm.hf.hydragen import resolve_backend
 from polykv_vllm.hf.pool import SharedPool
+from polykv_vllm.hf.prefix_decode import resolve_decode_backend
 
 __all__ = ["CUDA_CHUNK_TOKENS", "DEFAULT_EOS", "generate_batch", "generate_batch_ids"]
 
@@ -60,6 +61,7 @@ def generate_batch_ids(
     chunk_tokens: int | None = None,
     progress: bool | None = None,
     keep_decoded: bool = False,
+    decode_backend: str = "auto",
 ) -> list[list[int]]:
     """Decode all ``queries`` together over ``pool``; the new token ids of each, in order.
 
@@ -75,6 +77,11 @@ def generate_batch_ids(
     (faster when the codec's decode dominates, e.g. few agents on CPU; the document then costs
     every layer decoded, see :class:`~polykv_vllm.hf.batch.BatchedDecoder`); the default decodes
     one layer at a time at every step, the working buffer being one decoded layer.
+    ``decode_backend`` is ``auto`` / ``torch`` / ``triton``: how that layer is decoded
+    (:func:`~polykv_vllm.hf.prefix_decode.resolve_decode_backend`; ``auto`` is the Triton
+    decode kernel for a bf16 / fp16 model on CUDA, two launches per layer into one buffer
+    reused by every layer and step, and the torch codec elsewhere);
+    ``memory_summary(n).batched_decode_backend`` records which one ran.
     Raises ``ValueError`` for an empty query list, ``max_new_tokens < 1``, a negative
     temperature, a query that does not fit the context with the document, or another model.
     """
@@ -109,13 +116,20 @@ def generate_batch_ids(
         )
     stops = _stop_ids(model, tokenizer, eos_token_id)
     name = resolve_backend(backend, pool.layout.device)
+    decode_name = resolve_decode_backend(decode_backend, pool.layout.device, _dtype(model))
     generator = torch.Generator(device=pool.layout.device).manual_seed(seed)
     outputs: list[list[int]] = [[] for _ in queries]
     live = list(range(len(queries)))  # query index of each row of the live batch
     show = max_new_tokens >= PROGRESS_MIN_TOKENS if progress is None else progress
     with (
         BatchedDecoder(
-            pool, model, name, chunk_tokens, keep_decoded, new_tokens=max_new_tokens - 1
+            pool,
+            model,
+            name,
+            chunk_tokens,
+            keep_decoded,
+            new_tokens=max_new_tokens - 1,
+            decode_backend=decode_name,
         ) as decoder,
         _progress(max_new_tokens, len(queries), show) as tick,
     ):
@@ -137,17 +151,30 @@ def generate_batch_ids(
                 live = [live[r] for r in keep]
             logits = decoder.step(tokens)
     pool.record_batched_peak(
-        len(queries), decoder.total_meter.peak_bytes, decoder.document_meter.peak_bytes, name
+        len(queries),
+        decoder.total_meter.peak_bytes,
+        decoder.document_meter.peak_bytes,
+        name,
+        decode_name,
     )
     logger.debug(
-        "%s agents, backend %s: %s new tokens, peak %s bytes (document %s)",
+        "%s agents, backend %s, decode %s: %s new tokens, peak %s bytes (document %s)",
         len(queries),
         name,
+        decode_name,
         sum(len(o) for o in outputs),
         decoder.total_meter.peak_bytes,
         decoder.document_meter.peak_bytes,
     )
     return outputs
+
+
+def _dtype(model: Any) -> torch.dtype:
+    """The dtype the model computes attention in (its parameters')."""
+    dtype = getattr(model, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return next(model.parameters()).dtype
 
 
 def _check_int(value: object, name: str) -> None:

@@ -33,6 +33,8 @@ __all__ = [
     "prefix_attention_xformers",
     "resolve_backend",
     "suffix_attention",
+    "suffix_attention_merged",
+    "suffix_bias",
 ]
 
 logger = logging.getLogger(__name__)
@@ -102,8 +104,11 @@ def prefix_attention_torch(
 
     On CPU it is torch's fused flash-attention kernel, which returns the LSE and never holds the
     ``[R, P]`` score tensor (SmolLM2's shapes, 2072-token prefix, 1 thread: 9 vs 26 ms per layer
-    for 64 agents' decoding step, 157 vs 791 ms for their 22-token prefill); elsewhere (CUDA,
-    MPS) :func:`attend_torch`."""
+    for 64 agents' decoding step, 157 vs 791 ms for their 22-token prefill); on CUDA torch's
+    memory-efficient kernel (``aten._scaled_dot_product_efficient_attention`` with the LSE, in
+    the inputs' dtype with float32 accumulation: one launch instead of a dozen ops and the float32
+    copies of the prefix) where it runs (:func:`_cuda_fused_problem`, probed once per device,
+    dtype and head dim), :func:`attend_torch` otherwise (and on MPS)."""
     n, _, m, _ = q.shape
     kv_heads = k.shape[1]
     folded = _fold(q, kv_heads)
@@ -112,9 +117,64 @@ def prefix_attention_torch(
     if q.device.type == "cpu" and flash is not None and q.dtype in _CPU_FLASH_DTYPES:
         out, lse = flash(folded, keys, values, scale=scale)[:2]
         out = out.float()
+    elif q.device.type == "cuda" and _cuda_fused_problem(q.device, q.dtype, q.shape[-1]) is None:
+        out, lse = _cuda_fused(folded, keys.to(q.dtype), values.to(q.dtype), scale)
     else:
         out, lse = attend_torch(folded, keys, values, scale)
     return _unfold(out, n, m), _unfold(lse.float().unsqueeze(-1), n, m).squeeze(-1)
+
+
+def _cuda_fused(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q [1, Hkv, R, D]``, ``k`` / ``v [1, Hkv, P, D]`` (one dtype) -> float32 ``out [1, Hkv,
+    R, D]`` and ``lse [1, Hkv, R]`` by torch's memory-efficient CUDA kernel (its LSE is padded
+    to a multiple of 32 rows)."""
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, None, True, 0.0, False, scale=scale
+    )[:2]
+    return out.float(), lse[..., : q.shape[2]]
+
+
+_FUSED: dict[tuple[str, torch.dtype, int], str | None] = {}  # (device, dtype, head dim): problem
+
+
+def _cuda_fused_problem(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """None when :func:`_cuda_fused` runs and agrees with :func:`attend_torch` on a small case
+    of ``dtype`` and ``head_dim`` on ``device`` (checked once per key), else why not (logged
+    once; the caller then uses :func:`attend_torch`)."""
+    key = (str(device), dtype, head_dim)
+    if key not in _FUSED:
+        _FUSED[key] = _probe_fused(device, dtype, head_dim)
+        if _FUSED[key] is not None:
+            logger.info("%s: prefix attention uses attend_torch on %s", _FUSED[key], device)
+    return _FUSED[key]
+
+
+def _probe_fused(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    if not hasattr(torch.ops.aten, "_scaled_dot_product_efficient_attention"):
+        return "torch has no aten._scaled_dot_product_efficient_attention"
+    try:
+        gen = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (
+            torch.randn(1, 2, rows, head_dim, generator=gen, device=device).to(dtype)
+            for rows in (40, 70, 70)
+        )
+        out, lse = _cuda_fused(q, k, v, head_dim**-0.5)
+        want_out, want_lse = attend_torch(q, k, v, head_dim**-0.5)
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        if not (
+            out.shape == want_out.shape
+            and lse.shape == want_lse.shape
+            and torch.allclose(out, want_out, atol=tol, rtol=tol)
+            and torch.allclose(lse, want_lse, atol=tol, rtol=tol)
+        ):
+            return f"the fused CUDA attention disagrees with attend_torch ({dtype}, D={head_dim})"
+    except Exception as exc:  # a kernel refusing a dtype / head dim raises RuntimeError
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else ""
+        return f"the fused CUDA attention cannot run ({type(exc).__name__}: {first:.200})"
+    return None
 
 
 def prefix_attention_xformers(
@@ -152,6 +212,53 @@ def suffix_attention(
     full_mask = mask.unsqueeze(1).repeat(1, g, 1, 1).reshape(n, 1, g * m, -1)
     out, lse = attend_torch(grouped, k, v, scale, full_mask)
     return out.reshape(n, h, m, d), lse.reshape(n, h, m)
+
+
+def suffix_bias(mask: torch.Tensor, kv_heads: int, groups: int) -> torch.Tensor:
+    """The additive float32 bias of :func:`suffix_attention_merged` for a boolean ``mask``
+    ``[N, M, S]``: ``[N * kv_heads, groups * M, S]``, 0 where a query may read a slot, ``-inf``
+    elsewhere (rows ``j * M + i`` for query head ``kv * groups + j``, query ``i``). It depends on
+    the step, not the layer: the decoder builds it once per forward pass."""
+    n, m, s = mask.shape
+    bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    bias.masked_fill_(~mask, float("-inf"))
+    return bias.unsqueeze(1).expand(n, kv_heads * groups, m, s).reshape(n * kv_heads, -1, s)
+
+
+def suffix_attention_merged(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    out_p: torch.Tensor,
+    lse_p: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`merge` of the prefix result ``(out_p [N, H, M, D], lse_p [N, H, M])`` with
+    :func:`suffix_attention`, in one pass and fewer ops: float32 ``[N, H, M, D]``.
+
+    ``q [N, H, M, D]``, suffix ``k`` / ``v [N, Hkv, S, D]``, ``bias`` from :func:`suffix_bias`.
+    The suffix scores start from the prefix's log-sum-exp as the running maximum (the online
+    softmax step of flash attention): ``top = max(lse_p, max_s score)``, ``out = (exp(lse_p -
+    top) * out_p + exp(score - top) @ v) / (exp(lse_p - top) + sum exp(score - top))``. ``lse_p``
+    is finite (the prefix is never empty), so rows whose suffix is all masked (left padding)
+    get the prefix result, without NaN. Scale and bias are applied by ``baddbmm``.
+    """
+    n, h, m, d = q.shape
+    kv_heads, s = k.shape[1], k.shape[2]
+    g = h // kv_heads
+    rows = g * m
+    q3 = q.reshape(n * kv_heads, rows, d).float()  # heads h = kv * G + j, rows j * M + i
+    k3 = k.reshape(n * kv_heads, s, d).float()
+    v3 = v.reshape(n * kv_heads, s, v.shape[-1]).float()
+    scores = torch.baddbmm(bias, q3, k3.transpose(1, 2), alpha=scale)  # [B, R, S]
+    lse3 = lse_p.reshape(n * kv_heads, rows, 1)
+    top = torch.maximum(scores.amax(dim=-1, keepdim=True), lse3)
+    probs = scores.sub_(top).exp_()
+    w_p = (lse3 - top).exp_()
+    total = probs.sum(dim=-1, keepdim=True).add_(w_p)
+    out = torch.baddbmm(out_p.reshape(n * kv_heads, rows, d) * w_p, probs, v3)
+    return out.div_(total).view(n, h, m, d)
 
 
 def merge(

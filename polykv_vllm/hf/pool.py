@@ -42,8 +42,8 @@ class _PeakRecord:
     peak_bytes: int | None = None
     working_dtype: torch.dtype | None = None
     # Latest batched generation (SharedPool.generate): agents, total peak, document share,
-    # the backend that ran.
-    batched: tuple[int, int, int, str] | None = None
+    # the attention backend and the prefix decode backend that ran.
+    batched: tuple[int, int, int, str, str] | None = None
 
     def record(self, peak_bytes: int, dtype: torch.dtype) -> None:
         with self.lock:
@@ -101,19 +101,26 @@ class SharedPool:
         self._peaks.record(peak_bytes, dtype)
 
     def record_batched_peak(
-        self, n_agents: int, peak_bytes: int, document_bytes: int, backend: str = "torch"
+        self,
+        n_agents: int,
+        peak_bytes: int,
+        document_bytes: int,
+        backend: str = "torch",
+        decode_backend: str = "torch",
     ) -> None:
         """Called by :meth:`generate` with the measured peak of the whole batch (all suffixes +
-        the shared decoded layer), the document's share of it and the backend that ran."""
+        the shared decoded layer), the document's share of it and the attention and prefix
+        decode backends that ran."""
         with self._peaks.lock:
-            self._peaks.batched = (n_agents, peak_bytes, document_bytes, backend)
+            self._peaks.batched = (n_agents, peak_bytes, document_bytes, backend, decode_backend)
 
     def generate(
         self, queries: Sequence[str], model: Any, tokenizer: Any, **kwargs: Any
     ) -> list[str]:
         """Answer every query about the document, all agents decoding together (one answer per
         query, in order). Keywords: ``max_new_tokens``, ``temperature``, ``eos_token_id``,
-        ``seed``, ``backend``, ``chunk_tokens``, ``progress``, ``keep_decoded``; see
+        ``seed``, ``backend``, ``chunk_tokens``, ``progress``, ``keep_decoded``,
+        ``decode_backend``; see
         :func:`polykv_vllm.hf.generate.generate_batch_ids`."""
         from polykv_vllm.hf.generate import generate_batch
 
@@ -155,6 +162,7 @@ class SharedPool:
             batched_peak_bytes=batched[1] if batched else None,
             batched_document_bytes=batched[2] if batched else None,
             batched_backend=batched[3] if batched else None,
+            batched_decode_backend=batched[4] if batched else None,
         )
 
 
@@ -174,7 +182,8 @@ class MemorySummary:
       ``batched_agents`` agents (all suffixes + one shared decoded layer), of which
       ``batched_document_bytes`` is the document's share; None before any batched run.
       ``batched_backend`` is the prefix-attention backend that run used (``torch`` or
-      ``xformers``, after any fallback).
+      ``xformers``, after any fallback), ``batched_decode_backend`` how the prefix was
+      decoded (``torch`` codec or ``triton`` kernel).
     """
 
     n_agents: int
@@ -193,6 +202,7 @@ class MemorySummary:
     batched_peak_bytes: int | None = None
     batched_document_bytes: int | None = None
     batched_backend: str | None = None
+    batched_decode_backend: str | None = None
 
     @property
     def ratio_vs_shared_bf16(self) -> float:
@@ -244,7 +254,7 @@ class MemorySummary:
                     _mib(self.batched_peak_bytes),
                     f"all suffixes + 1 shared decoded layer "
                     f"({_mib(self.batched_document_bytes)} of it the document), "
-                    f"{self.batched_backend} backend",
+                    f"{self.batched_backend} backend, {self.batched_decode_backend} decode",
                 )
             )
         width = max(len(r[0]) for r in rows)
