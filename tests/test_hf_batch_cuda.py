@@ -47,6 +47,32 @@ def _reference_prefix(q, k, v, scale):
     return torch.einsum("nhmp,hpd->nhmd", scores.softmax(-1), vals), lse
 
 
+def _random_prefix_problem(dtype, n, m, heads, kv_heads, dim, prefix):
+    """Seeded CUDA ``q [N, H, M, D]``, ``k`` / ``v [P, Hkv, D]`` in ``dtype``."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda").to(dtype)
+
+    return rand(n, heads, m, dim), rand(prefix, kv_heads, dim), rand(prefix, kv_heads, dim)
+
+
+def _assert_within_twice(got, base, want, dtype, n, m, heads, dim):
+    """``got = (out, lse)`` has the prefix-attention shapes, float32, and is within 2x the
+    error of ``base`` against the float64 ``want`` (plus the output's rounding to ``dtype``)."""
+    (got_out, got_lse), (base_out, base_lse), (want_out, want_lse) = got, base, want
+    assert got_out.shape == (n, heads, m, dim) and got_lse.shape == (n, heads, m)
+    assert got_out.dtype == torch.float32 and got_lse.dtype == torch.float32
+    out_err = (got_out.double().cpu() - want_out).abs().max().item()
+    lse_err = (got_lse.double().cpu() - want_lse).abs().max().item()
+    # The torch backend keeps its inputs' rounding only; the kernel rounds its output to dtype.
+    rounding = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}[dtype]
+    base_out_err = (base_out.double().cpu() - want_out).abs().max().item()
+    base_lse_err = (base_lse.double().cpu() - want_lse).abs().max().item()
+    assert out_err <= 2 * base_out_err + rounding, (out_err, base_out_err)
+    assert lse_err <= 2 * base_lse_err + 1e-4, (lse_err, base_lse_err)
+
+
 @needs_xformers
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n,m,heads,kv_heads,dim,prefix", [
@@ -58,26 +84,11 @@ def _reference_prefix(q, k, v, scale):
 def test_xformers_prefix_attention_within_twice_torch_error(
     dtype, n, m, heads, kv_heads, dim, prefix
 ):
-    gen = torch.Generator(device="cuda").manual_seed(0)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen, device="cuda").to(dtype)
-
-    q, k, v = rand(n, heads, m, dim), rand(prefix, kv_heads, dim), rand(prefix, kv_heads, dim)
+    q, k, v = _random_prefix_problem(dtype, n, m, heads, kv_heads, dim, prefix)
     scale = dim**-0.5
-    want_out, want_lse = _reference_prefix(q, k, v, scale)
-    got_out, got_lse = prefix_attention_xformers(q, k, v, scale)
-    base_out, base_lse = prefix_attention_torch(q, k, v, scale)
-    assert got_out.shape == (n, heads, m, dim) and got_lse.shape == (n, heads, m)
-    assert got_out.dtype == torch.float32 and got_lse.dtype == torch.float32
-    out_err = (got_out.double().cpu() - want_out).abs().max().item()
-    lse_err = (got_lse.double().cpu() - want_lse).abs().max().item()
-    # The torch backend keeps its inputs' rounding only; the kernel rounds its output to dtype.
-    rounding = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}[dtype]
-    base_out_err = (base_out.double().cpu() - want_out).abs().max().item()
-    base_lse_err = (base_lse.double().cpu() - want_lse).abs().max().item()
-    assert out_err <= 2 * base_out_err + rounding, (out_err, base_out_err)
-    assert lse_err <= 2 * base_lse_err + 1e-4, (lse_err, base_lse_err)
+    got = prefix_attention_xformers(q, k, v, scale)
+    base = prefix_attention_torch(q, k, v, scale)
+    _assert_within_twice(got, base, _reference_prefix(q, k, v, scale), dtype, n, m, heads, dim)
 
 
 def test_attend_torch_on_cuda_matches_sdpa():
@@ -268,26 +279,14 @@ def test_fused_cuda_prefix_attention_within_twice_attend_torch(
     from polykv_vllm.hf import hydragen
 
     assert hydragen._cuda_fused_problem(torch.device("cuda"), dtype, dim) is None
-    gen = torch.Generator(device="cuda").manual_seed(0)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen, device="cuda").to(dtype)
-
-    q, k, v = rand(n, heads, m, dim), rand(prefix, kv_heads, dim), rand(prefix, kv_heads, dim)
+    q, k, v = _random_prefix_problem(dtype, n, m, heads, kv_heads, dim, prefix)
     scale = dim**-0.5
-    want_out, want_lse = _reference_prefix(q, k, v, scale)
-    got_out, got_lse = prefix_attention_torch(q, k, v, scale)
+    got = prefix_attention_torch(q, k, v, scale)
     folded = hydragen._fold(q, kv_heads)
     keys, values = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
     base_out, base_lse = attend_torch(folded, keys, values, scale)
-    base_out = hydragen._unfold(base_out, n, m)
-    base_lse = hydragen._unfold(base_lse.unsqueeze(-1), n, m).squeeze(-1)
-    assert got_out.shape == (n, heads, m, dim) and got_lse.shape == (n, heads, m)
-    assert got_out.dtype == torch.float32 and got_lse.dtype == torch.float32
-    rounding = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}[dtype]
-    out_err = (got_out.double().cpu() - want_out).abs().max().item()
-    lse_err = (got_lse.double().cpu() - want_lse).abs().max().item()
-    base_out_err = (base_out.double().cpu() - want_out).abs().max().item()
-    base_lse_err = (base_lse.double().cpu() - want_lse).abs().max().item()
-    assert out_err <= 2 * base_out_err + rounding, (out_err, base_out_err)
-    assert lse_err <= 2 * base_lse_err + 1e-4, (lse_err, base_lse_err)
+    base = (
+        hydragen._unfold(base_out, n, m),
+        hydragen._unfold(base_lse.unsqueeze(-1), n, m).squeeze(-1),
+    )
+    _assert_within_twice(got, base, _reference_prefix(q, k, v, scale), dtype, n, m, heads, dim)
