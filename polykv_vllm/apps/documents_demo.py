@@ -47,11 +47,14 @@ def post(url: str, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], int
 
 
 def agent_request(
-    messages: list[dict[str, str]], extra: dict[str, Any] | None = None, max_tokens: int = 1
+    messages: list[dict[str, str]],
+    extra: dict[str, Any] | None = None,
+    max_tokens: int = 1,
+    model: str = MODEL,
 ) -> dict[str, Any]:
     """A greedy chat completion body (``extra``: the openai client's ``extra_body``)."""
     return {
-        "model": MODEL,
+        "model": model,
         "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0.0,
@@ -72,21 +75,24 @@ def hit(answer: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def document_texts(url: str, n: int, tokens: int) -> list[str]:
+def document_texts(url: str, n: int, tokens: int, model: str = MODEL) -> list[str]:
     """``n`` documents of about ``tokens`` tokens (cut by the server's own tokenizer)."""
     from polykv_vllm.apps.workload import token_documents
 
     def tokenize(text: str) -> list[int]:
-        answer, _, _ = post(url, "/tokenize", {"model": MODEL, "prompt": text})
+        answer, _, _ = post(url, "/tokenize", {"model": model, "prompt": text})
         return list(answer["tokens"])
 
     docs = token_documents(tokenize, n, tokens)
-    return [post(url, "/detokenize", {"model": MODEL, "tokens": d})[0]["prompt"] for d in docs]
+    return [post(url, "/detokenize", {"model": model, "tokens": d})[0]["prompt"] for d in docs]
 
 
 @contextlib.contextmanager
-def embedded_server(log: Path, extra_flags: list[str] | None = None) -> Iterator[str]:
-    """The embedded model behind ``polykv-vllm serve`` with the plugin; yields its URL."""
+def embedded_server(
+    log: Path, extra_flags: list[str] | None = None, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """The embedded model behind ``polykv-vllm serve`` with the plugin; yields its URL
+    (``env``: variables added to :func:`serving.server_env`)."""
     from polykv_vllm.embedded import embedded_model_dir
 
     port = serving.free_port()
@@ -96,7 +102,10 @@ def embedded_server(log: Path, extra_flags: list[str] | None = None) -> Iterator
         *(extra_flags or []),
     ]
     cmd = serving.polykv_serve_command(embedded_model_dir(), flags)
-    with serving.running_server(cmd, port, log, timeout_s=900, label="documents") as started:
+    full_env = {**serving.server_env(), **(env or {})}
+    with serving.running_server(
+        cmd, port, log, timeout_s=900, env=full_env, label="documents"
+    ) as started:
         yield started.url
 
 
