@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from polykv_vllm.server.asgi import read_body
-from polykv_vllm.server.documents_api import PREFIX, DocumentsMiddleware
+from polykv_vllm.server.documents_api import CHAT, COMPLETIONS, PREFIX, DocumentsMiddleware
 
 BOS = 1
 
@@ -157,3 +157,36 @@ def test_errors_are_4xx() -> None:
     assert listed == [{"doc_id": "x", "kind": "text", "tokens": 2}]
     assert call(mw, "DELETE", f"{PREFIX}/x")["json"] == {"doc_id": "x", "deleted": True}
     assert call(mw, "GET", PREFIX)["json"]["data"] == []
+
+
+def test_malformed_reference_requests_are_4xx_and_reach_no_model() -> None:
+    app = FakeVLLM()
+    mw = DocumentsMiddleware(app)
+    assert call(mw, "PUT", f"{PREFIX}/t", {"text": "DOC"})["status"] == 201
+    assert (
+        call(mw, "PUT", f"{PREFIX}/c", {"messages": [{"role": "user", "content": "D"}]})["status"]
+        == 201
+    )
+    sent = len(app.seen)
+    bad = [
+        (COMPLETIONS, {"prompt": "q", "kv_transfer_params": {"polykv": ["by_reference"]}}),
+        (COMPLETIONS, {"prompt": "q", "kv_transfer_params": {"polykv": "by_reference"}}),
+        (COMPLETIONS, {"prompt": 3, **ref("t")}),
+        (COMPLETIONS, {"prompt": [{"x": 1}], **ref("t")}),
+        (COMPLETIONS, {"prompt": [1.5], **ref("t")}),
+        (COMPLETIONS, {"prompt": "q", **ref("")}),
+        (COMPLETIONS, {"prompt": "q", **ref("a/b")}),
+        (COMPLETIONS, {"prompt": "q", "cache_salt": 7, **ref("t")}),
+        (CHAT, {"messages": "q", **ref("c")}),
+        (CHAT, {**ref("c")}),
+    ]
+    for path, body in bad:
+        r = call(mw, "POST", path, body)
+        assert r["status"] == 400 and r["json"]["error"]["message"], body
+        assert r["json"]["error"]["type"] == "polykv_document_error"
+    # only /tokenize calls (none here: every case is refused before) reached the fake vLLM
+    assert [p for p, _ in app.seen[sent:] if p in (COMPLETIONS, CHAT)] == []
+    # a body that only mentions "by_reference" as text is not a reference: vLLM gets it as sent
+    plain = {"prompt": "by_reference", "max_tokens": 1}
+    assert call(mw, "POST", COMPLETIONS, plain)["status"] == 200
+    assert app.seen[-1] == (COMPLETIONS, plain)

@@ -187,11 +187,16 @@ def test_tenants_see_only_their_own_documents(server: Server) -> None:
                 call(server.url, "shared", salt=salt)
             assert derr.value.status == 404
         assert "shared" not in [d["doc_id"] for d in client.documents(server.url, salt=salt)]
-    # B registers its own "shared": a different document, A's stays
-    b = client.register(server.url, "shared", text=document(4), salt="B")
-    assert b["replaced"] is False
-    assert client.status(server.url, "shared", salt="A")["stored_blocks"] > 0
+    # B registers its own "shared" (the same text, pinned): a document of its own; A's is not
+    # replaced, pinned or deleted by what B does with its one
+    b = client.register(server.url, "shared", text=document(3), salt="B", pin=True)
+    assert b["replaced"] is False and b["pinned"] is True
+    a = client.status(server.url, "shared", salt="A")
+    assert a["pinned"] is False and a["stored_blocks"] == a["total_blocks"] > 0
+    assert client.delete(server.url, "shared", salt="B")["deleted"] is True
+    assert client.status(server.url, "shared", salt="A") == a
     assert [d["doc_id"] for d in client.documents(server.url, salt="A")] == ["shared"]
+    assert client.documents(server.url, salt="B") == []
 
 
 def test_bad_input_gets_a_4xx_with_a_message(server: Server) -> None:
@@ -215,6 +220,9 @@ def test_bad_input_gets_a_4xx_with_a_message(server: Server) -> None:
         server.complete(QUESTION, {"kv_transfer_params": {"polykv": {"by_reference": True}}})
     # a chat reference to a text document
     client.register(url, "text-only", text=document(5))
+    # document + question longer than the context: vLLM's own 400 on the rewritten request
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        server.complete(" word" * 3600, client.reference("text-only"))
     with pytest.raises(openai.BadRequestError, match="registered as text"):
         server.chat([{"role": "user", "content": "hi"}], client.reference("text-only"))
     # same id, other text: 409 unless replace

@@ -340,10 +340,18 @@ class DocumentsMiddleware:
         try:
             payload = json.loads(raw)
             polykv = payload["kv_transfer_params"]["polykv"]
-            by_ref = polykv["by_reference"]
         except (ValueError, KeyError, TypeError):  # not ours after all: vLLM judges it
+            polykv = None
+        if polykv is not None and not isinstance(polykv, dict):  # the connector would ignore it
+            raise DocumentError(
+                400,
+                f"kv_transfer_params.polykv={polykv!r:.80}: expected an object like "
+                '{"doc_id": "contract-42", "by_reference": true}',
+            )
+        if polykv is None or "by_reference" not in polykv:
             replayed, _ = replay(raw, after=receive)
             return await self.app(scope, replayed, send)
+        by_ref = polykv["by_reference"]
         if not isinstance(by_ref, bool):
             raise DocumentError(400, f"polykv.by_reference={by_ref!r:.80}: expected true or false")
         if not by_ref:

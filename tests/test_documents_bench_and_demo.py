@@ -1,9 +1,11 @@
-"""Unit tests of ``benchmarks/documents_by_reference.py`` (no model server): every mode's
-request, the prefix-cache reset before each agent of ``by_reference_after_reset`` (against a
-tiny HTTP server that refuses once), the summary's rates, the GPU server's command line
-(parsed by vLLM's own ``serve`` parser) and its dummy model with the committed tokenizer.
+"""Unit tests of ``benchmarks/documents_by_reference.py`` and of the demo
+(``polykv_vllm.apps.documents_demo``), no model server: every mode's request, the prefix-cache
+reset before each agent of ``by_reference_after_reset`` (against a tiny HTTP server that refuses
+once), the summary's rates, the GPU server's command line (parsed by vLLM's own ``serve``
+parser) and its dummy model with the committed tokenizer; the demo registering 4 documents and
+sending only references.
 
-The real runs are the CPU command in the module's docstring and the H200 one in the README.
+The real runs are the benchmark's CPU command in its docstring and the H200 one in the README.
 """
 
 from __future__ import annotations
@@ -157,3 +159,38 @@ def test_arguments_are_checked() -> None:
         bench.parse_args(["--modes", "by_reference,nope"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--gpu-llama3-8b", "--url", "http://x"])
+
+
+def test_the_demo_registers_four_documents_and_sends_only_references(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from polykv_vllm.apps import documents_demo as demo
+
+    texts = [f"Document number {d}. " * 8 for d in range(4)]
+    monkeypatch.setattr(demo, "document_texts", lambda url, n, tokens: texts[:n])
+    registered: list[tuple[str, Any]] = []
+
+    def register(url: str, doc_id: str, messages: Any) -> dict[str, Any]:
+        registered.append((doc_id, messages))
+        return {"tokens": 50, "stored_blocks": 1, "total_blocks": 1, "stored_bytes": 10}
+
+    monkeypatch.setattr(demo.client, "register", register)
+    sent: list[dict[str, Any]] = []
+
+    def post(url: str, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], int, float]:
+        sent.append(body)
+        receipt = {"by_reference": True, "tokens_from_store": 0}
+        answer = {
+            "choices": [{"message": {"content": "ok"}}],
+            "kv_transfer_params": {"polykv": receipt},
+        }
+        return answer, len(json.dumps(body)), 0.1
+
+    monkeypatch.setattr(demo, "post", post)
+    rows = demo.run("http://x", agents=2, doc_tokens=64)
+    assert registered == [(f"doc-{d}", [{"role": "user", "content": texts[d]}]) for d in range(4)]
+    assert len(rows) == len(sent) == 8 and all(r["by_reference"] for r in rows)
+    assert all(t not in json.dumps(b) for b in sent for t in texts)
+    refs = [b["kv_transfer_params"]["polykv"] for b in sent]
+    assert {r["doc_id"] for r in refs} == {f"doc-{d}" for d in range(4)}
+    assert all(r["by_reference"] is True for r in refs)
