@@ -152,9 +152,11 @@ def run_batched(
     new: int,
     method: str,
     decode_backend: str = "auto",
+    cuda_graph: bool | str = "auto",
 ) -> dict[str, Any]:
     """``method`` is ``batched-BACKEND`` or ``batched-BACKEND-kept`` (``keep_decoded=True``);
-    ``decode_backend`` how the prefix is decoded (``auto`` / ``torch`` / ``triton``)."""
+    ``decode_backend`` how the prefix is decoded (``auto`` / ``torch`` / ``triton``),
+    ``cuda_graph`` whether the decoding step is a CUDA graph (``pool.generate``'s option)."""
     parts = method.split("-")
     ids = pool.generate_ids(
         qs,
@@ -166,6 +168,7 @@ def run_batched(
         progress=False,
         keep_decoded=parts[-1] == "kept",
         decode_backend=decode_backend,
+        cuda_graph=cuda_graph,
     )
     summary = pool.memory_summary(len(qs))
     return {
@@ -174,6 +177,7 @@ def run_batched(
         "document_working_bytes": summary.batched_document_bytes,
         "backend_ran": summary.batched_backend,
         "decode_ran": summary.batched_decode_backend,
+        "cuda_graph_ran": summary.batched_cuda_graph,
     }
 
 
@@ -225,7 +229,9 @@ def timed(
             assert prefix_cache is not None
             res = run_private(pool, model, tok, qs, args.new_tokens, prefix_cache)
         else:
-            res = run_batched(pool, model, tok, qs, args.new_tokens, method, args.decode_backend)
+            res = run_batched(
+                pool, model, tok, qs, args.new_tokens, method, args.decode_backend, graph_arg(args)
+            )
     except Exception as exc:  # e.g. out of memory, or a kernel the GPU refuses: keep going
         return {"error": f"{type(exc).__name__}: {exc}"[:500]}
     if cuda:
@@ -237,6 +243,11 @@ def timed(
         peak = torch.cuda.max_memory_allocated()
         row |= {"cuda_peak_bytes": peak, "cuda_peak_above_start_bytes": peak - before}
     return row
+
+
+def graph_arg(args: argparse.Namespace) -> bool | str:
+    """``pool.generate``'s ``cuda_graph`` for ``--cuda-graph``."""
+    return {"on": True, "off": False}.get(args.cuda_graph, "auto")
 
 
 def xformers_version() -> str | None:
@@ -281,6 +292,13 @@ def main() -> None:
         default="auto",
         help="how batched runs decode the prefix (rows record decode_ran)",
     )
+    ap.add_argument(
+        "--cuda-graph",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="batched runs: pool.generate(cuda_graph=...) (auto: on for CUDA; rows record "
+        "cuda_graph_ran)",
+    )
     ap.add_argument("--preset", default="polykv")
     ap.add_argument("--doc-tokens", type=int, default=2048)
     ap.add_argument("--agents", type=int, nargs="+", default=[1, 4, 16])
@@ -322,7 +340,7 @@ def main() -> None:
             assert prefix_cache is not None
             run_private(pool, model, tok, warm, 2, prefix_cache)
         else:
-            run_batched(pool, model, tok, warm, 2, method, args.decode_backend)
+            run_batched(pool, model, tok, warm, 2, method, args.decode_backend, graph_arg(args))
     repeats_at = dict(parse_repeats_at(x) for x in args.repeats_at)
     runs: list[dict[str, Any]] = []
     for repeat in range(args.repeats):

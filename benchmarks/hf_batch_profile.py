@@ -14,6 +14,10 @@ compare on CPU::
 
     python benchmarks/hf_batch_profile.py --device cpu --dtype float32 --model random-smollm \
         --agents 1 16 --count-ops
+
+``--cuda-graph static`` counts the ops of the static-shape step that a CUDA graph captures
+(``off``: the dynamic path; ``on`` on CUDA counts what the host still dispatches per step
+outside the replayed graph).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ def main() -> None:
     p.add_argument("--agents", type=int, nargs="+", default=[1, 16])
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--decode-backend", default=None, choices=["auto", "torch", "triton"])
+    p.add_argument("--cuda-graph", default=None, choices=["auto", "on", "off", "static"])
     p.add_argument("--count-ops", action="store_true", help="count aten ops per step instead")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
@@ -58,7 +63,11 @@ def main() -> None:
     if args.device.startswith("cuda"):
         activities.append(ProfilerActivity.CUDA)
 
-    extra = {} if args.decode_backend is None else {"decode_backend": args.decode_backend}
+    extra: dict[str, Any] = {}
+    if args.decode_backend is not None:
+        extra["decode_backend"] = args.decode_backend
+    if args.cuda_graph is not None:
+        extra["cuda_graph"] = {"on": True, "off": False}.get(args.cuda_graph, args.cuda_graph)
 
     def run(n: int, new: int) -> float:
         qs = queries(pool, tok, n)
@@ -143,7 +152,8 @@ def count_ops(run: Any, n: int, new: int, layers: int, pool: Any) -> None:
         f"agents={n}: {total:.0f} aten ops per decoding step ({total / layers:.1f} per layer), "
         f"{total - nview:.0f} not views ({(total - nview) / layers:.1f} per layer); "
         f"attention {summary.batched_backend}, "
-        f"decode {getattr(summary, 'batched_decode_backend', 'torch')}",
+        f"decode {getattr(summary, 'batched_decode_backend', 'torch')}, "
+        f"CUDA graph {getattr(summary, 'batched_cuda_graph', None)}",
         flush=True,
     )
     real = ops.copy()

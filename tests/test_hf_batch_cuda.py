@@ -290,3 +290,92 @@ def test_fused_cuda_prefix_attention_within_twice_attend_torch(
         hydragen._unfold(base_lse.unsqueeze(-1), n, m).squeeze(-1),
     )
     _assert_within_twice(got, base, _reference_prefix(q, k, v, scale), dtype, n, m, heads, dim)
+
+
+# --- the decoding step as a CUDA graph (pool.generate(cuda_graph=...), issue 15) ---------------
+
+DECODERS = ["torch", pytest.param("triton", marks=needs_triton)]
+
+
+def _stop_at_different_steps(pool, model, tok, **kw):
+    free = pool.generate_ids(
+        QUERIES, model, tok, max_new_tokens=12, eos_token_id=None, cuda_graph=False, **kw
+    )
+    for j, k in ((2, 3), (0, 3), (1, 4), (3, 2), (0, 5)):
+        stop = free[j][k]
+        ends = [o.index(stop) + 1 if stop in o else len(o) for o in free]
+        if len(set(ends)) > 1:
+            return stop, [o[:e] for o, e in zip(free, ends, strict=True)]
+    pytest.skip("no token that stops these agents at different steps")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("decode_backend", DECODERS)
+@pytest.mark.parametrize("chat", [False, True])
+def test_cuda_graph_greedy_tokens_identical_to_eager_fp32(backend, decode_backend, chat):
+    model, tok, pool = _cuda_pool(chat=chat)
+    kw = dict(max_new_tokens=10, eos_token_id=None, backend=backend, decode_backend=decode_backend)
+    want = pool.generate_ids(QUERIES, model, tok, cuda_graph=False, **kw)
+    assert pool.memory_summary(len(QUERIES)).batched_cuda_graph is False
+    eager_peak = pool.memory_summary(len(QUERIES)).batched_peak_bytes
+    got = pool.generate_ids(QUERIES, model, tok, cuda_graph=True, **kw)
+    summary = pool.memory_summary(len(QUERIES))
+    assert summary.batched_cuda_graph is True, "the capture failed: see the warning logged"
+    assert got == want
+    assert summary.batched_peak_bytes == eager_peak  # the same metered suffixes + one layer
+    # auto is on for CUDA, and agents stopping at different steps stay correct
+    stop, cut = _stop_at_different_steps(pool, model, tok, backend=backend,
+                                         decode_backend=decode_backend)  # fmt: skip
+    got = pool.generate_ids(QUERIES, model, tok, max_new_tokens=12, eos_token_id=stop,
+                            backend=backend, decode_backend=decode_backend)  # fmt: skip
+    assert pool.memory_summary(len(QUERIES)).batched_cuda_graph is True
+    assert got == cut
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("decode_backend", DECODERS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_graph_logits_within_twice_the_one_agent_error(backend, decode_backend, dtype):
+    model, tok, pool = _cuda_pool()
+    ref_model = copy.deepcopy(model).double()
+    low = copy.deepcopy(model).to(dtype)
+    suffixes = [pool.prompt.suffix_ids(tok, q) for q in QUERIES]
+    rows = []
+    with BatchedDecoder(pool, low, backend, 8192, new_tokens=len(CONTINUATION),
+                        decode_backend=decode_backend, cuda_graph=True) as dec:  # fmt: skip
+        rows.append(dec.prefill(suffixes))
+        for t in CONTINUATION:
+            rows.append(dec.step(torch.full((len(QUERIES),), t, device="cuda")))
+        assert dec.cuda_graph_ran
+    graphed = torch.stack(rows, dim=1).double().cpu()
+    for i, q in enumerate(QUERIES):
+        ref = _single_logits(pool, ref_model, tok, q)
+        single_err = (_single_logits(pool, low, tok, q) - ref).abs().max().item()
+        graphed_err = (graphed[i] - ref).abs().max().item()
+        assert graphed_err <= 2 * single_err + 1e-3, (i, graphed_err, single_err)
+
+
+def test_cuda_graph_capture_failure_falls_back_to_eager(monkeypatch, caplog):
+    """A host sync inside the captured step (here added to the suffix bias) makes the real
+    capture fail: one warning, the same tokens as eager, and the next call captures again."""
+    import polykv_vllm.hf.batch as batch
+
+    model, tok, pool = _cuda_pool()
+    stop, want = _stop_at_different_steps(pool, model, tok)
+    real = batch.suffix_bias
+
+    def syncing(mask, *args):
+        if torch.cuda.is_current_stream_capturing():
+            mask.any().item()  # not allowed while capturing
+        return real(mask, *args)
+
+    monkeypatch.setattr(batch, "suffix_bias", syncing)
+    with caplog.at_level(logging.INFO, logger="polykv_vllm.hf.graph"):
+        got = pool.generate_ids(QUERIES, model, tok, max_new_tokens=12, eos_token_id=stop)
+    assert got == want
+    assert pool.memory_summary(len(QUERIES)).batched_cuda_graph is False
+    lines = [r.getMessage() for r in caplog.records if r.name == "polykv_vllm.hf.graph"]
+    assert len(lines) == 1 and "decoding eagerly" in lines[0], lines
+    monkeypatch.setattr(batch, "suffix_bias", real)
+    again = pool.generate_ids(QUERIES, model, tok, max_new_tokens=12, eos_token_id=stop)
+    assert again == want and pool.memory_summary(len(QUERIES)).batched_cuda_graph is True

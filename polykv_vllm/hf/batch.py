@@ -28,6 +28,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from polykv_vllm.hf.cache import DEFAULT_CHUNK_TOKENS, MemoryMeter
+from polykv_vllm.hf.graph import StaticRun, StaticSuffixCache
 from polykv_vllm.hf.hydragen import (
     PrefixAttention,
     prefix_backend,
@@ -201,6 +202,13 @@ class BatchedDecoder:
 
     ``new_tokens``: how many tokens :meth:`step` will be called for (the suffix buffers are
     allocated for the prefill's width plus that many at once; more grow them by doubling).
+
+    ``static=True`` runs the static-shape path of :mod:`polykv_vllm.hf.graph` (fixed-width
+    suffix buffers, step inputs in device buffers; exactly ``new_tokens`` steps fit), and
+    ``cuda_graph=True`` (which implies it) captures its step in a CUDA graph at the first
+    :meth:`step` and replays it after; ``cuda_graph_ran`` says whether a graph was captured.
+    In both, :meth:`step` takes a token for every agent of the prefill and :meth:`keep` is
+    refused: finished agents stay in the batch (their outputs are the caller's to ignore).
     """
 
     def __init__(
@@ -212,6 +220,8 @@ class BatchedDecoder:
         keep_decoded: bool = False,
         new_tokens: int = 0,
         decode_backend: str = "torch",
+        static: bool = False,
+        cuda_graph: bool = False,
     ) -> None:
         self.pool = pool
         self._new_tokens = new_tokens
@@ -227,7 +237,15 @@ class BatchedDecoder:
         self._kept: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = (
             {} if keep_decoded else None
         )
-        self._cache = _SuffixCache(pool.num_tokens, pool.num_layers, self.total_meter)
+        self._cache: _SuffixCache | StaticSuffixCache
+        self._static: StaticRun | None = None
+        if static or cuda_graph:
+            self._cache = StaticSuffixCache(pool.num_tokens, pool.num_layers, self.total_meter)
+            self._static = StaticRun(
+                self._run, self._cache, pool.num_tokens, new_tokens, graph=cuda_graph
+            )
+        else:
+            self._cache = _SuffixCache(pool.num_tokens, pool.num_layers, self.total_meter)
         self._valid: torch.Tensor | None = None  # bool [N, S]: real (not padding) slots
         self._next_pos: torch.Tensor | None = None  # int64 [N]: position of the next token
         self._previous_attn: str | None = None
@@ -244,13 +262,22 @@ class BatchedDecoder:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._static is not None:
+            self._static.close()
         if self._previous_attn is not None:
             self.model.set_attn_implementation(self._previous_attn)
             self._previous_attn = None
 
     @property
     def live(self) -> int:
+        if self._static is not None:
+            return self._static.rows
         return 0 if self._valid is None else int(self._valid.shape[0])
+
+    @property
+    def cuda_graph_ran(self) -> bool:
+        """Whether the decoding step was captured in a CUDA graph (and replayed)."""
+        return self._static is not None and self._static.runner.captured
 
     def prefill(self, suffixes: list[list[int]]) -> torch.Tensor:
         """Feed each agent's query ids (every list non-empty); logits ``[N, vocab]``."""
@@ -264,6 +291,9 @@ class BatchedDecoder:
         slots = torch.arange(width).unsqueeze(0)
         offset = torch.tensor(pad).unsqueeze(1)
         valid = slots >= offset  # [N, width]
+        if self._static is not None:
+            with torch.inference_mode():
+                return self._static.prefill(ids.to(device), offset.squeeze(1).to(device))
         positions = self.pool.num_tokens + (slots - offset).clamp(min=0)
         self._valid = valid.to(device)
         self._next_pos = (self.pool.num_tokens + lens).to(device)
@@ -272,6 +302,9 @@ class BatchedDecoder:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per live agent (int64 ``[N_live]``); logits ``[N_live, vocab]``."""
+        if self._static is not None:
+            with torch.inference_mode():
+                return self._static.step(tokens)
         if self._valid is None or self._next_pos is None:
             raise RuntimeError("BatchedDecoder.step() before prefill(): call prefill first.")
         n = self.live
@@ -282,12 +315,18 @@ class BatchedDecoder:
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only the live agents at ``rows`` (int64 indices into the live batch)."""
+        if self._static is not None:
+            raise RuntimeError(
+                "BatchedDecoder.keep() with static=True / cuda_graph=True: the static batch keeps "
+                "every agent; ignore the finished agents' outputs instead."
+            )
         if self._valid is None or self._next_pos is None:
             raise RuntimeError("BatchedDecoder.keep() before prefill(): call prefill first.")
         rows = rows.to(self._valid.device)
         with torch.inference_mode():
             self._valid = self._valid.index_select(0, rows)
             self._next_pos = self._next_pos.index_select(0, rows)
+            assert isinstance(self._cache, _SuffixCache)
             self._cache.select(rows)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, new: int) -> torch.Tensor:
@@ -297,6 +336,11 @@ class BatchedDecoder:
         query_slots = torch.arange(total - new, total, device=ids.device)
         causal = key_slots.unsqueeze(0) <= query_slots.unsqueeze(1)  # [M, S]
         mask = causal.unsqueeze(0) & self._valid.unsqueeze(1)  # [N, M, S]
+        return self._run(ids, positions, mask)
+
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The model's forward pass on ``ids`` at ``positions`` with the suffix ``mask``
+        ``[N, M, S]``; the last position's logits ``[N, vocab]``."""
         state = _StepState(
             decoder=self._prefix,
             prefix_fn=self._prefix_fn,

@@ -3,7 +3,8 @@
 The agents run in lockstep through :class:`~polykv_vllm.hf.batch.BatchedDecoder`: one prefill
 of all queries, then one forward pass per new token for all agents that have not finished. An
 agent finishes at its first stop token (kept in its answer, like ``Agent.generate_ids``) or at
-``max_new_tokens``; finished agents leave the batch. Greedy at ``temperature=0``, otherwise
+``max_new_tokens``; finished agents leave the batch (with a CUDA graph they stay in it, their
+tokens ignored: :mod:`polykv_vllm.hf.graph`). Greedy at ``temperature=0``, otherwise
 sampling from ``softmax(logits / temperature)`` with a seeded generator.
 """
 
@@ -20,6 +21,7 @@ import torch
 from polykv_vllm.hf.agent import _check_model_matches
 from polykv_vllm.hf.batch import BatchedDecoder
 from polykv_vllm.hf.cache import DEFAULT_CHUNK_TOKENS
+from polykv_vllm.hf.graph import resolve_cuda_graph
 from polykv_vllm.hf.hydragen import resolve_backend
 from polykv_vllm.hf.pool import SharedPool
 from polykv_vllm.hf.prefix_decode import resolve_decode_backend
@@ -62,6 +64,7 @@ def generate_batch_ids(
     progress: bool | None = None,
     keep_decoded: bool = False,
     decode_backend: str = "auto",
+    cuda_graph: bool | str = "auto",
 ) -> list[list[int]]:
     """Decode all ``queries`` together over ``pool``; the new token ids of each, in order.
 
@@ -82,6 +85,15 @@ def generate_batch_ids(
     decode kernel for a bf16 / fp16 model on CUDA, two launches per layer into one buffer
     reused by every layer and step, and the torch codec elsewhere);
     ``memory_summary(n).batched_decode_backend`` records which one ran.
+    ``cuda_graph`` is True / False / ``auto`` (True on CUDA, False elsewhere): capture one
+    decoding step of all agents (every layer: prefix decode, attention, the model's own ops) in
+    a CUDA graph after a warm-up step and replay it for every later step, removing the host's
+    launch overhead (:mod:`polykv_vllm.hf.graph`). Finished agents then stay in the batch and
+    their tokens are ignored (with sampling, their draws still use the generator, so sampled
+    tokens differ from ``cuda_graph=False`` once an agent has finished). A capture that fails
+    logs one warning and the call decodes eagerly;
+    ``memory_summary(n).batched_cuda_graph`` records whether a graph ran. True off CUDA is an
+    error; ``"static"`` runs the graph's static-shape step eagerly (any device; for tests).
     Raises ``ValueError`` for an empty query list, ``max_new_tokens < 1``, a negative
     temperature, a query that does not fit the context with the document, or another model.
     """
@@ -105,6 +117,7 @@ def generate_batch_ids(
     _check_int(chunk_tokens, "chunk_tokens")
     if not isinstance(keep_decoded, bool):
         raise ValueError(f"keep_decoded={keep_decoded!r} is invalid: use True or False.")
+    mode = resolve_cuda_graph(cuda_graph, pool.layout.device)
     _check_model_matches(pool, model)
     suffixes = [pool.prompt.suffix_ids(tokenizer, q) for q in queries]
     for i, suffix in enumerate(suffixes):
@@ -119,7 +132,9 @@ def generate_batch_ids(
     decode_name = resolve_decode_backend(decode_backend, pool.layout.device, _dtype(model))
     generator = torch.Generator(device=pool.layout.device).manual_seed(seed)
     outputs: list[list[int]] = [[] for _ in queries]
-    live = list(range(len(queries)))  # query index of each row of the live batch
+    rows = list(range(len(queries)))  # query index of each row of the decoder's batch
+    done = [False] * len(queries)
+    static = mode != "eager"  # the static batch keeps finished agents
     show = max_new_tokens >= PROGRESS_MIN_TOKENS if progress is None else progress
     with (
         BatchedDecoder(
@@ -130,25 +145,27 @@ def generate_batch_ids(
             keep_decoded,
             new_tokens=max_new_tokens - 1,
             decode_backend=decode_name,
+            static=static,
+            cuda_graph=mode == "graph",
         ) as decoder,
         _progress(max_new_tokens, len(queries), show) as tick,
     ):
         logits = decoder.prefill(suffixes)
         for step in range(max_new_tokens):
             tokens = _pick(logits, temperature, generator)
-            done = []
-            for q, t in zip(live, tokens.tolist(), strict=True):
-                outputs[q].append(t)
-                done.append(t in stops)
-            tick(len(live))
-            keep = [row for row, d in enumerate(done) if not d]
+            for q, t in zip(rows, tokens.tolist(), strict=True):
+                if not done[q]:
+                    outputs[q].append(t)
+                    done[q] = t in stops
+            keep = [row for row, q in enumerate(rows) if not done[q]]
+            tick(len(keep))
             if not keep or step == max_new_tokens - 1:
                 break
-            if len(keep) < len(live):
-                rows = torch.tensor(keep, dtype=torch.int64)
-                decoder.keep(rows)
-                tokens = tokens.index_select(0, rows.to(tokens.device))
-                live = [live[r] for r in keep]
+            if not static and len(keep) < len(rows):
+                index = torch.tensor(keep, dtype=torch.int64)
+                decoder.keep(index)
+                tokens = tokens.index_select(0, index.to(tokens.device))
+                rows = [rows[r] for r in keep]
             logits = decoder.step(tokens)
     pool.record_batched_peak(
         len(queries),
@@ -156,12 +173,15 @@ def generate_batch_ids(
         decoder.document_meter.peak_bytes,
         name,
         decode_name,
+        decoder.cuda_graph_ran,
     )
     logger.debug(
-        "%s agents, backend %s, decode %s: %s new tokens, peak %s bytes (document %s)",
+        "%s agents, backend %s, decode %s, CUDA graph %s: %s new tokens, peak %s bytes "
+        "(document %s)",
         len(queries),
         name,
         decode_name,
+        decoder.cuda_graph_ran,
         sum(len(o) for o in outputs),
         decoder.total_meter.peak_bytes,
         decoder.document_meter.peak_bytes,

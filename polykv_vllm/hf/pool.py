@@ -42,8 +42,8 @@ class _PeakRecord:
     peak_bytes: int | None = None
     working_dtype: torch.dtype | None = None
     # Latest batched generation (SharedPool.generate): agents, total peak, document share,
-    # the attention backend and the prefix decode backend that ran.
-    batched: tuple[int, int, int, str, str] | None = None
+    # the attention backend and the prefix decode backend that ran, whether a CUDA graph ran.
+    batched: tuple[int, int, int, str, str, bool] | None = None
 
     def record(self, peak_bytes: int, dtype: torch.dtype) -> None:
         with self.lock:
@@ -107,12 +107,20 @@ class SharedPool:
         document_bytes: int,
         backend: str = "torch",
         decode_backend: str = "torch",
+        cuda_graph: bool = False,
     ) -> None:
         """Called by :meth:`generate` with the measured peak of the whole batch (all suffixes +
         the shared decoded layer), the document's share of it and the attention and prefix
         decode backends that ran."""
         with self._peaks.lock:
-            self._peaks.batched = (n_agents, peak_bytes, document_bytes, backend, decode_backend)
+            self._peaks.batched = (
+                n_agents,
+                peak_bytes,
+                document_bytes,
+                backend,
+                decode_backend,
+                cuda_graph,
+            )
 
     def generate(
         self, queries: Sequence[str], model: Any, tokenizer: Any, **kwargs: Any
@@ -120,7 +128,7 @@ class SharedPool:
         """Answer every query about the document, all agents decoding together (one answer per
         query, in order). Keywords: ``max_new_tokens``, ``temperature``, ``eos_token_id``,
         ``seed``, ``backend``, ``chunk_tokens``, ``progress``, ``keep_decoded``,
-        ``decode_backend``; see
+        ``decode_backend``, ``cuda_graph``; see
         :func:`polykv_vllm.hf.generate.generate_batch_ids`."""
         from polykv_vllm.hf.generate import generate_batch
 
@@ -163,6 +171,7 @@ class SharedPool:
             batched_document_bytes=batched[2] if batched else None,
             batched_backend=batched[3] if batched else None,
             batched_decode_backend=batched[4] if batched else None,
+            batched_cuda_graph=batched[5] if batched else None,
         )
 
 
@@ -183,7 +192,8 @@ class MemorySummary:
       ``batched_document_bytes`` is the document's share; None before any batched run.
       ``batched_backend`` is the prefix-attention backend that run used (``torch`` or
       ``xformers``, after any fallback), ``batched_decode_backend`` how the prefix was
-      decoded (``torch`` codec or ``triton`` kernel).
+      decoded (``torch`` codec or ``triton`` kernel), ``batched_cuda_graph`` whether its
+      decoding step ran as a CUDA graph.
     """
 
     n_agents: int
@@ -203,6 +213,7 @@ class MemorySummary:
     batched_document_bytes: int | None = None
     batched_backend: str | None = None
     batched_decode_backend: str | None = None
+    batched_cuda_graph: bool | None = None
 
     @property
     def ratio_vs_shared_bf16(self) -> float:
@@ -254,7 +265,8 @@ class MemorySummary:
                     _mib(self.batched_peak_bytes),
                     f"all suffixes + 1 shared decoded layer "
                     f"({_mib(self.batched_document_bytes)} of it the document), "
-                    f"{self.batched_backend} backend, {self.batched_decode_backend} decode",
+                    f"{self.batched_backend} backend, {self.batched_decode_backend} decode"
+                    + (", CUDA graph" if self.batched_cuda_graph else ""),
                 )
             )
         width = max(len(r[0]) for r in rows)

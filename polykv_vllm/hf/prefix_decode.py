@@ -4,9 +4,11 @@ project's Triton decode kernel (:mod:`polykv_vllm.kernels`).
 Both return one layer ``[P, kv_heads, head_dim]`` keys and values in the model's dtype, shared by
 all agents. Two backends:
 
-- ``"torch"``: :meth:`SharedPool.decode_layer` (the codec, in float32 then cast), in chunks of
-  ``chunk_tokens`` tokens copied into a new buffer (or straight from the codec when the prefix
-  fits one chunk). Any device; dozens of small ops per layer.
+- ``"torch"``: the codec's math (:meth:`LayerSpec.decode`, what :meth:`SharedPool.decode_layer`
+  runs, in float32 then cast), in chunks of ``chunk_tokens`` tokens copied into a new buffer (or
+  straight from the codec when the prefix fits one chunk). Any device; dozens of small ops per
+  layer. Each layer's tables (centroids, signs) are copied to the pool's device once per
+  decoder, so a decode does no host-to-device copy (and can be captured in a CUDA graph).
 - ``"triton"``: the paged decode kernel (:func:`polykv_vllm.kernels.triton_plan.
   plan_decompress_layers`, two launches per layer, keys and values) writing into one working
   buffer ``[1, P, kv_heads, head_dim]`` seen as a single paged block (``block_size = P``,
@@ -23,12 +25,14 @@ records which one ran.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any
 
 import torch
 
+from polykv_vllm.core.layer_spec import LayerSpec
 from polykv_vllm.hf.cache import MemoryMeter
 from polykv_vllm.hf.pool import SharedPool
 
@@ -115,6 +119,7 @@ class PrefixDecoder:
         self._buffer: tuple[torch.Tensor, torch.Tensor] | None = None  # [1, P, Hkv, D] each
         self._plans: dict[int, Any] = {}  # layer -> PagedPlan into self._buffer
         self._block_ids: torch.Tensor | None = None
+        self._specs: dict[int, LayerSpec] = {}  # layer -> its spec with tables on the device
 
     def decode(
         self, layer: int, dtype: torch.dtype, device: torch.device, keep: bool = False
@@ -170,19 +175,47 @@ class PrefixDecoder:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         p, layout = self.pool.num_tokens, self.pool.layout
         if p <= self.chunk_tokens:  # one codec call, its output is the buffer (no copy)
-            k, v = self.pool.decode_layer(layer, 0, p, dtype, device)
+            k, v = self._decode_range(layer, 0, p, dtype, device)
             return self._track(k.contiguous()), self._track(v.contiguous())
         shape = (p, layout.kv_heads, layout.head_dim)
         keys = self._track(torch.empty(shape, dtype=dtype, device=device))
         values = self._track(torch.empty(shape, dtype=dtype, device=device))
         for start in range(0, p, self.chunk_tokens):
             end = min(start + self.chunk_tokens, p)
-            k, v = self.pool.decode_layer(layer, start, end, dtype, device)
+            k, v = self._decode_range(layer, start, end, dtype, device)
             keys[start:end].copy_(self._track(k))
             values[start:end].copy_(self._track(v))
             del k, v
         return keys, values
 
+    def _decode_range(
+        self, layer: int, start: int, end: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`SharedPool.decode_layer` with the layer's tables already on ``device``."""
+        spec = self._specs.get(layer)
+        if spec is None or spec.value_centroids.device != device:
+            spec = self._specs[layer] = _spec_on(
+                self.pool.codec.layer_spec(layer, self.pool.layout.head_dim), device
+            )
+        k, v = spec.decode(self.pool.layers[layer].slice(start, end).to(device))
+        return k.to(dtype), v.to(dtype)
+
     def _track(self, t: torch.Tensor) -> torch.Tensor:
         self.document.track(t)
         return self.total.track(t)
+
+
+def _spec_on(spec: LayerSpec, device: torch.device) -> LayerSpec:
+    """``spec`` with its tables on ``device`` (the codec's are cached on the CPU, and its decode
+    copies them to the data's device at every call)."""
+
+    def on(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device)
+
+    return dataclasses.replace(
+        spec,
+        key_centroids=on(spec.key_centroids),
+        key_signs=on(spec.key_signs),
+        value_centroids=spec.value_centroids.to(device),
+        value_signs=spec.value_signs.to(device),
+    )
