@@ -117,14 +117,18 @@ def smollm2_kv(tokens: int) -> tuple[KV, list[int], Callable[[], float]]:
 # --- payloads ---------------------------------------------------------------------------------
 
 
-def polykv_payloads(codec: KVCodec, kv: KV, geom: Geometry) -> tuple[list[bytes], BlockSlab]:
-    """One compressed row per block, as the connector writes it (slab row bytes), and the slab
-    holding them."""
+def polykv_payloads(
+    codec: KVCodec, kv: KV, geom: Geometry, device: torch.device | None = None
+) -> tuple[list[bytes], BlockSlab]:
+    """One compressed row per block, as the connector writes it (slab row bytes), and the
+    (host) slab holding them; encoded on ``device`` (default the CPU)."""
+    dev = device or torch.device("cpu")
     blocks = kv[0][0].shape[0] // geom.block_size
     tokens = blocks * geom.block_size
     slab = _slab(codec, geom, blocks, torch.device("cpu"))
     per_layer = [
-        codec.encode(k[:tokens].float(), v[:tokens].float(), i) for i, (k, v) in enumerate(kv)
+        codec.encode(k[:tokens].to(dev).float(), v[:tokens].to(dev).float(), i).to("cpu")
+        for i, (k, v) in enumerate(kv)
     ]
     slab.write(Run(0, 0, blocks), per_layer)
     slab.mark_filled(range(blocks))
@@ -395,7 +399,10 @@ def main() -> None:
     }
     keys = {f: chain_keys(fps[f], None, doc, geom.block_size)[:blocks] for f in FORMATS}
     t0 = time.perf_counter()
-    payloads = {"polykv": polykv_payloads(codec, kv, geom)[0], "bf16": bf16_payloads(kv, geom)}
+    payloads = {
+        "polykv": polykv_payloads(codec, kv, geom, device)[0],
+        "bf16": bf16_payloads(kv, geom),
+    }
     encode_s = time.perf_counter() - t0
     loaders = {f: Loader(f, codec, geom, blocks, device) for f in FORMATS}
     tiers: dict[str, Tier] = {}
