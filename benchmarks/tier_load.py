@@ -23,8 +23,8 @@ block order): ``polykv`` rearranges the rows into per-layer slab tensors and dec
 :func:`polykv_vllm.kernels.decompress_layers_into_paged` (the torch reference on CPU, the
 Triton kernel on CUDA); ``bf16`` copies each layer with one ``index_copy_``. Before every disk
 load the tier's files are fsynced and evicted from the page cache
-(``posix_fadvise(DONTNEED)``, and ``/proc/sys/vm/drop_caches`` when writable); a cold and a
-warm read of the bf16 files are timed once to show the eviction works. Redis: a
+(``posix_fadvise(DONTNEED)``; with ``--drop-caches`` also ``/proc/sys/vm/drop_caches``); a
+cold and a warm read of the bf16 files are timed once to show the eviction works. Redis: a
 ``redis-server`` this script starts (skipped, with the reason, where there is none). The CUDA
 path needs torch and Triton only, not vLLM.
 """
@@ -60,6 +60,7 @@ from polykv_vllm.connector.tiers.base import (
 from polykv_vllm.connector.tiers.disk import DiskTier
 from polykv_vllm.connector.tiers.worker_io import read_row
 from polykv_vllm.core import KVCodec
+from polykv_vllm.kernels import resolve_backend
 
 FORMATS = ("polykv", "bf16")
 
@@ -170,9 +171,11 @@ def store(tier: Tier, fp: bytes, keys: Sequence[bytes], payloads: Sequence[bytes
 # --- page cache ---------------------------------------------------------------------------------
 
 
-def evict_page_cache(paths: Sequence[Path]) -> dict[str, Any]:
+def evict_page_cache(paths: Sequence[Path], drop_caches: bool = False) -> dict[str, Any]:
     """fsync and ``posix_fadvise(DONTNEED)`` every file (no root needed: drops its clean
-    pages), then ``drop_caches`` when writable. Returns what was done."""
+    pages); with ``drop_caches``, also ``/proc/sys/vm/drop_caches`` when writable (it drops the
+    whole page cache: the libraries' code too, which then faults back in during the timed work,
+    so it is off by default). Returns what was done."""
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -181,7 +184,7 @@ def evict_page_cache(paths: Sequence[Path]) -> dict[str, Any]:
         finally:
             os.close(fd)
     dropped = False
-    if os.access("/proc/sys/vm/drop_caches", os.W_OK):
+    if drop_caches and os.access("/proc/sys/vm/drop_caches", os.W_OK):
         try:
             Path("/proc/sys/vm/drop_caches").write_text("1\n")
             dropped = True
@@ -305,7 +308,7 @@ class Loader:
         return {
             "total_s": t4 - t0,
             "read_s": t1 - t0,
-            "check_s": t2 - t1,
+            "check_gather_s": t2 - t1,
             "h2d_s": t3 - t2,
             "into_paged_s": t4 - t3,
         }
@@ -375,6 +378,11 @@ def main() -> None:
     ap.add_argument("--preset", default="polykv")
     ap.add_argument("--disk-dir", type=Path, default=None, help="a directory on the disk to test")
     ap.add_argument("--no-redis", action="store_true")
+    ap.add_argument(
+        "--drop-caches",
+        action="store_true",
+        help="also write /proc/sys/vm/drop_caches before each disk load (whole page cache)",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -430,7 +438,14 @@ def main() -> None:
         evict_page_cache(bf16_files)
         cold = read_seconds(bf16_files)
         warm = read_seconds(bf16_files)
-        results = measure(tiers, loaders, fps, keys, args.repeats)
+        results = measure(
+            tiers,
+            loaders,
+            fps,
+            keys,
+            args.repeats,
+            evict=lambda paths: evict_page_cache(paths, args.drop_caches),
+        )
         recompute_s = [recompute() for _ in range(3)] if recompute is not None else None
     finally:
         for tier in tiers.values():
@@ -452,6 +467,7 @@ def main() -> None:
             loaders["bf16"].payload_bytes / loaders["polykv"].payload_bytes, 3
         ),
         "encode_s": round(encode_s, 2),
+        "decode_backend": resolve_backend("auto", device),
         "disk_fs": fs_type(root),
         "page_cache_check": {
             "bf16_files_read_cold_s": round(cold, 4),
@@ -462,7 +478,8 @@ def main() -> None:
         "skipped": skipped,
         "recompute_prefill_s": None if recompute_s is None else [round(x, 3) for x in recompute_s],
         "note": "bf16 = raw bf16 blocks through the same tier classes and entry header; a load = "
-        "tier reads + header/crc check + one host buffer (+ H2D on CUDA) + into paged bf16 blocks",
+        "tier reads + header/crc check and gather into one host buffer (+ H2D on CUDA) + into "
+        "paged bf16 blocks",
     }
     print(json.dumps(result, indent=1))
     if args.out is not None:
