@@ -53,10 +53,11 @@ def engine(
     polykv: dict[str, Any] | None,
     kv_cache_bytes: int = 256 * 2**20,
     max_model_len: int = 4096,
+    model: str | None = None,
     **llm_kwargs: Any,
 ) -> Iterator[LLM]:
-    """A started ``vllm.LLM`` on the embedded model; the connector on when ``polykv`` is a dict
-    of options (``{}`` for the defaults), off when None."""
+    """A started ``vllm.LLM`` on the embedded model (or the folder ``model``); the connector
+    on when ``polykv`` is a dict of options (``{}`` for the defaults), off when None."""
     configure_env()
     from vllm import LLM
 
@@ -74,7 +75,7 @@ def engine(
         kwargs["kv_transfer_config"] = kv_transfer_config(**polykv)
     kwargs.update(llm_kwargs)
     try:
-        llm = LLM(str(embedded_model_dir()), **kwargs)
+        llm = LLM(model or str(embedded_model_dir()), **kwargs)
     except BaseException:
         _release_globals()  # a failed start must not block the next engine in this process
         raise
