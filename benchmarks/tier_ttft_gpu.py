@@ -87,6 +87,10 @@ def _engine_setup(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
         "skip_tokenizer_init": True,
         "dtype": "bfloat16",
         "enforce_eager": True,
+        # vLLM checks the utilization fraction against free memory at start; engine A's CUDA
+        # memory is not all given back in-process (engine B on the H200 found 113 of 139.8 GiB
+        # free and refused the default 0.92), and the engines need ~26 GiB each.
+        "gpu_memory_utilization": 0.3,
     }
 
 
