@@ -301,7 +301,10 @@ def _stop_at_different_steps(pool, model, tok, **kw):
     free = pool.generate_ids(
         QUERIES, model, tok, max_new_tokens=12, eos_token_id=None, cuda_graph=False, **kw
     )
-    for j, k in ((2, 3), (0, 3), (1, 4), (3, 2), (0, 5)):
+    # every (agent, step) token as a candidate stop: the first one that ends the agents at
+    # different steps (on the H200 the five fixed candidates tried before found none for two of
+    # the four parameter sets, which then skipped)
+    for j, k in ((j, k) for j in range(len(free)) for k in range(1, len(free[j]))):
         stop = free[j][k]
         ends = [o.index(stop) + 1 if stop in o else len(o) for o in free]
         if len(set(ends)) > 1:
