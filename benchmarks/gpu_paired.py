@@ -54,7 +54,6 @@ import json
 import multiprocessing as mp
 import os
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -75,17 +74,9 @@ from gpu_serve import (  # noqa: E402
     dummy_model_dir,
     engine_kwargs,
 )
+from paired_report import PHASES, markdown, plot, summarize  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PHASES = ("cold", "hit", "revisit")
-# label -> (numerator (config, phase), denominator (config, phase), target or None)
-PAIRS: dict[str, tuple[tuple[str, str], tuple[str, str], float | None]] = {
-    "cpu_tier_hit_vs_plugin_off": (("polykv-cpu", "hit"), ("bf16", "hit"), 1.03),
-    "gpu_tier_hit_vs_plugin_off": (("polykv-gpu", "hit"), ("bf16", "hit"), 1.03),
-    "gpu_tier_revisit_vs_hit": (("polykv-gpu", "revisit"), ("bf16", "hit"), 1.1),
-    "cpu_tier_revisit_vs_offload_revisit": (("polykv-cpu", "revisit"), ("offload", "revisit"), 0.5),
-    "cpu_tier_revisit_vs_recompute": (("polykv-cpu", "revisit"), ("bf16", "revisit"), None),
-}
 # --cpu-smoke's defaults: embedded SmolLM2 in fp32 (46080 KV bytes per token), tiny documents
 SMOKE: dict[str, Any] = {
     "configs": "bf16,polykv-cpu",
@@ -242,12 +233,14 @@ class WorkerError(RuntimeError):
 class Worker:
     """The driver's end of one configuration's worker process."""
 
-    def __init__(self, name: str, a: argparse.Namespace, model_dir: str, ctx: Any) -> None:
+    def __init__(
+        self, name: str, a: argparse.Namespace, model_dir: str, ctx: Any, target: Any = None
+    ) -> None:
         self.name = name
         self.log = Path(a.out, f"{file_stem(name)}.log")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(
-            target=worker_main, args=(name, a, model_dir, child, str(self.log))
+            target=target or worker_main, args=(name, a, model_dir, child, str(self.log))
         )  # not a daemon: torch's compile workers are child processes
         self.proc.start()
         child.close()
@@ -270,8 +263,12 @@ class Worker:
             if ready:
                 try:
                     kind, value = self.conn.recv()
-                except (EOFError, OSError):
-                    kind, value = "error", "pipe closed"
+                except (EOFError, OSError):  # the worker's end closed: it exited
+                    self.proc.join(10)
+                    code = self.proc.exitcode
+                    raise WorkerError(
+                        f"[{self.name}] {what}: worker exited ({code})\n{self.tail()}"
+                    ) from None
                 if kind == "error":
                     raise WorkerError(f"[{self.name}] {what}: failed\n{value}\n{self.tail()}")
                 return value
@@ -287,14 +284,17 @@ class Worker:
         self.conn.send(msg)
         return self.receive(timeout, " ".join(map(str, msg)))
 
-    def close(self) -> None:
+    def close(self, timeout: float = 15.0) -> None:
+        """Stop the worker: ``("stop",)``, then SIGTERM, then SIGKILL (``timeout`` s each)."""
         if self.proc.is_alive():
             with contextlib.suppress(WorkerError, OSError, BrokenPipeError):
-                self.call(("stop",), 60)
-        self.proc.join(30)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(10)
+                self.call(("stop",), timeout)
+        for end in (self.proc.join, self.proc.terminate, self.proc.kill):
+            if not self.proc.is_alive():
+                break
+            if end is not self.proc.join:
+                end()
+            self.proc.join(timeout)
 
 
 def start_workers(a: argparse.Namespace, model_dir: str) -> tuple[dict[str, Worker], dict]:
@@ -352,104 +352,6 @@ def run_rounds(a: argparse.Namespace, workers: dict[str, Worker]) -> tuple[list,
 
 
 # --------------------------------------------------------------------------------------------
-# Report
-
-
-def summarize(rounds: list[dict[str, Any]], configs: Sequence[str]) -> dict[str, Any]:
-    """Per configuration medians, per pair the per-round ratios and a verdict."""
-    medians = {
-        c: {p: statistics.median(r["measurements"][c][p]["ms"] for r in rounds) for p in PHASES}
-        for c in configs
-    }
-    pairs: dict[str, Any] = {}
-    for label, ((nc, np_), (dc, dp), target) in PAIRS.items():
-        if nc not in configs or dc not in configs:
-            continue
-        ratios = [
-            r["measurements"][nc][np_]["ms"] / r["measurements"][dc][dp]["ms"] for r in rounds
-        ]
-        med = statistics.median(ratios)
-        met = sum(x <= target for x in ratios) if target is not None else None
-        if target is None:
-            verdict = "no target"
-        elif max(ratios) <= target:
-            verdict = f"met in every round (<= {target:g}x)"
-        elif med <= target:
-            verdict = f"met by the median, {met} of {len(ratios)} rounds (<= {target:g}x)"
-        else:
-            verdict = f"missed: median {med:.3f}x > {target:g}x ({met} of {len(ratios)} rounds)"
-        pairs[label] = {
-            "numerator": f"{nc} {np_}",
-            "denominator": f"{dc} {dp}",
-            "target": target,
-            "per_round": ratios,
-            "median": med,
-            "min": min(ratios),
-            "max": max(ratios),
-            "rounds_met": met,
-            "verdict": verdict,
-        }
-    return {"medians_ms": medians, "pairs": pairs}
-
-
-def markdown(res: dict[str, Any]) -> str:
-    s = res["summary"]
-    lines = [
-        f"Paired TTFT, {res['device']}, vLLM {res['vllm_version']}, {res['args']['doc_tokens']}"
-        f"-token documents + {res['args']['query_tokens']}-token queries, {len(res['rounds'])}"
-        " rounds, engines up at once, one measurement at a time, rotating order.",
-        f"Command: `{res['command']}`",
-        "",
-        "| config | cold (ms) | prefix hit (ms) | revisit (ms) | engine start (s) |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for c, m in s["medians_ms"].items():
-        start = res["engines"][c]["engine_start_s"]
-        lines.append(
-            f"| {c} | {m['cold']:.2f} | {m['hit']:.2f} | {m['revisit']:.2f} | {start:.0f} |"
-        )
-    lines += [
-        "",
-        "| paired ratio (per round) | median | min | max | target | verdict |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for p in s["pairs"].values():
-        target = f"<= {p['target']:g}x" if p["target"] is not None else "-"
-        lines.append(
-            f"| {p['numerator']} / {p['denominator']} | {p['median']:.3f}x | {p['min']:.3f}x |"
-            f" {p['max']:.3f}x | {target} | {p['verdict']} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def plot(res: dict[str, Any], path: Path) -> Path | None:
-    """Per pair the per-round ratios and the target (dashed); None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    pairs = res["summary"]["pairs"]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for i, p in enumerate(pairs.values()):
-        color = f"C{i}"
-        label = f"{p['numerator']} / {p['denominator']} (median {p['median']:.2f}x)"
-        ax.plot(range(len(p["per_round"])), p["per_round"], "o-", color=color, label=label)
-        if p["target"] is not None:
-            ax.axhline(p["target"], color=color, linestyle="--", linewidth=1)
-    ax.set_xlabel("round")
-    ax.set_ylabel("paired TTFT ratio (dashed: target)")
-    ax.set_title(f"Paired TTFT ratios, {res['device']}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-# --------------------------------------------------------------------------------------------
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -496,7 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x]
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *paths])
     if a.cpu_smoke:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # whole GiB, and it overrides kv_cache_memory_bytes: without it --kv-gib 0.05 applies
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
         from polykv_vllm.embedded import embedded_model_dir
 
         model_dir = str(embedded_model_dir())
