@@ -289,11 +289,11 @@ class Worker:
         if self.proc.is_alive():
             with contextlib.suppress(WorkerError, OSError, BrokenPipeError):
                 self.call(("stop",), timeout)
-        for end in (self.proc.join, self.proc.terminate, self.proc.kill):
+        for signal in (None, self.proc.terminate, self.proc.kill):
             if not self.proc.is_alive():
                 break
-            if end is not self.proc.join:
-                end()
+            if signal is not None:
+                signal()
             self.proc.join(timeout)
 
 
