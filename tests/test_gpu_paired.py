@@ -144,4 +144,4 @@ def test_cpu_smoke_pairs_every_round_in_rotating_order(tmp_path: Path) -> None:
     assert res["engines"]["polykv-cpu"]["polykv"] and not res["engines"]["bf16"]["polykv"]
     assert "| polykv-cpu hit / bf16 hit |" in (tmp_path / "paired.md").read_text()
     assert (tmp_path / "paired.png").read_bytes()[:4] == b"\x89PNG"
-    assert (tmp_path / "bf16.log").is_file() and (tmp_path / "polykv_cpu.log").is_file()
+    assert (tmp_path / "bf16.log").is_file() and (tmp_path / "polykv-cpu.log").is_file()
