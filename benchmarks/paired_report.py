@@ -96,6 +96,7 @@ def plot(res: dict[str, Any], path: Path) -> Path | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return None
     pairs = res["summary"]["pairs"]
@@ -106,6 +107,7 @@ def plot(res: dict[str, Any], path: Path) -> Path | None:
         ax.plot(range(len(p["per_round"])), p["per_round"], "o-", color=color, label=label)
         if p["target"] is not None:
             ax.axhline(p["target"], color=color, linestyle="--", linewidth=1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("paired TTFT ratio (dashed: target)")
     ax.set_title(f"Paired TTFT ratios, {res['device']}")

@@ -63,6 +63,25 @@ def test_pairs_are_per_round_ratios_with_verdicts() -> None:
     assert "only 2 rounds" in few["pairs"]["cpu_tier_hit_vs_plugin_off"]["verdict"]
 
 
+def test_markdown_and_png(tmp_path: Path) -> None:
+    ms = {"cold": 100.0, "hit": 10.0, "revisit": 40.0}
+    s = _summary({"bf16": [ms] * 3, "polykv-cpu": [dict(ms, hit=10.5)] * 3})
+    res = {
+        "summary": s,
+        "device": "cpu",
+        "vllm_version": "x",
+        "args": {"doc_tokens": 256, "query_tokens": 64},
+        "rounds": [{}] * 3,
+        "command": "python benchmarks/gpu_paired.py",
+        "engines": {"bf16": {"engine_start_s": 1.0}, "polykv-cpu": {"engine_start_s": 2.0}},
+    }
+    md = pr.markdown(res)
+    assert "| polykv-cpu | 100.00 | 10.50 | 40.00 | 2 |" in md
+    assert "| polykv-cpu hit / bf16 hit | 1.050x | 1.050x | 1.050x | <= 1.03x | missed" in md
+    png = pr.plot(res, tmp_path / "p.png")
+    assert png is not None and png.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_parse_args_smoke_defaults_and_errors(capsys: pytest.CaptureFixture[str]) -> None:
     a = gp.parse_args(["--cpu-smoke", "--out", "x"])
     assert a.configs == ["bf16", "polykv-cpu"] and a.doc_tokens == 256 and a.rounds == 2
