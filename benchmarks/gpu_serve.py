@@ -73,6 +73,13 @@ LLAMA3_8B = {
 GIB = 2**30
 
 
+def dummy_model_dir() -> str:
+    """A new folder holding only :data:`LLAMA3_8B`'s ``config.json`` (``load_format="dummy"``)."""
+    path = tempfile.mkdtemp(prefix="llama3-8b-dummy-")
+    Path(path, "config.json").write_text(json.dumps(LLAMA3_8B))
+    return path
+
+
 def _doc(i: int, n: int) -> list[int]:
     """Token ids of document ``i``: distinct per document from the first token on."""
     import random
@@ -420,8 +427,7 @@ def main() -> None:
         print("RESULT " + json.dumps(res), flush=True)
         return
 
-    model_dir = tempfile.mkdtemp(prefix="llama3-8b-dummy-")
-    Path(model_dir, "config.json").write_text(json.dumps(LLAMA3_8B))
+    model_dir = dummy_model_dir()
     results = []
     for name in args.configs.split(","):
         cmd = [sys.executable, __file__, "--child", name, "--model-dir", model_dir, *sys.argv[1:]]
