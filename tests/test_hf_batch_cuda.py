@@ -304,8 +304,7 @@ def _stop_at_different_steps(pool, model, tok, **kw):
     # every (agent, step) token as a candidate stop: the first one that ends the agents at
     # different steps (on the H200 the five fixed candidates tried before found none for two of
     # the four parameter sets, which then skipped)
-    for j, k in ((j, k) for j in range(len(free)) for k in range(1, len(free[j]))):
-        stop = free[j][k]
+    for stop in (t for out in free for t in out[1:]):
         ends = [o.index(stop) + 1 if stop in o else len(o) for o in free]
         if len(set(ends)) > 1:
             return stop, [o[:e] for o, e in zip(free, ends, strict=True)]
