@@ -266,6 +266,8 @@ def test_engine_kwargs_variants_set_the_polykv_options() -> None:
     sync = engine_kwargs("polykv-cpu:sync", **mem)["kv_transfer_config"]
     assert sync.kv_connector_extra_config["eviction"] == "lru"
     assert sync.kv_connector_extra_config["async_load"] == "off"
+    s3 = engine_kwargs("polykv-cpu-fp8:s3fifo", **mem)["kv_transfer_config"]
+    assert s3.kv_connector_extra_config["eviction"] == "s3fifo"
     with pytest.raises(SystemExit, match="tinylfu"):
         engine_kwargs("fp8:tinylfu", **mem)
 
