@@ -121,20 +121,20 @@ def engine_kwargs(
 ) -> dict[str, Any]:
     """``LLM(...)`` keyword arguments of configuration ``name`` (a key of :data:`CONFIGS`, a
     polykv one optionally with ``:lite`` for the polykv-lite preset, ``:sync`` / ``:async``
-    for ``async_load`` off / on, or ``:tinylfu`` for ``eviction="tinylfu"``).
+    for ``async_load`` off / on, or ``:tinylfu`` / ``:s3fifo`` for that ``eviction``).
 
     ``kv_gib``: GPU KV cache (``kv_cache_memory_bytes``); ``cpu_gib``: host memory of native
     offloading and of the polykv CPU store; ``store_gib``: the polykv GPU store, taken out of
     the KV cache when ``equal_gpu_memory``.
     """
     base, _, variant = name.partition(":")
-    variants = ("lite", "sync", "async", "tinylfu")
+    variants = ("lite", "sync", "async", "tinylfu", "s3fifo")
     if base not in CONFIGS or (
         variant and (variant not in variants or not base.startswith("polykv"))
     ):
         raise SystemExit(
             f"unknown config {name!r}: choose from {', '.join(CONFIGS)} "
-            "(polykv ones also with ':lite', ':sync', ':async' or ':tinylfu')"
+            "(polykv ones also with ':lite', ':sync', ':async', ':tinylfu' or ':s3fifo')"
         )
     dtype, tier = CONFIGS[base]
     kv = int(kv_gib * GIB)
@@ -155,7 +155,7 @@ def engine_kwargs(
             store_bytes=int(store * GIB),
             preset="polykv-lite" if variant == "lite" else preset,
             async_load={"sync": "off", "async": "on"}.get(variant, "auto"),
-            eviction="tinylfu" if variant == "tinylfu" else "lru",
+            eviction=variant if variant in ("tinylfu", "s3fifo") else "lru",
         )
     kw["kv_cache_memory_bytes"] = kv
     return kw

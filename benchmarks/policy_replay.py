@@ -18,7 +18,10 @@ Traces (``--traces``; ``C`` is the store's capacity in documents, ``--capacity-d
 - ``recent``: 30% of requests bring a new document, the others revisit one whose age (in
   documents) is exponential with mean ``C`` (where recency is what counts: LRU's case);
 - ``mixed``: 50% Zipf 1.0 over ``4 x C`` documents, 30% a round robin over ``1.5 x C`` others,
-  20% one-shot documents.
+  20% one-shot documents;
+- ``issue10``: issue 10's H200 workload with its real sizes, behind a GPU prefix cache
+  (``issue10_replay.py``: its own store capacity and metric, shares of all prompt tokens, no
+  Belady), in a second table.
 
 **Hit rate** = tokens served from the store / tokens that could be: the lookup-eligible tokens
 (whole blocks, never the last token) continuing a prefix of blocks some earlier request had,
@@ -50,8 +53,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from polykv_vllm.connector.metadata import WorkerReport
-from polykv_vllm.connector.scheduler import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import issue10_replay  # noqa: E402
+
+from polykv_vllm.connector.metadata import WorkerReport  # noqa: E402
+from polykv_vllm.connector.scheduler import (  # noqa: E402
     EVICTION_POLICIES,
     PinPolicy,
     ScheduledReq,
@@ -168,7 +174,8 @@ def make_trace(name: str, capacity_docs: int, requests: int, rng: random.Random)
                 docs.append(next(fresh))
         return Trace(name, docs)
     raise SystemExit(
-        f"--traces: unknown trace {name!r}: use cyclic-R, zipf-S, shift-P, recent, scan or mixed"
+        f"--traces: unknown trace {name!r}: use cyclic-R, zipf-S, shift-P, recent, scan, mixed "
+        "or issue10"
     )
 
 
@@ -291,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--traces",
         default="cyclic-1.25,cyclic-1.5,cyclic-2,zipf-0.8,zipf-1.0,zipf-1.2,shift-200,shift-50,recent,"
-        "scan,mixed",
+        "scan,mixed,issue10",
     )
     p.add_argument("--policies", default=",".join(EVICTION_POLICIES))
     p.add_argument("--capacity-docs", type=int, default=16, help="store size in mean documents")
@@ -306,7 +313,13 @@ def main(argv: list[str] | None = None) -> None:
     budget_blocks = args.capacity_docs * args.doc_blocks
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
-    for name in [s for s in args.traces.split(",") if s]:
+    names = [s for s in args.traces.split(",") if s]
+    issue10 = [
+        issue10_replay.replay(policy, seed)
+        for policy in (policies if "issue10" in names else [])
+        for seed in range(args.seeds)
+    ]
+    for name in [n for n in names if n != "issue10"]:
         for seed in range(args.seeds):
             rng = random.Random(seed)
             trace = make_trace(name, args.capacity_docs, args.requests, rng)
@@ -337,10 +350,14 @@ def main(argv: list[str] | None = None) -> None:
         "seconds": time.perf_counter() - started,
         "summary": summary,
         "runs": rows,
+        "issue10": issue10,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(out, indent=1))
     table = _table(summary, ["belady", *policies], command)
+    if issue10:
+        table += "\nissue10 (shares of all prompt tokens, `issue10_replay.py`):\n\n"
+        table += issue10_replay.table(issue10, policies, args.seeds)
     args.out.with_suffix(".md").write_text(table)
     _plot(summary, ["belady", *policies], args.out.with_suffix(".png"), args)
     print(table)

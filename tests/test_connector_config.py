@@ -233,3 +233,14 @@ def test_resolve_async_load(
 def test_async_load_rejects_other_values_with_the_choices() -> None:
     with pytest.raises(ValueError, match="async_load='yes'.*'auto'"):
         PolyKVConfig.from_extra_config({"async_load": "yes"})
+
+
+@pytest.mark.parametrize("eviction", ["lru", "tinylfu", "s3fifo"])
+def test_every_eviction_policy_is_a_choice_of_the_flag(eviction: str) -> None:
+    pytest.importorskip("vllm")
+    from polykv_vllm.connector.scheduler import EVICTION_POLICIES
+
+    assert eviction in EVICTION_POLICIES
+    ns = _parser().parse_args(["--kv-cache-plugin", "polykv", "--polykv-eviction", eviction])
+    extra = ns.kv_transfer_config.kv_connector_extra_config
+    assert PolyKVConfig.from_extra_config(extra).eviction == eviction

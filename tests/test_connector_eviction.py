@@ -12,6 +12,7 @@ from polykv_vllm.connector.metadata import WorkerReport
 from polykv_vllm.connector.scheduler import (
     EVICTION_POLICIES,
     LRUPolicy,
+    S3FIFOPolicy,
     ScheduledReq,
     StoreIndex,
     TinyLFUPolicy,
@@ -56,6 +57,88 @@ def test_tinylfu_counts_are_capped_and_fade() -> None:
     assert p.admit("new", ["old"]) is True
 
 
+def test_s3fifo_one_shot_blocks_leave_from_the_small_queue_and_revisited_ones_move_to_main() -> (
+    None
+):
+    p = S3FIFOPolicy(capacity_blocks=20)  # small queue: 2 blocks
+    assert p.small_target == 2
+    for k in ["a", "b", "c"]:
+        p.record([k])  # the request that stores it
+        p.insert(k)
+    p.record(["a"])  # a second request asks for "a": promoted when it reaches the queue's head
+    assert next(p.candidates()) == "b", "the revisited 'a' is skipped, the one-shot 'b' goes"
+    assert p.queue_of("a") == "main" and p.promoted == 1
+    p.remove("b")  # the caller evicted it: its key is remembered in the ghost queue
+    assert p.queue_of("b") == "ghost"
+    p.insert("b")  # stored again soon after: straight into main
+    assert p.queue_of("b") == "main" and p.ghost_hits == 1
+    assert p.admit("x", ["a"]) is True
+
+
+def test_s3fifo_main_gives_accessed_blocks_another_round() -> None:
+    p = S3FIFOPolicy(capacity_blocks=10, small_ratio=0.5)  # small target 5
+    for k in "abcde":
+        p.insert(k)
+    p.record(list("abcde"))  # all asked for again: promoted, access count 1
+    for k in "fg":
+        p.insert(k)
+    order = list(p.candidates())
+    assert sorted(order) == list("abcdefg"), "every key, once"
+    # small (f, g) is under its target once a..e moved, so main goes first: a..e had count 1,
+    # spent on one more round, then they go in FIFO order; f, g last
+    assert order == list("abcdefg")
+    assert all(p.freq(k) == 0 for k in "abcde")
+
+
+def test_s3fifo_a_new_chain_loses_its_tail_first_also_stored_in_chunks() -> None:
+    p = S3FIFOPolicy(capacity_blocks=10)  # small queue: 1 block, so it is always over
+    for k in ["d0", "d1"]:  # first chunk of a document
+        p.insert(k)
+    p.touch(reversed(["d0", "d1"]))  # the index touches a chain from its last block
+    for k in ["d2", "d3"]:  # second chunk
+        p.insert(k)
+    p.touch(reversed(["d0", "d1", "d2", "d3"]))
+    assert list(p.candidates()) == ["d3", "d2", "d1", "d0"]
+    p.record(["d0", "d1"])  # asked for again: FIFO from now on, touches no longer move them
+    p.touch(reversed(["d0", "d1", "d2", "d3"]))
+    assert list(p.candidates()) == ["d3", "d2", "d1", "d0"], "d0, d1 moved to main first"
+    assert p.queue_of("d0") == p.queue_of("d1") == "main"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_s3fifo_candidates_yield_every_key_once_under_random_operations(seed: int) -> None:
+    """Whatever the interleaving of inserts, records, touches, removals and abandoned
+    candidate scans: each stored key in exactly one queue, and a full scan yields each of them
+    once (so the index never misses an evictable block)."""
+    rng = random.Random(seed)
+    p = S3FIFOPolicy(capacity_blocks=rng.choice([3, 10, 40]))
+    stored: set[str] = set()
+    for _ in range(2000):
+        op = rng.random()
+        key = f"k{rng.randrange(60)}"
+        if op < 0.3 and key not in stored:
+            p.insert(key)
+            stored.add(key)
+        elif op < 0.5:
+            p.record([key, f"k{rng.randrange(60)}"])
+        elif op < 0.6:
+            p.touch([k for k in stored if rng.random() < 0.2])
+        elif op < 0.8 and stored:
+            scan = p.candidates()
+            taken = [k for _, k in zip(range(rng.randrange(1, 5)), scan, strict=False)]
+            if taken and rng.random() < 0.7:
+                p.remove(taken[-1])
+                stored.discard(taken[-1])
+        elif stored:
+            victim = rng.choice(sorted(stored))
+            p.remove(victim)
+            stored.discard(victim)
+        assert {k for k in stored if p.queue_of(k) in ("small", "main")} == stored
+        assert all(0 <= p.freq(k) <= p.max_freq for k in stored)
+    full = list(p.candidates())
+    assert sorted(full) == sorted(stored) and len(set(full)) == len(full)
+
+
 @pytest.mark.parametrize("bad", ["fifo", "LRU", ""])
 def test_unknown_policy_is_refused_with_the_allowed_names(bad: str) -> None:
     with pytest.raises(ValueError, match="eviction=.*allowed are"):
@@ -78,7 +161,7 @@ def test_rotation_larger_than_the_store(policy: str, min_hits: int) -> None:
     assert index.used_bytes <= index.budget_bytes
 
 
-@pytest.mark.parametrize("policy", ["tinylfu"])
+@pytest.mark.parametrize("policy", ["tinylfu", "s3fifo"])
 def test_a_scan_does_not_flush_the_hot_documents(policy: str) -> None:
     index = index_with(policy, budget_blocks=12)
     eng = Engine(index)
@@ -101,7 +184,7 @@ def test_a_scan_does_not_flush_the_hot_documents(policy: str) -> None:
     assert lru.run(FakeRequest("after", hot[0]))["polykv"]["tokens_from_store"] == 0
 
 
-@pytest.mark.parametrize("policy", ["tinylfu"])
+@pytest.mark.parametrize("policy", ["tinylfu", "s3fifo"])
 def test_pinned_documents_are_admitted_and_kept(policy: str) -> None:
     index = make_index(6, quota_blocks=3, eviction=make_eviction_policy(policy, 6))
     eng = Engine(index)
@@ -114,6 +197,25 @@ def test_pinned_documents_are_admitted_and_kept(policy: str) -> None:
     for i in range(10):
         eng.run(FakeRequest(f"x{i}", doc(900 + i, 2.5)))
     assert index.document("contract")["pinned"] is True  # type: ignore[index]
+
+
+def test_s3fifo_serves_a_new_document_on_its_second_request_where_tinylfu_does_not() -> None:
+    """Recency: with the store full of documents asked for twice, a new document asked for twice
+    in a row is served the second time by s3fifo (it enters the small queue at once);
+    tinylfu refuses it the first time (its count does not beat theirs)."""
+    served = {}
+    for policy in ("s3fifo", "tinylfu"):
+        index = index_with(policy, budget_blocks=12)
+        eng = Engine(index)
+        old = [doc(1200 + d, 4.5) for d in range(3)]
+        for t in range(2):
+            for d, p in enumerate(old):
+                eng.run(FakeRequest(f"o{t}.{d}", p))
+        new = doc(1300, 4.5)
+        eng.run(FakeRequest("n0", new))
+        served[policy] = eng.run(FakeRequest("n1", new))["polykv"]["tokens_from_store"]
+        assert index.used_bytes <= index.budget_bytes
+    assert served == {"s3fifo": 4 * BS, "tinylfu": 0}
 
 
 @pytest.mark.parametrize("policy", ["tinylfu"])

@@ -266,6 +266,8 @@ def test_engine_kwargs_variants_set_the_polykv_options() -> None:
     sync = engine_kwargs("polykv-cpu:sync", **mem)["kv_transfer_config"]
     assert sync.kv_connector_extra_config["eviction"] == "lru"
     assert sync.kv_connector_extra_config["async_load"] == "off"
+    s3 = engine_kwargs("polykv-cpu-fp8:s3fifo", **mem)["kv_transfer_config"]
+    assert s3.kv_connector_extra_config["eviction"] == "s3fifo"
     with pytest.raises(SystemExit, match="tinylfu"):
         engine_kwargs("fp8:tinylfu", **mem)
 
@@ -336,3 +338,18 @@ def test_cpu_smoke_run_writes_a_result(tmp_path: Path) -> None:
     # prefix cache (one in the same wave may or may not, depending on the step it lands in)
     assert 256 * later <= tiers["local_cache_hit"] <= 256 * revisits
     assert tiers["external_kv_transfer"] == 0
+
+
+def test_issue10_replay_reproduces_the_h200_ordering_of_the_policies() -> None:
+    """``issue10_replay.py`` on seed 0 (the H200's sequence): the GPU share is the workload's
+    alone (one figure for every policy), tinylfu serves about twice LRU's tier share as the H200
+    measured (20.1% vs 9.9%), and the store never serves more than an unbounded one would."""
+    pytest.importorskip("vllm")  # the store's block bytes come from connector.spec
+    import issue10_replay as ir
+
+    assert ir.llama3_8b_geometry().block_bytes == 737_280  # 0.70x an fp8 block, as measured
+    lru, tiny = ir.replay("lru", 0), ir.replay("tinylfu", 0)
+    assert lru["prompt_tokens"] == 1_044_480 and lru["gpu_blocks"] == 4096
+    assert lru["gpu"] == tiny["gpu"] and abs(lru["gpu"] - 0.55) < 0.02
+    assert 1.6 < tiny["tier"] / lru["tier"] < 2.4, (tiny["tier"], lru["tier"])
+    assert max(lru["tier"], tiny["tier"]) <= lru["unbounded"]

@@ -39,7 +39,7 @@ CONNECTOR_MODULE = "polykv_vllm.connector.connector"
 Placement = Literal["gpu", "cpu"]
 StorePolicy = Literal["all", "tagged"]
 PinMode = Literal["off", "any", "token"]
-Eviction = Literal["lru", "tinylfu"]
+Eviction = Literal["lru", "tinylfu", "s3fifo"]
 AsyncLoad = Literal["auto", "on", "off"]
 
 #: the environment variable holding the secret of ``pin="token"`` (never a config value: the
@@ -109,7 +109,9 @@ class PolyKVConfig:
     - ``eviction``: which stored blocks make room, and for what: ``"lru"`` (the default)
       evicts the least recently used for every new block; ``"tinylfu"`` stores a new block in
       its place only if that block was asked for more often, so scans and cycles larger than
-      the store do not flush it (it loses where recency is what counts: ``docs/CONNECTOR.md``).
+      the store do not flush it (it loses where recency is what counts: ``docs/CONNECTOR.md``);
+      ``"s3fifo"``: S3-FIFO, new blocks in a small FIFO, those asked for again moved to the main
+      one, so one-shot blocks leave first while a new document still enters at once.
     - ``async_load``: load stored blocks while other requests keep running: ``"on"`` (the
       request waits in vLLM's WAITING_FOR_REMOTE_KVS until the worker finished its load: a CUDA
       side stream, or a background thread on a CPU build), ``"off"`` (the load runs inside the
@@ -203,8 +205,9 @@ class PolyKVConfig:
             )
         if self.eviction not in get_args(Eviction):
             raise ValueError(
-                f"polykv option eviction={self.eviction!r} is invalid: allowed are 'lru' and "
-                "'tinylfu' (frequency admission: resists scans and cycles)."
+                f"polykv option eviction={self.eviction!r} is invalid: allowed are 'lru', "
+                "'tinylfu' (frequency admission: resists scans and cycles) and 's3fifo' (small "
+                "and main FIFOs: resists scans, keeps recency)."
             )
         if self.async_load not in get_args(AsyncLoad):
             raise ValueError(

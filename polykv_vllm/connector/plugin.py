@@ -4,8 +4,8 @@ After ``pip install polykv-vllm``, vLLM's CLI accepts::
 
     vllm serve MODEL --kv-cache-plugin polykv [--polykv-preset polykv] [--polykv-store-bytes 2GiB]
         [--polykv-placement {gpu,cpu}] [--polykv-store {all,tagged}] [--polykv-min-store-tokens N]
-        [--polykv-pin {off,any,token}] [--polykv-pin-quota SIZE] [--polykv-eviction {lru,tinylfu}]
-        [--polykv-async-load {auto,on,off}]
+        [--polykv-pin {off,any,token}] [--polykv-pin-quota SIZE]
+        [--polykv-eviction {lru,tinylfu,s3fifo}] [--polykv-async-load {auto,on,off}]
 
 (one ``--polykv-<key>`` per :class:`~polykv_vllm.connector.config.PolyKVConfig` field, generated
 from it: :func:`add_polykv_cli_args`; :func:`polykv_cli_args` writes such a list for a config)

@@ -20,6 +20,7 @@ from polykv_vllm.connector.scheduler.eviction import (
     EVICTION_POLICIES,
     EvictionPolicy,
     LRUPolicy,
+    S3FIFOPolicy,
     TinyLFUPolicy,
     make_eviction_policy,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "SchedulerCounters",
     "StoreGeometry",
     "StoreIndex",
+    "S3FIFOPolicy",
     "TinyLFUPolicy",
     "make_eviction_policy",
     "parse_doc_params",
