@@ -321,7 +321,11 @@ def test_tier_gauges_say_entries_and_bytes_held(tmp_path: Path, redis_url: str) 
         assert disk.put(f"k{i}-r0", blob(1000))
         assert remote.put(f"k{i}-r0", blob(1000))
     assert disk.held() == (3, 3 * len(blob(1000)))
-    assert remote.held() is None, "asked in the background: nothing known yet"
+    # The first call starts the query on a thread and returns what was known before it (None);
+    # on a fast local server the thread can finish before the call returns (CI saw that once),
+    # so either answer is right here: the point is that the value arrives without a wait.
+    first = remote.held()
+    assert first is None or first[0] == 3
     deadline = time.monotonic() + 10
     while remote.held() is None and time.monotonic() < deadline:
         time.sleep(0.01)
