@@ -59,6 +59,8 @@ H200_ARGS += ["--waves", "12"]
 
 @dataclass
 class Req:
+    """What the index reads of a vLLM request (``RequestLike``)."""
+
     request_id: str
     num_tokens: int
     block_hashes: list[bytes]
@@ -91,7 +93,29 @@ def llama3_8b_geometry(preset: str = "polykv", block_size: int = 16) -> StoreGeo
     return store_geometry(KVCodec(preset, num_layers=layers, head_dim=head_dim), facts)
 
 
-def _chain(prev: bytes, labels: list[str]) -> list[bytes]:
+def serve(index: StoreIndex, req: Req, first_block: int, computed: int, block_bytes: int) -> int:
+    """One request through the index, one at a time: lookup after ``computed`` tokens, blocks
+    ``first_block...`` allocated, its loads and stores confirmed by a fake worker, finished;
+    the tokens it was served from the store. Shared with ``policy_replay.py``."""
+    bs = index.geometry.block_size
+    n = index.lookup(req, computed) or 0
+    blocks = list(range(first_block, first_block + -(-req.num_tokens // bs)))
+    index.on_alloc(req, blocks, n)
+    plan = index.plan_step([ScheduledReq(req.request_id, tuple(blocks), True, req.num_tokens)])
+    report = WorkerReport()
+    for job in plan.loads:
+        report.loads[job.load_id] = [1, len(job.rows)]
+    for job in plan.stores:
+        for row in job.rows:
+            report.stored[row] = [block_bytes, 1]
+    index.on_report(report)
+    served = int(index.finish(req)["polykv"]["tokens_from_store"])
+    assert index.used_bytes <= index.budget_bytes, "over budget"
+    return served
+
+
+def chain(prev: bytes, labels: list[str]) -> list[bytes]:
+    """Block hashes chained from ``prev``, one per label (a prompt's ``block_hashes``)."""
     out = []
     for label in labels:
         prev = hashlib.blake2b(prev + label.encode(), digest_size=16).digest()
@@ -108,12 +132,12 @@ def requests(seed: int, block_size: int = 16) -> tuple[list[Req], list[Req], int
 
     def make(rid: str, doc: str, doc_tokens: int) -> Req:
         if doc not in docs:
-            docs[doc] = _chain(b"", [f"{doc}/{i}" for i in range(doc_tokens // block_size)])
+            docs[doc] = chain(b"", [f"{doc}/{i}" for i in range(doc_tokens // block_size)])
         tokens = doc_tokens + w.query_tokens
         full = tokens // block_size
-        chain = docs[doc]
-        query = _chain(chain[-1], [f"{rid}/q{j}" for j in range(full - len(chain))])
-        return Req(rid, tokens, chain + query)
+        prefix = docs[doc]
+        query = chain(prefix[-1], [f"{rid}/q{j}" for j in range(full - len(prefix))])
+        return Req(rid, tokens, prefix + query)
 
     warm = [make(f"warm{i}", f"w{seed}:{i}", min(a.doc_lengths)) for i in range(a.warmup)]
     reqs = [make(f"r{r.index}", f"d{seed}:{r.doc}", w.doc_tokens[r.doc]) for r in w.requests]
@@ -171,21 +195,9 @@ def replay(policy: str, seed: int, cpu_gib: float = 4.0, kv_gib: float = 4.0) ->
     def run(req: Req, count: bool) -> None:
         nonlocal next_block
         g = gpu.hit(req, bs)
-        n = index.lookup(req, g * bs) or 0
-        blocks = list(range(next_block, next_block + -(-req.num_tokens // bs)))
-        next_block += len(blocks)
-        index.on_alloc(req, blocks, n)
-        plan = index.plan_step([ScheduledReq(req.request_id, tuple(blocks), True, req.num_tokens)])
-        report = WorkerReport()
-        for job in plan.loads:
-            report.loads[job.load_id] = [1, len(job.rows)]
-        for job in plan.stores:
-            for row in job.rows:
-                report.stored[row] = [geo.block_bytes, 1]
-        index.on_report(report)
-        served = index.finish(req)["polykv"]["tokens_from_store"]
-        assert index.used_bytes <= index.budget_bytes, "over budget"
-        out_blocks = _chain(req.block_hashes[-1], [f"{req.request_id}/o{j}" for j in range(2)])
+        served = serve(index, req, next_block, g * bs, geo.block_bytes)
+        next_block += -(-req.num_tokens // bs)
+        out_blocks = chain(req.block_hashes[-1], [f"{req.request_id}/o{j}" for j in range(2)])
         gpu.add(req.block_hashes + out_blocks[: (req.num_tokens % bs + out_tokens) // bs])
         if count:
             eligible = req.block_hashes[: (req.num_tokens - 1) // bs]

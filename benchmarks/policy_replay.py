@@ -43,7 +43,6 @@ Belady), ``<out>.md`` (the table) and ``<out>.png``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import heapq
 import json
 import random
@@ -56,11 +55,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import issue10_replay  # noqa: E402
 
-from polykv_vllm.connector.metadata import WorkerReport  # noqa: E402
 from polykv_vllm.connector.scheduler import (  # noqa: E402
     EVICTION_POLICIES,
     PinPolicy,
-    ScheduledReq,
     StoreGeometry,
     StoreIndex,
     make_eviction_policy,
@@ -68,21 +65,6 @@ from polykv_vllm.connector.scheduler import (  # noqa: E402
 )
 
 BLOCK_BYTES = 1000  # any size: the budget is counted in blocks of this size
-
-
-@dataclass
-class Req:
-    """What the index reads of a vLLM request (``RequestLike``)."""
-
-    request_id: str
-    num_tokens: int
-    block_hashes: list[bytes]
-    kv_transfer_params: dict[str, Any] | None = None
-    cache_salt: str | None = None
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return self.num_tokens
 
 
 @dataclass
@@ -107,23 +89,17 @@ class Prompts:
             n = random.Random(self.seed * 1_000_003 + d).randint(
                 max(1, self.doc_blocks // 2), self.doc_blocks * 3 // 2
             )
-            chain = _extend(b"", [f"doc{d}/{i}" for i in range(n)])
+            chain = issue10_replay.chain(b"", [f"doc{d}/{i}" for i in range(n)])
             self._chains[d] = chain
         return chain
 
-    def request(self, t: int, d: int) -> Req:
+    def request(self, t: int, d: int) -> issue10_replay.Req:
         doc = self.doc_chain(d)
-        hashes = doc + _extend(doc[-1], [f"q{t}/{j}" for j in range(self.query_blocks)])
+        hashes = doc + issue10_replay.chain(
+            doc[-1], [f"q{t}/{j}" for j in range(self.query_blocks)]
+        )
         tokens = len(hashes) * self.block_size + 5  # a partial last block of query tokens
-        return Req(request_id=f"r{t}", num_tokens=tokens, block_hashes=hashes)
-
-
-def _extend(prev: bytes, labels: list[str]) -> list[bytes]:
-    out = []
-    for label in labels:
-        prev = hashlib.blake2b(prev + label.encode(), digest_size=16).digest()
-        out.append(prev)
-    return out
+        return issue10_replay.Req(request_id=f"r{t}", num_tokens=tokens, block_hashes=hashes)
 
 
 def make_trace(name: str, capacity_docs: int, requests: int, rng: random.Random) -> Trace:
@@ -186,7 +162,7 @@ def _zipf(s: float, n: int, k: int, rng: random.Random, base: int) -> list[int]:
     return [base + order[i] for i in rng.choices(range(n), weights=weights, k=k)]
 
 
-def eligible(req: Req, block_size: int) -> int:
+def eligible(req: issue10_replay.Req, block_size: int) -> int:
     """Blocks a lookup may serve (never the request's last token)."""
     return min((req.num_tokens - 1) // block_size, len(req.block_hashes))
 
@@ -224,21 +200,8 @@ def replay_index(trace: Trace, prompts: Prompts, policy: str, budget_blocks: int
     next_block = 0
     for t, d in enumerate(trace.docs):
         req = prompts.request(t, d)
-        n = index.lookup(req, 0)
-        blocks = list(range(next_block, next_block + -(-req.num_tokens // bs)))
-        next_block += len(blocks)
-        index.on_alloc(req, blocks, n)
-        plan = index.plan_step([ScheduledReq(req.request_id, tuple(blocks), True, req.num_tokens)])
-        report = WorkerReport()
-        for job in plan.loads:
-            report.loads[job.load_id] = [1, len(job.rows)]
-        for job in plan.stores:
-            for row in job.rows:
-                report.stored[row] = [BLOCK_BYTES, 1]
-        index.on_report(report)
-        receipt = index.finish(req)["polykv"]
-        assert index.used_bytes <= index.budget_bytes, "over budget"
-        served.append(receipt["tokens_from_store"])
+        served.append(issue10_replay.serve(index, req, next_block, 0, BLOCK_BYTES))
+        next_block += -(-req.num_tokens // bs)
     return served
 
 
