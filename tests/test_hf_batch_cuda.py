@@ -13,7 +13,7 @@ import logging
 
 import pytest
 import torch
-from test_hf_support import DOCUMENT, make_model, make_tokenizer
+from test_hf_support import DOCUMENT, make_model, make_tokenizer, stop_at_different_steps
 
 from polykv_vllm.hf import SharedPrefixCache, compress, create_agents
 from polykv_vllm.hf.batch import BatchedDecoder
@@ -298,17 +298,10 @@ DECODERS = ["torch", pytest.param("triton", marks=needs_triton)]
 
 
 def _stop_at_different_steps(pool, model, tok, **kw):
-    free = pool.generate_ids(
-        QUERIES, model, tok, max_new_tokens=12, eos_token_id=None, cuda_graph=False, **kw
-    )
-    # every (agent, step) token as a candidate stop: the first one that ends the agents at
-    # different steps (on the H200 the five fixed candidates tried before found none for two of
-    # the four parameter sets, which then skipped)
-    for stop in (t for out in free for t in out[1:]):
-        ends = [o.index(stop) + 1 if stop in o else len(o) for o in free]
-        if len(set(ends)) > 1:
-            return stop, [o[:e] for o, e in zip(free, ends, strict=True)]
-    pytest.skip("no token that stops these agents at different steps")
+    found = stop_at_different_steps(pool, model, tok, QUERIES, **kw)
+    if found is None:
+        pytest.skip("no token that stops these agents at different steps")
+    return found
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -13,7 +13,7 @@ import logging
 import pytest
 import torch
 from test_hf_batch import CONTINUATION, QUERIES, _setup, _single_logits
-from test_hf_support import DOCUMENT, make_model, make_tokenizer
+from test_hf_support import DOCUMENT, make_model, make_tokenizer, stop_at_different_steps
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -114,13 +114,9 @@ def test_static_step_gives_the_dynamic_paths_greedy_tokens(seed, chat):
 
 
 def _stop_at_different_steps(pool, model, tok):
-    free = pool.generate_ids(
-        QUERIES, model, tok, max_new_tokens=12, eos_token_id=None, cuda_graph=False
-    )
-    stop = free[2][3]
-    ends = [o.index(stop) + 1 if stop in o else len(o) for o in free]
-    assert len(set(ends)) > 1, "the test needs agents that stop at different steps"
-    return stop, [o[:e] for o, e in zip(free, ends, strict=True)]
+    found = stop_at_different_steps(pool, model, tok, QUERIES)
+    assert found is not None, "the test needs agents that stop at different steps"
+    return found
 
 
 def test_static_step_with_agents_stopping_at_different_steps():

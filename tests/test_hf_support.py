@@ -80,6 +80,20 @@ def make_model(
     return model
 
 
+def stop_at_different_steps(pool, model, tok, queries, **kw):
+    """A stop token that ends ``queries``' agents at different steps, and each agent's greedy
+    tokens up to and including it (a free run of 12 tokens decoded eagerly); None when no
+    generated token does that. Candidates: every generated token after the first, in order."""
+    free = pool.generate_ids(
+        queries, model, tok, max_new_tokens=12, eos_token_id=None, cuda_graph=False, **kw
+    )
+    for stop in (t for out in free for t in out[1:]):
+        ends = [o.index(stop) + 1 if stop in o else len(o) for o in free]
+        if len(set(ends)) > 1:
+            return stop, [o[:e] for o, e in zip(free, ends, strict=True)]
+    return None
+
+
 @pytest.mark.parametrize("chat", [False, True])
 def test_tokenizer_round_trips_text(chat: bool) -> None:
     tok = make_tokenizer(chat)
